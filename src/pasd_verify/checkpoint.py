@@ -1,0 +1,313 @@
+"""Rewrite checkpoints between MHA and SHA form, driven by the name map of :func:`pasd_verify.convert_to_sha`.
+
+In memory: :func:`split_state_dict` and :func:`merge_state_dict`. On disk: :func:`convert_checkpoint_file`,
+which streams ``.safetensors`` one tensor at a time (a 3.4 GB SD1.5 UNet never sits in memory twice, or even
+once) and memory-maps ``.pth``. Outputs are written to a temporary file and renamed into place; an input is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from .errors import CheckpointError
+from .io import atomic_path
+from .sha import NameMap
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _split_tensor(key: str, tensor: torch.Tensor, heads: int, source: str) -> list[torch.Tensor]:
+    """Contiguous per-head row blocks of a Linear weight or bias; weights become 1x1 conv weights (views)."""
+    if tensor.ndim not in (1, 2):
+        raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected a Linear weight or bias")
+    if tensor.shape[0] % heads:
+        raise CheckpointError(
+            f"{source}: {key} has {tensor.shape[0]} rows, which {heads} heads do not divide evenly"
+        )
+    chunks = tensor.chunk(heads, dim=0)
+    if tensor.ndim == 2:
+        chunks = tuple(c.reshape(*c.shape, 1, 1) for c in chunks)
+    return list(chunks)
+
+
+def _merge_tensors(key: str, chunks: list[torch.Tensor], source: str) -> torch.Tensor:
+    """Inverse of :func:`_split_tensor`: 1x1 conv weights back to one Linear weight."""
+    shapes = {tuple(c.shape) for c in chunks}
+    if len(shapes) != 1:
+        raise CheckpointError(f"{source}: the heads of {key} have different shapes {sorted(shapes)}")
+    shape = shapes.pop()
+    if len(shape) == 4 and shape[2:] == (1, 1):
+        chunks = [c.reshape(shape[0], shape[1]) for c in chunks]
+    elif len(shape) != 1:
+        raise CheckpointError(f"{source}: the heads of {key} have shape {shape}, expected 1x1 conv weights or biases")
+    return torch.cat(chunks, dim=0)
+
+
+def _check_keys(keys: set[str], present: list[str], absent: list[str], source: str, form: str) -> None:
+    missing = [k for k in present if k not in keys]
+    clashing = [k for k in absent if k in keys]
+    if missing:
+        raise CheckpointError(
+            f"{source}: {len(missing)} {form} key(s) the name map needs are missing, e.g. {missing[0]!r}"
+        )
+    if clashing:
+        raise CheckpointError(
+            f"{source}: holds both MHA and SHA keys, e.g. {clashing[0]!r}; it is neither a clean MHA nor SHA checkpoint"
+        )
+
+
+def split_state_dict(
+    state_dict: Mapping[str, torch.Tensor], name_map: NameMap, *, source: str = "state dict"
+) -> dict[str, torch.Tensor]:
+    """The SHA state dict of an MHA one: each mapped key replaced by its per-head slices, the rest kept.
+
+    Returns a new dict whose tensors are views of the input's (no copy); the input is not changed.
+    """
+    sha_keys = [k for names in name_map.values() for k in names]
+    _check_keys(set(state_dict), list(name_map), sha_keys, source, "MHA")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key in name_map:
+            out.update(zip(name_map[key], _split_tensor(key, tensor, len(name_map[key]), source)))
+        else:
+            out[key] = tensor
+    return out
+
+
+def merge_state_dict(
+    state_dict: Mapping[str, torch.Tensor], name_map: NameMap, *, source: str = "state dict"
+) -> dict[str, torch.Tensor]:
+    """The MHA state dict of an SHA one, the exact inverse of :func:`split_state_dict`. The input is not changed."""
+    sha_keys = [k for names in name_map.values() for k in names]
+    _check_keys(set(state_dict), sha_keys, list(name_map), source, "SHA")
+    first_head = {names[0]: mha for mha, names in name_map.items()}
+    consumed = set(sha_keys)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key in first_head:
+            mha = first_head[key]
+            out[mha] = _merge_tensors(mha, [state_dict[k] for k in name_map[mha]], source)
+        elif key not in consumed:
+            out[key] = tensor
+    return out
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """``"safetensors"`` or ``"torch"`` from the file name; anything else is an error."""
+    name = str(path).lower()
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        return "safetensors"
+    if name.endswith(TORCH_SUFFIXES):
+        return "torch"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type; expected one of {SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}"
+    )
+
+
+def load_state_dict_file(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` state dict from a ``.safetensors`` or ``.pth`` file, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if checkpoint_format(path) == "safetensors":
+        with _open_safetensors(path) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    return _load_torch(path, mmap=mmap)
+
+
+def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write ``state_dict`` atomically as ``.safetensors`` (tensors streamed) or ``.pth``, by the suffix."""
+    fmt = checkpoint_format(path)
+    with atomic_path(path) as tmp:
+        if fmt == "safetensors":
+            _write_safetensors(tmp, ((k, lambda t=t: t) for k, t in state_dict.items()), dict(_shapes(state_dict)))
+        else:
+            torch.save(dict(state_dict), tmp)
+
+
+def convert_checkpoint_file(
+    src: str | os.PathLike, dst: str | os.PathLike, name_map: NameMap, *, to: str = "sha"
+) -> dict[str, int]:
+    """Rewrite the checkpoint ``src`` into ``dst`` in SHA (``to="sha"``) or MHA (``to="mha"``) form.
+
+    ``.safetensors`` is read lazily and written one tensor at a time, so memory holds about one tensor;
+    ``.pth`` is memory-mapped. ``dst`` has ``src``'s format, is written atomically, and may not be ``src``.
+    Returns counts: ``{"tensors_in", "tensors_out", "keys_rewritten"}``.
+    """
+    src, dst = Path(src), Path(dst)
+    if to not in ("sha", "mha"):
+        raise ValueError(f"to must be 'sha' or 'mha', got {to!r}")
+    if not src.is_file():
+        raise CheckpointError(f"{src}: no such checkpoint file")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: refusing to overwrite the input checkpoint")
+    fmt = checkpoint_format(src)
+    if checkpoint_format(dst) != fmt:
+        raise CheckpointError(f"{dst}: output must have the input's format ({fmt}), as in {src.name}")
+
+    if fmt == "torch":
+        state_dict = _load_torch(src, mmap=True)
+        rewrite = split_state_dict if to == "sha" else merge_state_dict
+        out = rewrite(state_dict, name_map, source=str(src))
+        save_state_dict_file(out, dst)
+        return {"tensors_in": len(state_dict), "tensors_out": len(out), "keys_rewritten": len(name_map)}
+
+    with _open_safetensors(src) as f:
+        keys = list(f.keys())
+        shapes = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in keys}
+        plan = _sha_plan(keys, shapes, name_map, str(src)) if to == "sha" else _mha_plan(keys, shapes, name_map, str(src))
+        out_shapes = {name: shape for name, shape, _ in plan}
+        with atomic_path(dst) as tmp:
+            _write_safetensors(
+                tmp,
+                ((name, lambda make=make: make(f)) for name, _, make in plan),
+                out_shapes,
+                metadata=f.metadata(),
+            )
+    return {"tensors_in": len(keys), "tensors_out": len(plan), "keys_rewritten": len(name_map)}
+
+
+# A plan entry: (output name, (safetensors dtype, shape), function of the open input file giving the tensor).
+_Plan = list[tuple[str, tuple[str, list[int]], "callable"]]
+
+
+def _sha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> _Plan:
+    _check_keys(set(keys), list(name_map), [k for v in name_map.values() for k in v], source, "MHA")
+    plan: _Plan = []
+    for key in keys:
+        dtype, shape = shapes[key]
+        if key not in name_map:
+            plan.append((key, (dtype, shape), lambda f, key=key: f.get_tensor(key)))
+            continue
+        heads = len(name_map[key])
+        read = _shared_reader(key, heads)
+        if len(shape) not in (1, 2) or shape[0] % heads:
+            raise CheckpointError(
+                f"{source}: {key} has shape {shape}, which does not split into {heads} heads of whole rows"
+            )
+        head_shape = [shape[0] // heads, *shape[1:]] + ([1, 1] if len(shape) == 2 else [])
+        for i, name in enumerate(name_map[key]):
+            plan.append((name, (dtype, head_shape), lambda f, key=key, i=i, heads=heads, read=read: _split_tensor(
+                key, read(f), heads, source)[i]))
+    return plan
+
+
+def _mha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> _Plan:
+    _check_keys(set(keys), [k for v in name_map.values() for k in v], list(name_map), source, "SHA")
+    first_head = {names[0]: mha for mha, names in name_map.items()}
+    consumed = {k for v in name_map.values() for k in v}
+    plan: _Plan = []
+    for key in keys:
+        dtype, shape = shapes[key]
+        if key in first_head:
+            mha = first_head[key]
+            heads = name_map[mha]
+            merged = [shape[0] * len(heads), *shape[1:2]] if len(shape) == 4 else [shape[0] * len(heads)]
+            plan.append((mha, (dtype, merged), lambda f, mha=mha, heads=heads: _merge_tensors(
+                mha, [f.get_tensor(k) for k in heads], source)))
+        elif key not in consumed:
+            plan.append((key, (dtype, shape), lambda f, key=key: f.get_tensor(key)))
+    return plan
+
+
+def _shared_reader(key: str, uses: int):
+    """Reads ``key`` once for all ``uses`` heads cut from it, and lets it go after the last one."""
+    cache: dict[str, torch.Tensor] = {}
+    count = [0]
+
+    def read(f) -> torch.Tensor:
+        if key not in cache:
+            cache[key] = f.get_tensor(key)
+        tensor = cache[key]
+        count[0] += 1
+        if count[0] == uses:
+            cache.clear()
+        return tensor
+
+    return read
+
+
+def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, tuple[str, list[int]]]]:
+    for key, tensor in state_dict.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{key}: dtype {tensor.dtype} cannot be stored in safetensors")
+        yield key, (_SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape))
+
+
+def _write_safetensors(path: Path, tensors, shapes: dict, metadata: dict | None = None) -> None:
+    """Write a safetensors file from ``(name, make_tensor)`` pairs, materialising one tensor at a time.
+
+    The header needs every offset up front, so it is built from ``shapes`` (``name -> (dtype, shape)``)
+    before any data is read; each tensor is then checked against its promised dtype and shape.
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, (dtype, shape) in shapes.items():
+        nbytes = _itemsize(dtype) * _numel(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data must start 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(header_bytes)))
+        out.write(header_bytes)
+        for name, make in tqdm(tensors, total=len(shapes), desc=f"writing {Path(path).name}", unit="tensor",
+                               leave=False, disable=None):
+            tensor = make()
+            dtype, shape = shapes[name]
+            if _SAFETENSORS_DTYPES.get(tensor.dtype) != dtype or list(tensor.shape) != list(shape):
+                raise CheckpointError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
+            out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _load_torch(path: Path, *, mmap: bool) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # legacy (non-zip) torch.save format cannot be memory-mapped
+            return _load_torch(path, mmap=False)
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
+    except Exception as e:  # unpickling raises many types for a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path}: expected a flat {{name: tensor}} state dict, got {type(obj).__name__}")
+    return obj

@@ -1,0 +1,71 @@
+"""The ``pasd-verify`` command line: thin wrappers that print tables and set the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from .errors import PasdVerifyError
+
+# Numbers worth a column in the stage table, in the order shown.
+_SHOWN = ("relative_error", "max_abs_error", "tolerance", "attention_modules_converted", "parameters_split",
+          "tensors_out", "roundtrip_bit_identical", "parameters_identical")
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def stage_table(stages: list[dict[str, Any]]) -> str:
+    """A plain-text table: one row per stage, its status, time and key numbers."""
+    rows = [("stage", "status", "seconds", "numbers")]
+    for stage in stages:
+        numbers = ", ".join(f"{k}={_format(stage[k])}" for k in _SHOWN if k in stage)
+        if "error" in stage:
+            numbers = stage["error"].splitlines()[0]
+        rows.append((stage["name"], stage["status"].upper(), f"{stage['seconds_total']:.2f}", numbers))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # torch and diffusers load here, not for --help
+
+    report = run_demo(args.out, seed=args.seed)
+    print(stage_table(report["stages"]))
+    print(f"\n{'PASSED' if report['passed'] else 'FAILED'} in {report['seconds']:.1f} s; report: {args.out}/report.json")
+    return 0 if report["passed"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pasd-verify",
+        description="Rewrite SD1.5/PASD attention to single-head form for QNN and prove the numbers unchanged.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run every stage on an embedded tiny seeded model and report")
+    demo.add_argument("--out", default="pasd-verify-demo", help="folder for report.json and the checkpoints")
+    demo.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except PasdVerifyError as e:
+        print(f"pasd-verify: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Rewrite diffusers multi-head attention (MHA) into single-head attention (SHA).
+
+Qualcomm's QNN compiles attention best as one small graph per head: per head a 1x1 ``Conv2d`` each for q, k
+and v, then matmul, softmax, matmul, and a concat of the heads before the unchanged output projection.
+``convert_to_sha`` swaps every diffusers ``Attention`` it can convert exactly for a :class:`SHAAttention`
+and returns the MHA -> SHA parameter-name map, which is the single source of truth for every later rename
+(checkpoints, AIMET encodings). ``convert_to_mha`` undoes the swap.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+from .errors import AttentionInputError, UnsupportedAttentionError
+
+logger = logging.getLogger(__name__)
+
+NameMap = dict[str, list[str]]
+
+_PROJECTIONS = ("to_q", "to_k", "to_v")
+# diffusers' processors that compute plain scaled-dot-product attention; any other processor (IP-adapter,
+# LoRA, custom) may compute something else, so a module using one is refused rather than guessed at.
+_PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+
+
+class MatMul(nn.Module):
+    """``torch.matmul`` as a module, so that a quantizer can attach to each head's product."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+class Concat(nn.Module):
+    """``torch.cat`` as a module, so that a quantizer can attach to the joined heads."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.cat(tensors, dim=self.dim)
+
+
+def unsupported_reasons(attn: Attention) -> list[str]:
+    """Why ``attn`` cannot be rewritten to SHA exactly; an empty list means it can."""
+    reasons = []
+    if type(attn).forward is not Attention.forward:
+        reasons.append(f"{type(attn).__name__} overrides Attention.forward")
+    for attrs, what in (
+        (("group_norm",), "a group norm (norm_num_groups)"),
+        (("spatial_norm",), "a spatial norm"),
+        (("norm_q", "norm_k"), "query/key norms (qk_norm)"),
+        (("norm_cross",), "a cross-attention norm"),
+        (("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"), "added projections (added_kv_proj_dim)"),
+    ):
+        if any(getattr(attn, attr, None) is not None for attr in attrs):
+            reasons.append(f"it has {what}")
+    if attn.to_k is None or attn.to_v is None:
+        reasons.append("it has no key/value projections (only_cross_attention)")
+    if attn.to_out is None:
+        reasons.append("it has no output projection (pre_only)")
+    elif len(attn.to_out) != 2 or not isinstance(attn.to_out[0], nn.Linear):
+        reasons.append("its to_out is not [Linear, Dropout]")
+    if getattr(attn, "fused_projections", False):
+        reasons.append("its q/k/v projections are fused")
+    if not isinstance(attn.processor, _PLAIN_PROCESSORS):
+        reasons.append(f"its processor {type(attn.processor).__name__} is not AttnProcessor or AttnProcessor2_0")
+    if reasons:
+        return reasons
+
+    heads, inner = attn.heads, attn.to_q.out_features
+    if inner % heads:
+        return [f"to_q has {inner} output features, which {heads} heads do not divide evenly"]
+    if attn.to_k.out_features != inner or attn.to_v.out_features != inner:
+        reasons.append(
+            f"to_k/to_v have {attn.to_k.out_features}/{attn.to_v.out_features} output features, "
+            f"to_q {inner} (grouped key/value heads)"
+        )
+    if isinstance(attn.processor, AttnProcessor2_0) and attn.scale != (inner // heads) ** -0.5:
+        # AttnProcessor2_0 ignores attn.scale and uses 1/sqrt(dim_head); a copy of attn.scale would differ.
+        reasons.append(f"AttnProcessor2_0 ignores its scale {attn.scale}, which is not 1/sqrt(dim_head)")
+    return reasons
+
+
+class SHAAttention(nn.Module):
+    """Single-head form of a diffusers ``Attention``: the same function, one small graph per head.
+
+    Per head ``i``, ``to_q_convs[i]`` / ``to_k_convs[i]`` / ``to_v_convs[i]`` are 1x1 convolutions holding rows
+    ``[i*dim_head:(i+1)*dim_head]`` of the MHA projections; ``matmul_1[i]``, ``softmax_1[i]`` and ``matmul_2[i]``
+    compute that head's attention; ``concat_1`` joins the heads before the MHA ``to_out``, reused as is.
+    Tensors entering the projections are laid out ``(B, C, 1, N)``, as the QNN converter expects of 1x1 convs.
+    """
+
+    def __init__(self, attn: Attention):
+        """Build from ``attn``; its parameters are copied into per-head slices, ``attn`` is not changed."""
+        super().__init__()
+        reasons = unsupported_reasons(attn)
+        if reasons:
+            raise UnsupportedAttentionError({type(attn).__name__: reasons})
+        self.heads = attn.heads
+        self.dim_head = attn.to_q.out_features // attn.heads
+        self.scale = attn.scale
+        self.residual_connection = attn.residual_connection
+        self.rescale_output_factor = attn.rescale_output_factor
+        # Everything convert_to_mha needs to rebuild an identical Attention.
+        self.mha_config = _attention_config(attn)
+
+        for proj in _PROJECTIONS:
+            linear = getattr(attn, proj)
+            setattr(self, f"{proj}_convs", nn.ModuleList(_head_convs(linear, self.heads)))
+        self.matmul_1 = nn.ModuleList(MatMul() for _ in range(self.heads))
+        self.softmax_1 = nn.ModuleList(nn.Softmax(dim=-1) for _ in range(self.heads))
+        self.matmul_2 = nn.ModuleList(MatMul() for _ in range(self.heads))
+        self.concat_1 = Concat(dim=-1)
+        self.to_out = attn.to_out
+        self.train(attn.training)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **cross_attention_kwargs: Any,
+    ) -> torch.Tensor:
+        unexpected = sorted(k for k, v in cross_attention_kwargs.items() if v is not None)
+        if unexpected:
+            raise AttentionInputError(f"SHAAttention does not take {unexpected}; the MHA module would ignore them")
+        residual = hidden_states
+        if hidden_states.ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            query_in = hidden_states.reshape(batch, channels, 1, height * width)
+        elif hidden_states.ndim == 3:
+            query_in = hidden_states.transpose(1, 2).unsqueeze(2)
+        else:
+            raise AttentionInputError(
+                f"hidden_states must be (B, N, C) or (B, C, H, W), got shape {tuple(hidden_states.shape)}"
+            )
+        if encoder_hidden_states is None:
+            context = query_in
+        elif encoder_hidden_states.ndim == 3:
+            context = encoder_hidden_states.transpose(1, 2).unsqueeze(2)
+        else:
+            raise AttentionInputError(
+                f"encoder_hidden_states must be (B, N, C), got shape {tuple(encoder_hidden_states.shape)}"
+            )
+        masks = self._head_masks(attention_mask, query_in, context)
+
+        head_outputs = []
+        for i in range(self.heads):
+            query = self.to_q_convs[i](query_in).squeeze(2).transpose(1, 2)  # (B, Nq, d)
+            key = self.to_k_convs[i](context).squeeze(2)  # (B, d, Nk)
+            value = self.to_v_convs[i](context).squeeze(2).transpose(1, 2)  # (B, Nk, d)
+            scores = self.matmul_1[i](query, key) * self.scale
+            if masks is not None:
+                scores = scores + masks[i]
+            head_outputs.append(self.matmul_2[i](self.softmax_1[i](scores), value))
+        out = self.to_out[1](self.to_out[0](self.concat_1(*head_outputs)))
+
+        if hidden_states.ndim == 4:
+            out = out.transpose(1, 2).reshape(batch, -1, height, width)
+        if self.residual_connection:
+            out = out + residual
+        return out / self.rescale_output_factor
+
+    def _head_masks(
+        self, mask: torch.Tensor | None, query_in: torch.Tensor, context: torch.Tensor
+    ) -> list[torch.Tensor] | None:
+        """Per-head additive masks, laid out as diffusers' ``prepare_attention_mask`` lays them out."""
+        if mask is None:
+            return None
+        batch, key_len = context.shape[0], context.shape[-1]
+        if mask.shape[-1] != key_len:
+            # diffusers would pad such a mask with zeros, silently attending to padding; refuse instead.
+            raise AttentionInputError(
+                f"attention_mask covers {mask.shape[-1]} keys, the keys number {key_len}"
+            )
+        if mask.dtype == torch.bool:
+            # scaled_dot_product_attention's convention: True means attend.
+            mask = torch.zeros(mask.shape, dtype=query_in.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(1)
+        if mask.ndim != 3 or mask.shape[0] not in (batch, batch * self.heads):
+            raise AttentionInputError(
+                f"attention_mask shape {tuple(mask.shape)} is neither (B, [Nq,] Nk) nor (B*heads, Nq, Nk) "
+                f"for B={batch}, heads={self.heads}, Nk={key_len}"
+            )
+        if mask.shape[0] == batch:
+            return [mask] * self.heads
+        per_head = mask.reshape(batch, self.heads, mask.shape[1], key_len)
+        return [per_head[:, i] for i in range(self.heads)]
+
+    def to_attention(self) -> Attention:
+        """An MHA ``Attention`` equal to the one this module was built from: same config, same parameters."""
+        config = dict(self.mha_config)
+        processor_cls = config.pop("processor_cls")
+        scale = config.pop("scale")
+        attn = Attention(**config, processor=processor_cls())
+        attn.scale = scale
+        if attn.to_q.out_features != self.heads * self.dim_head or attn.heads != self.heads:
+            raise UnsupportedAttentionError(
+                {"SHAAttention": [f"rebuilding Attention from {self.mha_config} gives a different shape"]}
+            )
+        with torch.no_grad():
+            for proj in _PROJECTIONS:
+                linear = getattr(attn, proj)
+                convs = getattr(self, f"{proj}_convs")
+                linear.to(device=convs[0].weight.device, dtype=convs[0].weight.dtype)
+                linear.weight.copy_(torch.cat([conv.weight.flatten(1) for conv in convs]))
+                if linear.bias is not None:
+                    linear.bias.copy_(torch.cat([conv.bias for conv in convs]))
+        attn.to_out = self.to_out
+        attn.train(self.training)
+        return attn
+
+
+def _attention_config(attn: Attention) -> dict[str, Any]:
+    return {
+        "query_dim": attn.to_q.in_features,
+        "cross_attention_dim": attn.to_k.in_features if attn.is_cross_attention else None,
+        "heads": attn.heads,
+        "dim_head": attn.to_q.out_features // attn.heads,
+        "dropout": attn.dropout,
+        "bias": attn.to_q.bias is not None,
+        "upcast_attention": attn.upcast_attention,
+        "upcast_softmax": attn.upcast_softmax,
+        "out_bias": attn.to_out[0].bias is not None,
+        "scale_qk": attn.scale_qk,
+        "rescale_output_factor": attn.rescale_output_factor,
+        "residual_connection": attn.residual_connection,
+        # Attention's out_dim sets the inner width and the output width together; it was given only where
+        # they are not dim_head*heads and query_dim.
+        "out_dim": None if attn.to_out[0].out_features == attn.to_q.in_features else attn.to_out[0].out_features,
+        "processor_cls": type(attn.processor),
+        "scale": attn.scale,
+    }
+
+
+def _head_convs(linear: nn.Linear, heads: int) -> list[nn.Conv2d]:
+    """One 1x1 conv per head holding that head's contiguous rows of ``linear`` (exact copies, no arithmetic)."""
+    dim_head = linear.out_features // heads
+    weight = linear.weight.detach()
+    convs = []
+    for i in range(heads):
+        rows = slice(i * dim_head, (i + 1) * dim_head)
+        conv = nn.Conv2d(
+            linear.in_features, dim_head, kernel_size=1, bias=linear.bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight[rows].reshape(dim_head, linear.in_features, 1, 1))
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias.detach()[rows])
+        conv.weight.requires_grad_(linear.weight.requires_grad)
+        convs.append(conv)
+    return convs
+
+
+def sha_param_names(prefix: str, heads: int, has_bias: bool) -> NameMap:
+    """The MHA -> SHA parameter names of one attention module called ``prefix``."""
+    dot = f"{prefix}." if prefix else ""
+    kinds = ("weight", "bias") if has_bias else ("weight",)
+    return {
+        f"{dot}{proj}.{kind}": [f"{dot}{proj}_convs.{i}.{kind}" for i in range(heads)]
+        for proj in _PROJECTIONS
+        for kind in kinds
+    }
+
+
+def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameMap:
+    """Replace, in place, every diffusers ``Attention`` in ``model`` by an equivalent :class:`SHAAttention`.
+
+    Returns the MHA -> SHA parameter-name map: each replaced MHA parameter name (``...attn1.to_q.weight``) to
+    the per-head SHA names in head order (``...attn1.to_q_convs.0.weight``, ...). Parameters outside q/k/v
+    keep their names and are not in the map.
+
+    A module that cannot be converted exactly raises :class:`UnsupportedAttentionError` naming every such
+    module and why, before anything is changed; with ``skip_unsupported=True`` those modules are left as
+    they are and logged instead.
+    """
+    if isinstance(model, Attention):
+        raise TypeError("convert_to_sha rewrites the modules inside a model; wrap a lone Attention as SHAAttention(attn)")
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+    problems = {name: reasons for name, m in targets.items() if (reasons := unsupported_reasons(m))}
+    if problems and not skip_unsupported:
+        raise UnsupportedAttentionError(problems)
+    for name, reasons in problems.items():
+        logger.warning("left %s as MHA: %s", name, "; ".join(reasons))
+
+    name_map: NameMap = {}
+    for name, attn in targets.items():
+        if name in problems:
+            continue
+        sha = SHAAttention(attn)
+        model.set_submodule(name, sha)
+        name_map.update(sha_param_names(name, sha.heads, attn.to_q.bias is not None))
+    logger.info("converted %d attention module(s) to SHA", len(targets) - len(problems))
+    return name_map
+
+
+def convert_to_mha(model: nn.Module) -> NameMap:
+    """Undo :func:`convert_to_sha` in place; returns the same MHA -> SHA name map the forward rewrite gave."""
+    name_map: NameMap = {}
+    for name, sha in [(n, m) for n, m in model.named_modules() if isinstance(m, SHAAttention)]:
+        model.set_submodule(name, sha.to_attention())
+        name_map.update(sha_param_names(name, sha.heads, sha.mha_config["bias"]))
+    return name_map

@@ -1,0 +1,154 @@
+"""Hypothesis strategies: every generated shape and configuration comes from here, not from test bodies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from hypothesis import strategies as st
+
+SD15_HEAD_DIMS = (40, 80, 160)
+SD15_WIDTHS = (320, 768)
+TEXT_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One attention module configuration plus the inputs to call it with."""
+
+    heads: int
+    dim_head: int
+    query_dim: int
+    cross_attention_dim: int | None
+    bias: bool
+    out_bias: bool
+    processor: str
+    residual_connection: bool
+    rescale_output_factor: float
+    batch: int
+    height: int
+    width: int
+    key_length: int
+    spatial_input: bool
+    mask: str | None
+    seed: int
+
+    def build(self, dtype: torch.dtype = torch.float32) -> Attention:
+        """The MHA module, seeded; q/k weights are scaled up so softmax is peaked, not near uniform."""
+        processor = {"AttnProcessor": AttnProcessor, "AttnProcessor2_0": AttnProcessor2_0}[self.processor]()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            attn = Attention(
+                self.query_dim, cross_attention_dim=self.cross_attention_dim, heads=self.heads,
+                dim_head=self.dim_head, bias=self.bias, out_bias=self.out_bias, processor=processor,
+                residual_connection=self.residual_connection, rescale_output_factor=self.rescale_output_factor,
+            )
+            for name, p in attn.named_parameters():
+                gain = 3.0 if name.startswith(("to_q", "to_k")) else 1.0
+                torch.nn.init.normal_(p, std=gain / max(p.shape[-1], 1) ** 0.5)
+        return attn.to(dtype).eval()
+
+    def inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed + 1)
+        tokens = self.height * self.width
+        if self.spatial_input:
+            hidden = torch.randn(self.batch, self.query_dim, self.height, self.width, generator=g, dtype=dtype)
+        else:
+            hidden = torch.randn(self.batch, tokens, self.query_dim, generator=g, dtype=dtype)
+        inputs = {"hidden_states": hidden}
+        if self.cross_attention_dim is not None:
+            inputs["encoder_hidden_states"] = torch.randn(
+                self.batch, self.key_length, self.cross_attention_dim, generator=g, dtype=dtype
+            )
+        if self.mask is not None:
+            inputs["attention_mask"] = self._mask(g, tokens, dtype)
+        return inputs
+
+    def _mask(self, g: torch.Generator, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        b, k = self.batch, self.key_length
+        if self.mask == "bool":
+            keep = torch.rand(b, 1, k, generator=g) > 0.3
+            keep[..., 0] = True  # a row with no key to attend to is NaN in MHA and SHA alike
+            return keep
+        shape = {"keys": (b, k), "text": (b, 1, k), "queries": (b, tokens, k), "per_head": (b * self.heads, tokens, k)}
+        additive = torch.randn(*shape[self.mask], generator=g, dtype=dtype)
+        # Masked-out keys as diffusers' UNet writes them: a large negative bias.
+        return additive.masked_fill(torch.rand(additive.shape, generator=g) < 0.2, -10000.0)
+
+
+@st.composite
+def attention_cases(draw, *, heads=st.integers(1, 16), max_tokens: int = 64) -> AttentionCase:
+    heads = draw(heads)
+    dim_head = draw(st.one_of(st.integers(1, 64), st.sampled_from(SD15_HEAD_DIMS)))
+    query_dim = draw(st.one_of(st.integers(1, 96), st.sampled_from(SD15_WIDTHS)))
+    cross_attention_dim = draw(st.one_of(st.none(), st.integers(1, 96), st.just(768)))
+    height = draw(st.integers(1, 8))
+    width = draw(st.integers(1, max(1, max_tokens // height)))
+    if cross_attention_dim is None:
+        key_length = height * width
+    else:
+        key_length = draw(st.one_of(st.integers(1, 96), st.just(TEXT_LENGTH)))
+    processor = draw(st.sampled_from(["AttnProcessor", "AttnProcessor2_0"]))
+    masks = [None, "text", "queries", "per_head"]
+    if processor == "AttnProcessor2_0":
+        # Only SDPA takes bool masks, and only it lays out a 2-D (B, Nk) mask per head as documented;
+        # the classic processor broadcasts one against the query axis instead.
+        masks += ["keys", "bool"]
+    residual = draw(st.booleans())
+    return AttentionCase(
+        heads=heads,
+        dim_head=dim_head,
+        query_dim=query_dim,
+        cross_attention_dim=cross_attention_dim,
+        bias=draw(st.booleans()),
+        out_bias=draw(st.booleans()),
+        processor=processor,
+        residual_connection=residual,
+        rescale_output_factor=draw(st.sampled_from([1.0, 2.0, 0.5])) if residual else 1.0,
+        batch=draw(st.integers(1, 3)),
+        height=height,
+        width=width,
+        key_length=key_length,
+        spatial_input=draw(st.booleans()),
+        mask=draw(st.sampled_from(masks)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@st.composite
+def transformer_configs(draw, *, channels=st.sampled_from([8, 16, 32, 48]), max_side: int = 8) -> dict:
+    """Config and input sizes of a ``Transformer2DModel`` as SD1.5 uses it (linear projection, cross attention)."""
+    channels = draw(channels)
+    heads = draw(st.sampled_from([h for h in (1, 2, 4, 8) if channels % h == 0]))
+    return {
+        "model": {
+            "num_attention_heads": heads,
+            "attention_head_dim": channels // heads,
+            "in_channels": channels,
+            "norm_num_groups": draw(st.sampled_from([g for g in (1, 4, 8) if channels % g == 0])),
+            "cross_attention_dim": draw(st.sampled_from([16, 32, 768])),
+            "use_linear_projection": draw(st.booleans()),
+        },
+        "batch": draw(st.integers(1, 3)),
+        "height": draw(st.integers(1, max_side)),
+        "width": draw(st.integers(1, max_side)),
+        "text_length": draw(st.sampled_from([1, 7, TEXT_LENGTH])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@st.composite
+def unet_inputs(draw, *, max_side: int = 24) -> dict:
+    """Batch and latent size for a tiny UNet (its two levels need sides divisible by 2)."""
+    return {
+        "batch": draw(st.integers(1, 3)),
+        "height": 2 * draw(st.integers(1, max_side // 2)),
+        "width": 2 * draw(st.integers(1, max_side // 2)),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def sha_tolerance(dtype: torch.dtype) -> float:
+    """max |SHA - MHA| allowed, relative to max |MHA output|."""
+    return {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]

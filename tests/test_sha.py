@@ -1,0 +1,227 @@
+"""The MHA -> SHA module rewrite computes what the untouched diffusers module computes.
+
+Every property compares against an independent reference: the original MHA module (never converted), its
+Linear weights sliced by hand, or the same computation in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import Transformer2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, AttnAddedKVProcessor
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from pasd_verify import (
+    AttentionInputError,
+    SHAAttention,
+    UnsupportedAttentionError,
+    convert_to_mha,
+    convert_to_sha,
+)
+from pasd_verify.presets import build_unet, unet_inputs as seeded_unet_inputs
+from strategies import attention_cases, sha_tolerance, transformer_configs, unet_inputs
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def assert_within_tolerance(reference: torch.Tensor, candidate: torch.Tensor, dtype: torch.dtype) -> None:
+    assert candidate.shape == reference.shape
+    assert torch.isfinite(reference).all()
+    error = (candidate - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    assert error <= sha_tolerance(dtype) * scale, f"max abs error {error:.3g} vs max |output| {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=attention_cases())
+def test_sha_matches_mha(case, dtype):
+    attn = case.build(dtype)
+    inputs = case.inputs(dtype)
+    with torch.no_grad():
+        reference = attn(**inputs)
+        candidate = SHAAttention(attn)(**inputs)
+    assert_within_tolerance(reference, candidate, dtype)
+
+
+@given(case=attention_cases())
+def test_head_convs_are_disjoint_row_slices_covering_every_row(case):
+    attn = case.build()
+    sha = SHAAttention(attn)
+    for proj in ("to_q", "to_k", "to_v"):
+        linear, convs = getattr(attn, proj), getattr(sha, f"{proj}_convs")
+        assert len(convs) == case.heads
+        covered = torch.zeros(linear.out_features, dtype=torch.int64)
+        for i, conv in enumerate(convs):
+            rows = torch.arange(i * case.dim_head, (i + 1) * case.dim_head)
+            covered[rows] += 1
+            assert conv.kernel_size == (1, 1)
+            assert torch.equal(conv.weight[:, :, 0, 0], linear.weight[rows])
+            if case.bias:
+                assert torch.equal(conv.bias, linear.bias[rows])
+            else:
+                assert conv.bias is None
+        assert torch.equal(covered, torch.ones_like(covered))
+
+
+@given(case=attention_cases())
+def test_to_out_is_untouched(case):
+    attn = case.build()
+    before = copy.deepcopy(attn.to_out.state_dict())
+    sha = SHAAttention(attn)
+    assert sha.to_out is attn.to_out
+    after = sha.to_out.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@given(case=attention_cases())
+def test_rewrite_then_undo_is_identical(case):
+    attn = case.build()
+    original = copy.deepcopy(attn)
+    restored = SHAAttention(attn).to_attention()
+    assert type(restored.processor) is type(original.processor)
+    assert restored.scale == original.scale and restored.heads == original.heads
+    a, b = original.state_dict(), restored.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    inputs = case.inputs()
+    with torch.no_grad():
+        assert torch.equal(original(**inputs), restored(**inputs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(config=transformer_configs())
+def test_sha_transformer_matches_mha(config, dtype):
+    torch.manual_seed(config["seed"])
+    mha = Transformer2DModel(**config["model"]).to(dtype).eval()
+    sha = copy.deepcopy(mha)
+    name_map = convert_to_sha(sha)
+    assert len(name_map) == 6  # attn1 and attn2, q/k/v each, no q/k/v bias in Transformer2DModel
+    g = torch.Generator().manual_seed(config["seed"])
+    channels = config["model"]["in_channels"]
+    x = torch.randn(config["batch"], channels, config["height"], config["width"], generator=g, dtype=dtype)
+    text = torch.randn(config["batch"], config["text_length"], config["model"]["cross_attention_dim"], generator=g,
+                       dtype=dtype)
+    with torch.no_grad():
+        reference = mha(x, encoder_hidden_states=text).sample
+        candidate = sha(x, encoder_hidden_states=text).sample
+    assert_within_tolerance(reference, candidate, dtype)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    return build_unet("tiny", seed=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(shape=unet_inputs())
+def test_sha_unet_matches_mha(tiny_unet, shape, dtype):
+    mha = copy.deepcopy(tiny_unet).to(dtype)
+    sha = copy.deepcopy(mha)
+    convert_to_sha(sha)
+    inputs = seeded_unet_inputs(mha, batch=shape["batch"], latent=(shape["height"], shape["width"]),
+                                seed=shape["seed"], dtype=dtype)
+    with torch.no_grad():
+        reference = mha(**inputs).sample
+        candidate = sha(**inputs).sample
+    assert_within_tolerance(reference, candidate, dtype)
+
+
+def test_unet_name_map_covers_every_qkv_and_nothing_else(tiny_unet):
+    mha = copy.deepcopy(tiny_unet)
+    mha_names = set(dict(mha.named_parameters()))
+    name_map = convert_to_sha(mha)
+    sha_names = set(dict(mha.named_parameters()))
+    qkv = {n for n in mha_names if n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v")}
+    assert set(name_map) == qkv
+    assert sha_names == (mha_names - qkv) | {n for names in name_map.values() for n in names}
+    assert not any(isinstance(m, Attention) for m in mha.modules())
+
+
+def test_unet_rewrite_then_undo_is_identical(tiny_unet):
+    model = copy.deepcopy(tiny_unet)
+    forward_map = convert_to_sha(model)
+    assert convert_to_mha(model) == forward_map
+    a, b = tiny_unet.state_dict(), model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    inputs = seeded_unet_inputs(model)
+    with torch.no_grad():
+        assert torch.equal(tiny_unet(**inputs).sample, model(**inputs).sample)
+
+
+def _custom_processor_attention():
+    return Attention(16, heads=2, dim_head=8, processor=AttnAddedKVProcessor())
+
+
+class _OverridingAttention(Attention):
+    def forward(self, hidden_states, **kwargs):
+        return super().forward(hidden_states, **kwargs) * 2
+
+
+def _scaled_sdpa_attention():
+    attn = Attention(16, heads=2, dim_head=8, processor=AttnProcessor2_0())
+    attn.scale = 0.5
+    return attn
+
+
+REFUSALS = {
+    "group norm": (lambda: Attention(16, heads=2, dim_head=8, norm_num_groups=4), "group norm"),
+    "spatial norm": (lambda: Attention(32, heads=2, dim_head=16, spatial_norm_dim=4), "spatial norm"),
+    "qk norm": (lambda: Attention(16, heads=2, dim_head=8, qk_norm="layer_norm"), "query/key norms"),
+    "cross norm": (lambda: Attention(16, cross_attention_dim=8, heads=2, dim_head=8, cross_attention_norm="layer_norm"),
+                   "cross-attention norm"),
+    "added kv": (lambda: Attention(16, heads=2, dim_head=8, added_kv_proj_dim=12), "added projections"),
+    "uneven heads": (lambda: Attention(16, heads=3, dim_head=4, out_dim=18), "do not divide evenly"),
+    "grouped kv heads": (lambda: Attention(16, heads=4, kv_heads=2, dim_head=4), "grouped key/value heads"),
+    "custom processor": (_custom_processor_attention, "processor AttnAddedKVProcessor"),
+    "overridden forward": (lambda: _OverridingAttention(16, heads=2, dim_head=8), "overrides Attention.forward"),
+    "sdpa with own scale": (_scaled_sdpa_attention, "ignores its scale"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSALS))
+def test_unsupported_attention_is_refused_by_name_and_nothing_changes(kind):
+    make, reason = REFUSALS[kind]
+    model = nn.ModuleDict({"fine": Attention(16, heads=2, dim_head=8), "odd": make()})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedAttentionError) as info:
+        convert_to_sha(model)
+    assert list(info.value.problems) == ["odd"]
+    assert "odd" in str(info.value) and reason in str(info.value)
+    assert isinstance(model["fine"], Attention)
+    assert list(model.state_dict()) == list(before)
+
+
+def test_skip_unsupported_leaves_refused_modules_as_mha():
+    model = nn.ModuleDict({"fine": Attention(16, heads=2, dim_head=8), "odd": REFUSALS["group norm"][0]()})
+    name_map = convert_to_sha(model, skip_unsupported=True)
+    assert isinstance(model["fine"], SHAAttention) and type(model["odd"]) is Attention
+    assert set(name_map) == {f"fine.{p}.weight" for p in ("to_q", "to_k", "to_v")}
+
+
+def test_sha_refuses_a_mask_of_the_wrong_key_length():
+    sha = SHAAttention(Attention(16, heads=2, dim_head=8, processor=AttnProcessor()))
+    with pytest.raises(AttentionInputError, match="covers 5 keys, the keys number 4"):
+        sha(torch.randn(1, 4, 16), attention_mask=torch.zeros(1, 1, 5))
+
+
+def test_sha_refuses_arguments_the_mha_processor_would_drop():
+    sha = SHAAttention(Attention(16, heads=2, dim_head=8))
+    with pytest.raises(AttentionInputError, match="ip_adapter_masks"):
+        sha(torch.randn(1, 4, 16), ip_adapter_masks=torch.ones(1))
+
+
+@given(heads=st.integers(1, 8), dim_head=st.integers(1, 8), bias=st.booleans())
+def test_name_map_entries_name_real_parameters_in_head_order(heads, dim_head, bias):
+    model = nn.ModuleDict({"attn": Attention(8, heads=heads, dim_head=dim_head, bias=bias)})
+    mha_params = dict(model.named_parameters())
+    name_map = convert_to_sha(model)
+    sha_params = dict(model.named_parameters())
+    for mha_name, sha_names in name_map.items():
+        assert mha_name in mha_params and len(sha_names) == heads
+        joined = torch.cat([sha_params[n].flatten(1) if sha_params[n].ndim == 4 else sha_params[n] for n in sha_names])
+        assert torch.equal(joined, mha_params[mha_name])
