@@ -35,6 +35,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+
+
 def _split_tensor(key: str, tensor: torch.Tensor, heads: int, source: str) -> list[torch.Tensor]:
     """Contiguous per-head row blocks of a Linear weight or bias; weights become 1x1 conv weights (views)."""
     if tensor.ndim not in (1, 2):
@@ -171,9 +174,9 @@ def convert_checkpoint_file(
         save_state_dict_file(out, dst)
         return {"tensors_in": len(state_dict), "tensors_out": len(out), "keys_rewritten": len(name_map)}
 
-    with _open_safetensors(src) as f:
-        keys = list(f.keys())
-        shapes = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in keys}
+    with _SafetensorsReader(src) as f:
+        keys = f.keys()
+        shapes = {k: f.dtype_and_shape(k) for k in keys}
         plan = _sha_plan(keys, shapes, name_map, str(src)) if to == "sha" else _mha_plan(keys, shapes, name_map, str(src))
         out_shapes = {name: shape for name, shape, _ in plan}
         with atomic_path(dst) as tmp:
@@ -278,7 +281,7 @@ def _write_safetensors(path: Path, tensors, shapes: dict, metadata: dict | None 
             dtype, shape = shapes[name]
             if _SAFETENSORS_DTYPES.get(tensor.dtype) != dtype or list(tensor.shape) != list(shape):
                 raise CheckpointError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
-            out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
 
 
 def _itemsize(dtype: str) -> int:
@@ -290,6 +293,53 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+class _SafetensorsReader:
+    """Reads a safetensors file one tensor at a time, with plain reads at the header's offsets.
+
+    ``safe_open`` memory-maps the file, and every page it touches stays in the process's RSS until it closes:
+    a lazy pass over a 3.4 GB checkpoint would end with 3.4 GB resident. Plain reads go through the page cache
+    without mapping it, so only the tensor in hand counts. ``safe_open`` still validates the file first.
+    """
+
+    def __init__(self, path: Path):
+        with _open_safetensors(path) as f:
+            self._metadata = f.metadata()
+        self._file = open(path, "rb")
+        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        header = json.loads(self._file.read(header_len))
+        header.pop("__metadata__", None)
+        # In data order, so that a pass over keys() reads the file front to back.
+        self._entries = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+        self._data_start = 8 + header_len
+
+    def __enter__(self) -> _SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._metadata
+
+    def dtype_and_shape(self, key: str) -> tuple[str, list[int]]:
+        return self._entries[key]["dtype"], self._entries[key]["shape"]
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = bytearray(end - begin)
+        self._file.seek(self._data_start + begin)
+        if self._file.readinto(buffer) != len(buffer):
+            raise CheckpointError(f"{self._file.name}: {key} is cut short; the file is truncated")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def _open_safetensors(path: Path):
