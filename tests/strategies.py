@@ -152,3 +152,14 @@ def unet_inputs(draw, *, max_side: int = 24) -> dict:
 def sha_tolerance(dtype: torch.dtype) -> float:
     """max |SHA - MHA| allowed, relative to max |MHA output|."""
     return {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+
+
+@st.composite
+def pasd_shapes(draw, *, max_latent: int = 24) -> dict:
+    """Batch and latent size (multiples of 8, square or not) for the tiny PASD pair."""
+    return {
+        "batch": draw(st.integers(1, 2)),
+        "height": 8 * draw(st.integers(1, max_latent // 8)),
+        "width": 8 * draw(st.integers(1, max_latent // 8)),
+        "seed": draw(st.integers(0, 2**16)),
+    }

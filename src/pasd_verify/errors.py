@@ -32,3 +32,7 @@ class AttentionInputError(PasdVerifyError):
 
 class CheckpointError(PasdVerifyError):
     """A checkpoint file or state dict does not match what the conversion expects."""
+
+
+class ImageInputError(PasdVerifyError):
+    """An image tensor breaks the input conventions: range, dtype, layout, channels, size or finiteness."""

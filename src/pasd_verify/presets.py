@@ -16,6 +16,8 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .errors import PasdVerifyError
+from .models import PASDControlNetModel, PASDUNet2DConditionModel
+from .ranges import LATENT_FACTOR
 from .sha import NameMap, convert_to_sha
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -43,14 +45,64 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 
 TEXT_LENGTH = 77
 
+# PASD's ControlNet conditioning embedding widths: three stride-2 convs take the image to the latent size.
+CONDITIONING_CHANNELS = {"tiny": (8, 8, 16, 16), "sd15": (16, 32, 96, 256)}
+_CONTROLNET_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+                    "attention_head_dim", "norm_num_groups")
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in UNET_PRESETS:
+        raise PasdVerifyError(f"unknown preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
+
+
+def _randomize_zero_parameters(model: nn.Module) -> None:
+    """Give zero-initialised weights (ControlNet's zero convs) small seeded values, so every path carries signal.
+
+    A fresh ControlNet outputs exact zeros, which would make any test of what flows through it vacuous.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+
 
 def build_unet(preset: str = "tiny", *, seed: int = 0) -> UNet2DConditionModel:
     """A ``UNet2DConditionModel`` of the named preset, with weights drawn from ``torch.manual_seed(seed)``."""
-    if preset not in UNET_PRESETS:
-        raise PasdVerifyError(f"unknown preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
+    _check_preset(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(**UNET_PRESETS[preset]).eval()
+
+
+def build_pasd(preset: str = "tiny", *, seed: int = 0, use_rrdb: bool = True,
+               return_rgbs: bool = True) -> tuple[PASDUNet2DConditionModel, PASDControlNetModel]:
+    """PASD's UNet and ControlNet for the named preset, seeded; ``use_rrdb`` / ``return_rgbs`` as in PASD.
+
+    The ControlNet mirrors the UNet's down path. Its zero convs get small seeded weights instead of zeros.
+    """
+    _check_preset(preset)
+    config = UNET_PRESETS[preset]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = PASDUNet2DConditionModel(**config).eval()
+        controlnet = PASDControlNetModel(
+            **{k: config[k] for k in _CONTROLNET_KEYS}, conditioning_embedding_out_channels=CONDITIONING_CHANNELS[preset],
+            return_rgbs=return_rgbs, use_rrdb=use_rrdb,
+        ).eval()
+        _randomize_zero_parameters(controlnet)
+    return unet, controlnet
+
+
+def pasd_inputs(unet: UNet2DConditionModel, *, batch: int = 1, latent: tuple[int, int] | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded PASD inputs: :func:`unet_inputs` plus a [0, 1] control image 8x the latent size."""
+    inputs = unet_inputs(unet, batch=batch, latent=latent, seed=seed, dtype=dtype)
+    height, width = inputs["sample"].shape[-2:]
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs["controlnet_cond"] = torch.rand(batch, 3, height * LATENT_FACTOR, width * LATENT_FACTOR, generator=g,
+                                           dtype=dtype)
+    return inputs
 
 
 def unet_inputs(unet: UNet2DConditionModel, *, batch: int = 2, latent: tuple[int, int] | None = None,
@@ -66,7 +118,10 @@ def unet_inputs(unet: UNet2DConditionModel, *, batch: int = 2, latent: tuple[int
     }
 
 
-_CONFIG_CLASSES = {cls.__name__: cls for cls in (UNet2DConditionModel, ControlNetModel)}
+_CONFIG_CLASSES = {
+    cls.__name__: cls
+    for cls in (UNet2DConditionModel, ControlNetModel, PASDUNet2DConditionModel, PASDControlNetModel)
+}
 
 
 def load_config(config: str | os.PathLike | dict) -> dict[str, Any]:

@@ -1,0 +1,205 @@
+"""PASD's UNet and ControlNet: wiring, shape invariants at any resolution, SHA equivalence, checkpoint names.
+
+References are independent of the code under test: a stock diffusers UNet of the same config, PASD's wiring as
+REFERENCE.md section 3 tabulates it, and hand computation of the time-embedding broadcast.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pasd_verify import PasdVerifyError, convert_to_sha
+from pasd_verify.models import PASDUNet2DConditionModel, pasd_forward
+from pasd_verify.presets import UNET_PRESETS, build_pasd, model_from_config, pasd_inputs
+from strategies import pasd_shapes
+from test_sha import DTYPES, assert_within_tolerance
+
+
+@pytest.fixture(scope="module")
+def tiny_pasd():
+    return build_pasd("tiny", seed=0)
+
+
+def _inputs(unet, shape, dtype=torch.float32):
+    return pasd_inputs(unet, batch=shape["batch"], latent=(shape["height"], shape["width"]), seed=shape["seed"],
+                       dtype=dtype)
+
+
+class _Shapes:
+    """Records output shapes of modules by name through forward hooks."""
+
+    def __init__(self, model, names):
+        self.shapes = {}
+        self._handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self.shapes[name] = (tuple(args[0].shape) if args else None, tuple(out.shape))
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+
+def _stock_skip_shapes(config, sample, timestep, text):
+    """The skip shapes a stock diffusers UNet of the same config produces: conv_in, then each down block's states."""
+    stock = UNet2DConditionModel(**config).eval()
+    shapes = []
+    hooks = [stock.conv_in.register_forward_hook(lambda m, a, o: shapes.append(tuple(o.shape)))]
+    for block in stock.down_blocks:
+        hooks.append(block.register_forward_hook(lambda m, a, o: shapes.extend(tuple(s.shape) for s in o[1])))
+    with torch.no_grad():
+        stock(sample, timestep, text)
+    for h in hooks:
+        h.remove()
+    return stock, shapes
+
+
+@given(shape=pasd_shapes())
+def test_shape_invariants_at_any_resolution(tiny_pasd, shape):
+    unet, controlnet = tiny_pasd
+    inputs = _inputs(unet, shape)
+    b, h, w = shape["batch"], shape["height"], shape["width"]
+    stock, skip_shapes = _stock_skip_shapes(UNET_PRESETS["tiny"], inputs["sample"], inputs["timestep"],
+                                            inputs["encoder_hidden_states"])
+    pixel_names = [n for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["pixel_attentions"]]
+    up_names = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    with torch.no_grad():
+        rgbs, down, mid = controlnet(**inputs)
+        with _Shapes(unet, pixel_names + up_names) as seen:
+            out = unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        with _Shapes(stock, up_names) as stock_seen:
+            stock(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                  down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    assert [tuple(r.shape) for r in down] == skip_shapes
+    assert len(pixel_names) == sum(len(block.resnets) for block in unet.up_blocks)
+    for name in pixel_names:
+        given_shape, out_shape = seen.shapes[name]
+        assert out_shape == given_shape, name
+    for name in up_names:
+        assert seen.shapes[name][1] == stock_seen.shapes[name][1], name
+    assert out.shape == inputs["sample"].shape
+    assert [tuple(r.shape) for r in rgbs] == [(b, 3, 8 * h // 2**k, 8 * w // 2**k) for k in (1, 2, 3)]
+
+
+def test_time_embedding_reaches_every_pixel_as_a_per_channel_offset():
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4).eval()
+    x = torch.randn(2, 8, 5, 7)
+    temb_a, temb_b = torch.randn(2, 12), torch.randn(2, 12)
+    seen = []
+    hook = block.norm2.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        block(x, temb_a)
+        block(x, temb_b)
+        # by hand: temb -> SiLU -> time_emb_proj -> (B, C, 1, 1), added to every pixel of conv1's output
+        offset = block.time_emb_proj(torch.nn.functional.silu(temb_a)) - block.time_emb_proj(torch.nn.functional.silu(temb_b))
+    hook.remove()
+    difference = seen[0] - seen[1]
+    torch.testing.assert_close(difference, offset[:, :, None, None].expand_as(difference), rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_attention_wiring_matches_pasd_at_sd15_size():
+    unet = model_from_config({**UNET_PRESETS["sd15"], "_class_name": "PASDUNet2DConditionModel"})
+    # REFERENCE.md section 3: residual channels 320 x4, 640 x3, 1280 x5 (indices 0..11); up block b uses
+    # residuals 11-3b, 10-3b, 9-3b.
+    residual_channels = [320] * 4 + [640] * 3 + [1280] * 5
+    expected = {f"up_blocks.{b}.pixel_attentions.{j}": residual_channels[11 - 3 * b - j] for b in range(4) for j in range(3)}
+    found = {
+        name.rsplit(".transformer_blocks", 1)[0]: module.to_k.in_features
+        for name, module in unet.named_modules()
+        if ".pixel_attentions." in name and name.endswith("attn2")
+    }
+    assert found == expected
+    heads = {m.heads for n, m in unet.named_modules() if ".pixel_attentions." in n and isinstance(m, Attention)}
+    assert heads == {8}
+
+
+def test_stock_unet_state_dict_loads_with_only_pixel_attentions_missing(tiny_pasd):
+    unet, _ = tiny_pasd
+    stock = UNet2DConditionModel(**UNET_PRESETS["tiny"])
+    pasd = copy.deepcopy(unet)
+    result = pasd.load_state_dict(stock.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(".pixel_attentions." in k for k in result.missing_keys)
+    assert set(result.missing_keys) == {k for k in unet.state_dict() if ".pixel_attentions." in k}
+
+
+def test_pasd_state_dict_round_trips_strictly_through_save_pretrained(tiny_pasd, tmp_path):
+    unet, controlnet = tiny_pasd
+    unet.save_pretrained(tmp_path / "unet")
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    for model, folder in ((unet, "unet"), (controlnet, "controlnet")):
+        loaded = type(model).from_pretrained(tmp_path / folder)
+        as_json = lambda config: json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+        assert as_json(loaded.config) == as_json(model.config)
+        sd = model.state_dict()
+        assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items()) and loaded.state_dict().keys() == sd.keys()
+
+
+def test_unet_without_controlnet_residuals_is_a_clear_error(tiny_pasd):
+    unet, _ = tiny_pasd
+    inputs = pasd_inputs(unet)
+    with pytest.raises(PasdVerifyError, match="needs the ControlNet outputs"):
+        unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+
+
+def test_controlnet_options_off_give_no_rgbs_and_no_rrdb():
+    unet, controlnet = build_pasd("tiny", use_rrdb=False, return_rgbs=False)
+    assert not hasattr(controlnet.controlnet_cond_embedding, "preprocesser")
+    assert len(controlnet.controlnet_cond_embedding.to_rgbs) == 0
+    with torch.no_grad():
+        out, rgbs = pasd_forward(unet, controlnet, **pasd_inputs(unet))
+    assert rgbs is None and torch.isfinite(out).all()
+
+
+def test_controlnet_rrdb_blocks_are_basicsrs(tiny_pasd):
+    _, controlnet = tiny_pasd
+    blocks = list(controlnet.controlnet_cond_embedding.preprocesser)
+    assert len(blocks) == 2
+    assert all(type(b).__module__ == "basicsr.archs.rrdbnet_arch" and type(b).__name__ == "RRDB" for b in blocks)
+
+
+def test_sha_covers_text_self_and_pixel_attentions(tiny_pasd):
+    all_names = []
+    for model in tiny_pasd:
+        converted = copy.deepcopy(model)
+        attention_names = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+        all_names += attention_names
+        name_map = convert_to_sha(converted)
+        assert not any(isinstance(m, Attention) for m in converted.modules())
+        assert {k.rsplit(".", 2)[0] for k in name_map} == set(attention_names)
+    kinds = {n.rsplit(".", 1)[-1] + (" pixel" if ".pixel_attentions." in n else "") for n in all_names}
+    assert kinds == {"attn1", "attn2", "attn1 pixel", "attn2 pixel"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(shape=pasd_shapes(max_latent=16))
+def test_sha_pasd_pair_matches_mha(tiny_pasd, shape, dtype):
+    unet, controlnet = (copy.deepcopy(m).to(dtype) for m in tiny_pasd)
+    sha_unet, sha_controlnet = copy.deepcopy(unet), copy.deepcopy(controlnet)
+    convert_to_sha(sha_unet)
+    convert_to_sha(sha_controlnet)
+    inputs = _inputs(unet, shape, dtype)
+    with torch.no_grad():
+        reference, reference_rgbs = pasd_forward(unet, controlnet, **inputs)
+        candidate, candidate_rgbs = pasd_forward(sha_unet, sha_controlnet, **inputs)
+    assert_within_tolerance(reference, candidate, dtype)
+    for a, b in zip(reference_rgbs, candidate_rgbs):
+        assert torch.equal(a, b)  # the RGB branch has no attention: SHA must not touch it
