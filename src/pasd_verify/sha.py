@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import torch
+from aimet_torch.nn.modules.custom import Concat, MatMul
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
@@ -26,24 +27,6 @@ _PROJECTIONS = ("to_q", "to_k", "to_v")
 # diffusers' processors that compute plain scaled-dot-product attention; any other processor (IP-adapter,
 # LoRA, custom) may compute something else, so a module using one is refused rather than guessed at.
 _PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
-
-
-class MatMul(nn.Module):
-    """``torch.matmul`` as a module, so that a quantizer can attach to each head's product."""
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(a, b)
-
-
-class Concat(nn.Module):
-    """``torch.cat`` as a module, so that a quantizer can attach to the joined heads."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return torch.cat(tensors, dim=self.dim)
 
 
 def unsupported_reasons(attn: Attention) -> list[str]:
@@ -96,6 +79,9 @@ class SHAAttention(nn.Module):
     Tensors entering the projections are laid out ``(B, C, 1, N)``, as the QNN converter expects of 1x1 convs.
     """
 
+    # matmul_1/matmul_2/concat_1 are aimet-torch's own MatMul and Concat modules: AIMET quantizes them natively,
+    # so every head's products and the joined heads get their own quantizers.
+
     def __init__(self, attn: Attention):
         """Build from ``attn``; its parameters are copied into per-head slices, ``attn`` is not changed."""
         super().__init__()
@@ -116,7 +102,7 @@ class SHAAttention(nn.Module):
         self.matmul_1 = nn.ModuleList(MatMul() for _ in range(self.heads))
         self.softmax_1 = nn.ModuleList(nn.Softmax(dim=-1) for _ in range(self.heads))
         self.matmul_2 = nn.ModuleList(MatMul() for _ in range(self.heads))
-        self.concat_1 = Concat(dim=-1)
+        self.concat_1 = Concat(axis=-1)
         self.to_out = attn.to_out
         self.train(attn.training)
 
