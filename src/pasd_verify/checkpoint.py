@@ -137,6 +137,34 @@ def load_state_dict_file(path: str | os.PathLike, *, mmap: bool = True) -> dict[
     return _load_torch(path, mmap=mmap)
 
 
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, read from the header alone for ``.safetensors`` (memory-mapped for ``.pth``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if checkpoint_format(path) == "safetensors":
+        with _SafetensorsReader(path) as f:
+            return {k: tuple(f.dtype_and_shape(k)[1]) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in _load_torch(path, mmap=True).items()}
+
+
+def check_checkpoint_matches(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                             source: str) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped key of a checkpoint against a model."""
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [k for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing, e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]!r}")
+        if wrong:
+            parts.append(f"{wrong[0]!r} has shape {tuple(shapes[wrong[0]])}, the model {tuple(expected[wrong[0]])}")
+        raise CheckpointError(f"{source}: does not match the model config: " + "; ".join(parts))
+
+
 def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write ``state_dict`` atomically as ``.safetensors`` (tensors streamed) or ``.pth``, by the suffix."""
     fmt = checkpoint_format(path)

@@ -43,6 +43,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_files
+
+    summary = convert_files(args.model_config, args.state_dict, args.out, encodings=args.encodings)
+    outputs = summary.pop("outputs")
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        print(f"{key.ljust(width)}  {value}")
+    for path in outputs.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pasd-verify",
@@ -54,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="pasd-verify-demo", help="folder for report.json and the checkpoints")
     demo.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     demo.set_defaults(func=_demo)
+    convert = sub.add_parser(
+        "convert", help="rewrite an MHA checkpoint (and AIMET encodings) to SHA for a local diffusers config",
+    )
+    convert.add_argument("--model-config", required=True,
+                         help="diffusers config.json (or its folder) of a UNet2DConditionModel, ControlNetModel or "
+                              "the PASD models")
+    convert.add_argument("--state-dict", required=True, help="MHA checkpoint, .safetensors or .pth")
+    convert.add_argument("--encodings", help="AIMET encodings of the MHA model (format 0.6.1 or 1.0.0)")
+    convert.add_argument("--out", required=True, help="output folder (created; inputs are never overwritten)")
+    convert.set_defaults(func=_convert)
     return parser
 
 

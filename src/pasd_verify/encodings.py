@@ -1,0 +1,473 @@
+"""AIMET quantization encodings: read and write formats 0.6.1 and 1.0.0, rewrite MHA <-> SHA, validate.
+
+Format 0.6.1 keys tensors by name: ``{"param_encodings": {name: [enc per channel, ...]}, "activation_encodings":
+{name: [enc]}}``. Format 1.0.0 lists named entries: ``{"param_encodings": [{"name", "enc_type", "scale": [...],
+"offset": [...], ...}], ...}``. Every other top-level key (``excluded_layers``, ``quantizer_args``, ...) passes
+through untouched.
+
+The MHA -> SHA rewrite is driven by the module rewrite's name map: per-channel parameter encodings are split into
+per-head chunks (they describe one output channel each), per-tensor ones are copied to every head, and the MHA
+entries are removed. Activation encodings of the q/k/v projections are copied to every head's conv, under the
+names AIMET gives the SHA graph's tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PasdVerifyError
+from .io import atomic_path
+from .sha import NameMap
+
+SUPPORTED_VERSIONS = ("0.6.1", "1.0.0")
+_PROJECTIONS = ("to_q", "to_k", "to_v")
+_PER_HEAD_MODULES = {"matmul_1": "MatMul", "softmax_1": "Softmax", "matmul_2": "MatMul"}
+
+
+class EncodingsError(PasdVerifyError):
+    """An encodings file is malformed, of an unknown version, or does not fit the model or the name map."""
+
+
+# --- reading and writing ------------------------------------------------------------------------------------
+
+def _no_duplicate_keys(source: str):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise EncodingsError(f"{source}: duplicate key {key!r}")
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
+def parse_encodings(text: str, source: str = "encodings") -> dict[str, Any]:
+    """Parse and check the structure of AIMET encodings JSON; errors name ``source`` and the offending key."""
+    try:
+        encodings = json.loads(text, object_pairs_hook=_no_duplicate_keys(source))
+    except json.JSONDecodeError as e:
+        raise EncodingsError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(encodings, dict):
+        raise EncodingsError(f"{source}: expected a JSON object, got {type(encodings).__name__}")
+    version = encodings.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise EncodingsError(f"{source}: version {version!r} is not one of {SUPPORTED_VERSIONS}")
+    for section in ("param_encodings", "activation_encodings"):
+        if section not in encodings:
+            raise EncodingsError(f"{source}: missing {section!r}")
+        for name, entry in _entries(encodings, section, source):
+            _check_entry_shape(entry, version, f"{source}: {section}[{name!r}]")
+    return encodings
+
+
+def load_encodings(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an AIMET encodings file of format 0.6.1 or 1.0.0."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as e:
+        raise EncodingsError(f"{path}: no such encodings file") from e
+    except UnicodeDecodeError as e:
+        raise EncodingsError(f"{path}: not a text file ({e.reason})") from e
+    return parse_encodings(text, str(path))
+
+
+def dumps_encodings(encodings: dict[str, Any]) -> str:
+    """AIMET's own layout (sorted keys, indent 4), so a file AIMET wrote reads back and writes out byte-identical."""
+    return json.dumps(encodings, sort_keys=True, indent=4)
+
+
+def save_encodings(encodings: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write encodings atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(dumps_encodings(encodings))
+
+
+def _entries(encodings: dict, section: str, source: str) -> Iterator[tuple[str, Any]]:
+    """(name, entry) pairs of a section in either format; an entry is a list of per-channel dicts (0.6.1) or one
+    dict (1.0.0)."""
+    body = encodings[section]
+    if encodings["version"] == "0.6.1":
+        if not isinstance(body, dict):
+            raise EncodingsError(f"{source}: {section} must be an object in version 0.6.1")
+        yield from body.items()
+        return
+    if not isinstance(body, list):
+        raise EncodingsError(f"{source}: {section} must be a list in version 1.0.0")
+    for i, entry in enumerate(body):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise EncodingsError(f"{source}: {section}[{i}] has no string 'name'")
+        yield entry["name"], entry
+
+
+def _check_entry_shape(entry: Any, version: str, where: str) -> None:
+    if version == "0.6.1":
+        if not isinstance(entry, list) or not entry or not all(isinstance(e, dict) for e in entry):
+            raise EncodingsError(f"{where}: expected a non-empty list of encodings")
+        for e in entry:
+            for key in ("bitwidth", "scale", "offset"):
+                if not isinstance(e.get(key), (int, float)) or isinstance(e.get(key), bool):
+                    raise EncodingsError(f"{where}: field {key!r} must be a number, got {e.get(key)!r}")
+        return
+    for key in ("enc_type", "bw"):
+        if key not in entry:
+            raise EncodingsError(f"{where}: missing field {key!r}")
+    if entry.get("dtype", "INT") == "INT":
+        for key in ("scale", "offset"):
+            values = entry.get(key)
+            if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+            ):
+                raise EncodingsError(f"{where}: field {key!r} must be a non-empty list of numbers")
+        if len(entry["scale"]) != len(entry["offset"]):
+            raise EncodingsError(f"{where}: {len(entry['scale'])} scales but {len(entry['offset'])} offsets")
+
+
+# --- one entry: split into heads, join back -----------------------------------------------------------------
+
+def _channels(entry: Any, version: str) -> int:
+    """How many per-channel values an entry holds (1 for a per-tensor encoding)."""
+    if version == "0.6.1":
+        return len(entry)
+    return 1 if entry["enc_type"] == "PER_TENSOR" else len(entry["scale"])
+
+
+def _is_per_tensor(entry: Any, version: str) -> bool:
+    return len(entry) == 1 if version == "0.6.1" else entry["enc_type"] == "PER_TENSOR"
+
+
+def split_entry(entry: Any, version: str, names: list[str], where: str) -> list[Any]:
+    """One parameter encoding cut into per-head encodings named ``names``: contiguous chunks of a per-channel
+    (or per-block) encoding, copies of a per-tensor one."""
+    heads = len(names)
+    if _is_per_tensor(entry, version):
+        chunks = [copy.deepcopy(entry) for _ in names]
+    else:
+        count = _channels(entry, version)
+        if count % heads:
+            raise EncodingsError(f"{where}: {count} per-channel encodings do not split into {heads} heads")
+        size = count // heads
+        if version == "0.6.1":
+            chunks = [copy.deepcopy(entry[i * size:(i + 1) * size]) for i in range(heads)]
+        else:
+            chunks = []
+            for i in range(heads):
+                chunk = copy.deepcopy(entry)
+                for key in ("scale", "offset"):
+                    chunk[key] = entry[key][i * size:(i + 1) * size]
+                chunks.append(chunk)
+    if version == "1.0.0":
+        for chunk, name in zip(chunks, names):
+            chunk["name"] = name
+    return chunks
+
+
+def join_entries(entries: list[Any], version: str, name: str, where: str, per_tensor: bool) -> Any:
+    """Inverse of :func:`split_entry`; ``per_tensor`` says which form the MHA encoding had. Raises where the
+    heads' encodings cannot have come from one MHA encoding (per-tensor copies that differ)."""
+    if per_tensor:
+        if any(_strip(e) != _strip(entries[0]) for e in entries):
+            raise EncodingsError(f"{where}: per-tensor encodings of the heads differ; they cannot join losslessly")
+        joined = copy.deepcopy(entries[0])
+    elif version == "0.6.1":
+        joined = [copy.deepcopy(e) for entry in entries for e in entry]
+    else:
+        joined = copy.deepcopy(entries[0])
+        for key in ("scale", "offset"):
+            joined[key] = [v for entry in entries for v in entry[key]]
+    if version == "1.0.0":
+        joined["name"] = name
+    return joined
+
+
+# --- activation names ---------------------------------------------------------------------------------------
+
+def _module_parts(module_path: str) -> list[str]:
+    """Path segments with each ModuleList index kept on its list: ``a.blocks.0.attn1`` -> ``[a, blocks.0, attn1]``."""
+    parts: list[str] = []
+    for part in module_path.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        else:
+            parts.append(part)
+    return parts
+
+
+def onnx_scope(module_path: str) -> str:
+    """The ONNX scope of a module's own ops as AIMET's export names them: ``a.blocks.0.attn1`` ->
+    ``/a/blocks/blocks.0/attn1`` (a ModuleList child is named by the list, then by the list and its index)."""
+    return "/" + "/".join(f"{p.split('.')[0]}/{p}" if "." in p else p for p in _module_parts(module_path))
+
+
+def flat_scope(module_path: str) -> str:
+    """The scope of free (functional) ops inside a module: ``a.blocks.0.attn1`` -> ``/a/blocks.0/attn1``."""
+    return "/" + "/".join(_module_parts(module_path))
+
+
+def attention_modules(name_map: NameMap) -> dict[str, int]:
+    """Each attention module the name map covers, with its head count."""
+    modules = {}
+    for mha_name, sha_names in name_map.items():
+        module = mha_name.rsplit(".", 2)[0]
+        modules[module] = len(sha_names)
+    return modules
+
+
+def activation_renames(name_map: NameMap, prefix: str = "") -> list[tuple[re.Pattern, list[str]]]:
+    """Rules from MHA activation names to the SHA activation names that take their encoding.
+
+    Both naming schemes AIMET writes are covered: ONNX tensor names (``/scope/to_q/MatMul_output_0`` ->
+    ``/scope/to_q_convs/to_q_convs.{i}/Conv_output_0``) and module names (``x.to_q`` -> ``x.to_q_convs.{i}``).
+    """
+    rules = []
+    for module, heads in attention_modules(name_map).items():
+        path = prefix + module
+        scope = onnx_scope(path)
+        for proj in _PROJECTIONS:
+            rules.append((re.compile(re.escape(f"{scope}/{proj}/") + r"[^/]*_output_0"),
+                          [f"{scope}/{proj}_convs/{proj}_convs.{i}/Conv_output_0" for i in range(heads)]))
+            rules.append((re.compile(re.escape(f"{path}.{proj}")), [f"{path}.{proj}_convs.{i}" for i in range(heads)]))
+        for kind, op in _PER_HEAD_MODULES.items():
+            rules.append((re.compile(re.escape(f"{scope}/{kind}/") + r"[^/]*_output_0"),
+                          [f"{scope}/{kind}/{kind}.{i}/{op}_output_0" for i in range(heads)]))
+            rules.append((re.compile(re.escape(f"{path}.{kind}")), [f"{path}.{kind}.{i}" for i in range(heads)]))
+    return rules
+
+
+def _is_attention_internal(name: str, name_map: NameMap, prefix: str) -> bool:
+    """An activation of an attention's internals in the MHA graph (not its unchanged ``to_out``)."""
+    for module in attention_modules(name_map):
+        path = prefix + module
+        for scope in (onnx_scope(path), flat_scope(path)):
+            if name.startswith(scope + "/") and not name.startswith(scope + "/to_out/"):
+                return True
+    return False
+
+
+# --- the rewrite --------------------------------------------------------------------------------------------
+
+@dataclass
+class RewriteReport:
+    """What a rewrite did, in counts and names."""
+
+    params_split: int = 0
+    params_copied: int = 0
+    params_joined: int = 0
+    activations_copied: int = 0
+    activations_dropped: list[str] = field(default_factory=list)
+    prefix: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "param_encodings_split": self.params_split,
+            "param_encodings_copied": self.params_copied,
+            "param_encodings_joined": self.params_joined,
+            "activation_encodings_copied": self.activations_copied,
+            "activation_encodings_dropped": len(self.activations_dropped),
+            "name_prefix": self.prefix,
+        }
+
+
+def detect_prefix(names: list[str], name_map: NameMap, source: str = "encodings") -> str:
+    """The module path AIMET put in front of the model's names (e.g. ``unet.`` for a wrapper), found by matching
+    the name map's parameter names; empty where they match as they are."""
+    keys = [k for mha, shas in name_map.items() for k in (mha, *shas)]
+    for name in names:
+        for key in keys:
+            if name == key:
+                return ""
+            if name.endswith("." + key):
+                return name[: -len(key)]
+    return ""
+
+
+def _build(encodings: dict, section: str, items: list[tuple[str, Any]]) -> Any:
+    if encodings["version"] == "0.6.1":
+        return dict(items)
+    return [entry for _, entry in items]
+
+
+def mha_to_sha(encodings: dict[str, Any], name_map: NameMap, *, source: str = "encodings"
+               ) -> tuple[dict[str, Any], RewriteReport]:
+    """SHA encodings from MHA ones: a new dict, the input unchanged, the format kept."""
+    version = encodings["version"]
+    params = list(_entries(encodings, "param_encodings", source))
+    prefix = detect_prefix([n for n, _ in params], name_map, source)
+    report = RewriteReport(prefix=prefix)
+    sha_names = {prefix + n for names in name_map.values() for n in names}
+    clashing = [n for n, _ in params if n in sha_names]
+    if clashing:
+        raise EncodingsError(f"{source}: already holds SHA encodings, e.g. {clashing[0]!r}")
+
+    new_params = []
+    for name, entry in params:
+        bare = name[len(prefix):] if name.startswith(prefix) else name
+        if bare in name_map:
+            names = [prefix + n for n in name_map[bare]]
+            per_tensor = _is_per_tensor(entry, version)
+            new_params += zip(names, split_entry(entry, version, names, f"{source}: {name}"))
+            if per_tensor:
+                report.params_copied += 1
+            else:
+                report.params_split += 1
+        else:
+            new_params.append((name, copy.deepcopy(entry)))
+
+    rules = activation_renames(name_map, prefix)
+    new_acts = []
+    for name, entry in _entries(encodings, "activation_encodings", source):
+        targets = next((names for pattern, names in rules if pattern.fullmatch(name)), None)
+        if targets is not None:
+            copies = [copy.deepcopy(entry) for _ in targets]
+            if version == "1.0.0":
+                for c, t in zip(copies, targets):
+                    c["name"] = t
+            new_acts += zip(targets, copies)
+            report.activations_copied += 1
+        elif _is_attention_internal(name, name_map, prefix):
+            # an attention-internal tensor of the MHA graph (SDPA, reshapes) with no counterpart in the SHA graph
+            report.activations_dropped.append(name)
+        else:
+            new_acts.append((name, copy.deepcopy(entry)))
+
+    out = {k: copy.deepcopy(v) for k, v in encodings.items() if k not in ("param_encodings", "activation_encodings")}
+    out["param_encodings"] = _build(encodings, "param_encodings", new_params)
+    out["activation_encodings"] = _build(encodings, "activation_encodings", new_acts)
+    _check_unique(out, source)
+    return out, report
+
+
+def sha_to_mha(encodings: dict[str, Any], name_map: NameMap, *, per_tensor: dict[str, bool] | None = None,
+               source: str = "encodings") -> tuple[dict[str, Any], RewriteReport]:
+    """MHA parameter encodings from SHA ones, where that is lossless. ``per_tensor`` (MHA name -> bool) says which
+    MHA encodings were per-tensor; by default, heads holding identical single encodings are taken as copies of a
+    per-tensor one (format 1.0.0 says so itself; in 0.6.1 only a one-channel head is ambiguous).
+
+    Activation encodings are kept as they are, except the per-head ones, which are joined only where identical."""
+    version = encodings["version"]
+    params = dict(_entries(encodings, "param_encodings", source))
+    prefix = detect_prefix(list(params), name_map, source)
+    report = RewriteReport(prefix=prefix)
+    first_head = {prefix + names[0]: mha for mha, names in name_map.items()}
+    consumed = {prefix + n for names in name_map.values() for n in names}
+    new_params = []
+    for name, entry in params.items():
+        if name in first_head:
+            mha = first_head[name]
+            heads = [prefix + n for n in name_map[mha]]
+            missing = [h for h in heads if h not in params]
+            if missing:
+                raise EncodingsError(f"{source}: {missing[0]!r} is missing; cannot join the heads of {mha!r}")
+            entries = [params[h] for h in heads]
+            default = all(_is_per_tensor(e, version) and _strip(e) == _strip(entries[0]) for e in entries)
+            is_per_tensor = (per_tensor or {}).get(mha, default)
+            new_params.append((prefix + mha, join_entries(entries, version, prefix + mha, f"{source}: {mha}",
+                                                          is_per_tensor)))
+            report.params_joined += 1
+        elif name not in consumed:
+            new_params.append((name, copy.deepcopy(entry)))
+    out = {k: copy.deepcopy(v) for k, v in encodings.items() if k != "param_encodings"}
+    out["param_encodings"] = _build(encodings, "param_encodings", new_params)
+    return out, report
+
+
+def _strip(entry: Any) -> Any:
+    return {k: v for k, v in entry.items() if k != "name"} if isinstance(entry, dict) else entry
+
+
+def _check_unique(encodings: dict, source: str) -> None:
+    for section in ("param_encodings", "activation_encodings"):
+        names = [n for n, _ in _entries(encodings, section, source)]
+        if len(names) != len(set(names)):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise EncodingsError(f"{source}: {section} names {dup!r} twice")
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+def _int_range_problems(enc: dict, bw: int, symmetric: bool, scale: float, offset: float, where: str) -> list[str]:
+    problems = []
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        problems.append(f"{where}: scale {scale!r} is not a positive number")
+    if not (-(2**bw) <= offset <= 0):
+        problems.append(f"{where}: offset {offset} is outside [-2^{bw}, 0] for bitwidth {bw}")
+    elif symmetric and offset not in (-(2 ** (bw - 1)), 0):
+        problems.append(f"{where}: symmetric encoding with offset {offset}, expected {-(2 ** (bw - 1))} or 0")
+    return problems
+
+
+def _entry_problems(entry: Any, version: str, where: str) -> list[str]:
+    problems = []
+    if version == "0.6.1":
+        for c, enc in enumerate(entry):
+            w = f"{where}[{c}]"
+            if enc.get("dtype", "int") != "int":
+                continue
+            bw, scale, offset = enc["bitwidth"], enc["scale"], enc["offset"]
+            symmetric = str(enc.get("is_symmetric", "False")) == "True"
+            problems += _int_range_problems(enc, bw, symmetric, scale, offset, w)
+            if "min" in enc and "max" in enc and scale > 0:
+                tolerance = scale  # AIMET rounds min/max to the grid: within one step
+                lo, hi = offset * scale, (offset + 2**bw - 1) * scale
+                if abs(enc["min"] - lo) > tolerance or abs(enc["max"] - hi) > tolerance:
+                    problems.append(f"{w}: min/max {enc['min']:.6g}/{enc['max']:.6g} disagree with scale and "
+                                    f"offset, which give {lo:.6g}/{hi:.6g}")
+        return problems
+    if entry.get("dtype", "INT") != "INT":
+        return problems
+    for c, (scale, offset) in enumerate(zip(entry["scale"], entry["offset"])):
+        problems += _int_range_problems(entry, entry["bw"], bool(entry.get("is_sym")), scale, offset, f"{where}[{c}]")
+    return problems
+
+
+def check_encodings(encodings: dict[str, Any], parameters: dict[str, tuple[int, ...]], *,
+                    source: str = "encodings", required: list[str] = ()) -> list[str]:
+    """Every problem of ``encodings`` against a model's parameter shapes, all at once (empty when none):
+    encodings naming no parameter, ``required`` parameters without one, per-channel counts that are not the
+    output-channel count, self-contradicting encodings, duplicate names."""
+    version = encodings["version"]
+    problems = []
+    entries = list(_entries(encodings, "param_encodings", source))
+    names = [n for n, _ in entries]
+    prefix = detect_prefix(names, {p: [] for p in parameters}, source) if names else ""
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{source}: param_encodings names {dup!r} more than once")
+    act_names = [n for n, _ in _entries(encodings, "activation_encodings", source)]
+    for dup in sorted({n for n in act_names if act_names.count(n) > 1}):
+        problems.append(f"{source}: activation_encodings names {dup!r} more than once")
+    encoded = set()
+    for name, entry in entries:
+        bare = name[len(prefix):] if name.startswith(prefix) else name
+        where = f"{source}: {name}"
+        if bare not in parameters:
+            problems.append(f"{where}: names no parameter of the model")
+            continue
+        encoded.add(bare)
+        count, channels = _channels(entry, version), parameters[bare][0] if parameters[bare] else 1
+        if not _is_per_tensor(entry, version) and count != channels and (
+            version == "0.6.1" or entry["enc_type"] == "PER_CHANNEL"
+        ):
+            problems.append(f"{where}: {count} per-channel encodings for {channels} output channels")
+        problems += _entry_problems(entry, version, where)
+    for name, entry in _entries(encodings, "activation_encodings", source):
+        problems += _entry_problems(entry, version, f"{source}: activation {name}")
+    for name in required:
+        if name not in encoded:
+            problems.append(f"{source}: {prefix}{name} has no encoding, but the MHA weight it comes from had one")
+    return problems
+
+
+def required_sha_encodings(mha_encodings: dict[str, Any], name_map: NameMap, source: str = "encodings") -> list[str]:
+    """The SHA parameters that must have encodings because their MHA parameter had one."""
+    names = [n for n, _ in _entries(mha_encodings, "param_encodings", source)]
+    prefix = detect_prefix(names, name_map, source)
+    present = {n[len(prefix):] for n in names}
+    return [sha for mha, shas in name_map.items() if mha in present for sha in shas]
