@@ -10,8 +10,9 @@ from typing import Any
 from .errors import PasdVerifyError
 
 # Numbers worth a column in the stage table, in the order shown.
-_SHOWN = ("relative_error", "max_abs_error", "tolerance", "attention_modules_converted", "parameters_split",
-          "tensors_out", "roundtrip_bit_identical", "parameters_identical")
+_SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "tolerance",
+          "attention_modules_converted", "parameters_split", "tensors_out", "param_encodings_split",
+          "activation_encodings_copied", "roundtrip_bit_identical", "parameters_identical")
 
 
 def _format(value: Any) -> str:
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        from .quant import set_aimet_log_level
+
+        set_aimet_log_level(logging.INFO)
     try:
         return args.func(args)
     except PasdVerifyError as e:

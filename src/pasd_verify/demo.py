@@ -138,6 +138,41 @@ class _Demo:
             "tolerance": FP32_TOLERANCE,
         }
 
+    def encodings(self) -> dict[str, Any]:
+        """AIMET calibrates the MHA model; its encodings are converted, validated, and compared with the
+        encodings AIMET computes on the SHA model directly (per-channel weights must agree)."""
+        from .encodings import check_encodings, load_encodings, mha_to_sha, required_sha_encodings, save_encodings
+        from .quant import UNetForQuantization, export_encodings, quantize
+
+        dummy = tuple(unet_inputs(self.mha, batch=1, seed=self.seed).values())
+        mha_file = export_encodings(quantize(UNetForQuantization(copy.deepcopy(self.mha)), dummy), dummy,
+                                    self.out_dir / "parameters_mha.encodings")
+        mha_encodings = load_encodings(mha_file)
+        start = time.perf_counter()
+        sha_encodings, report = mha_to_sha(mha_encodings, self.name_map, source=str(mha_file))
+        seconds = time.perf_counter() - start
+        sha_shapes = {n: tuple(p.shape) for n, p in self.sha.state_dict().items()}
+        problems = check_encodings(sha_encodings, sha_shapes,
+                                   required=required_sha_encodings(mha_encodings, self.name_map))
+        save_encodings(sha_encodings, self.out_dir / "parameters_sha.encodings")
+
+        aimet_file = export_encodings(quantize(UNetForQuantization(copy.deepcopy(self.sha)), dummy), dummy,
+                                      self.out_dir / "parameters_sha_aimet.encodings")
+        converted = {e["name"]: e for e in sha_encodings["param_encodings"]}
+        direct = {e["name"]: e for e in load_encodings(aimet_file)["param_encodings"]}
+        same_names = converted.keys() == direct.keys()
+        worst = max((abs(a - b) / abs(b) for k in direct if k in converted
+                     for a, b in zip(converted[k]["scale"], direct[k]["scale"])), default=float("inf"))
+        return {
+            "passed": not problems and same_names and worst <= FP32_TOLERANCE,
+            **report.as_dict(),
+            "conversion_seconds": seconds,
+            "problems": problems,
+            "param_names_match_aimet_sha": same_names,
+            "max_scale_relative_difference": worst,
+            "tolerance": FP32_TOLERANCE,
+        }
+
     def undo(self) -> dict[str, Any]:
         restored = copy.deepcopy(self.sha)
         convert_to_mha(restored)
@@ -161,6 +196,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True) -> di
         ("equivalence_fp32", demo.equivalence_fp32),
         ("equivalence_fp64", demo.equivalence_fp64),
         ("checkpoint", demo.checkpoint),
+        ("encodings", demo.encodings),
         ("undo", demo.undo),
         ("pasd", demo.pasd),
     ]

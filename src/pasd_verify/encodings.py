@@ -113,13 +113,17 @@ def _check_entry_shape(entry: Any, version: str, where: str) -> None:
         if not isinstance(entry, list) or not entry or not all(isinstance(e, dict) for e in entry):
             raise EncodingsError(f"{where}: expected a non-empty list of encodings")
         for e in entry:
-            for key in ("bitwidth", "scale", "offset"):
-                if not isinstance(e.get(key), (int, float)) or isinstance(e.get(key), bool):
+            for key, kind in (("bitwidth", int), ("scale", (int, float)), ("offset", (int, float))):
+                if not isinstance(e.get(key), kind) or isinstance(e.get(key), bool):
                     raise EncodingsError(f"{where}: field {key!r} must be a number, got {e.get(key)!r}")
         return
     for key in ("enc_type", "bw"):
         if key not in entry:
             raise EncodingsError(f"{where}: missing field {key!r}")
+    if not isinstance(entry["bw"], int) or isinstance(entry["bw"], bool):
+        raise EncodingsError(f"{where}: field 'bw' must be an integer, got {entry['bw']!r}")
+    if entry["enc_type"] not in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK", "LPBQ"):
+        raise EncodingsError(f"{where}: unknown enc_type {entry['enc_type']!r}")
     if entry.get("dtype", "INT") == "INT":
         for key in ("scale", "offset"):
             values = entry.get(key)

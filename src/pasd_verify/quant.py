@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 from aimet_torch.common import quantsim as aimet_quantsim_settings
+from aimet_torch.common.utils import AimetLogger
 from aimet_torch.quantsim import QuantizationSimModel
 from aimet_torch.v2.nn import QuantizationMixin
 from diffusers.models.embeddings import Timesteps
@@ -21,6 +23,15 @@ from .encodings import SUPPORTED_VERSIONS, EncodingsError
 # AIMET has no quantized definition of diffusers' sinusoidal Timesteps (it computes an embedding from integer
 # timesteps, which quantizing would only damage); leave it in float, as the QNN reference flow does.
 QuantizationMixin.ignore(Timesteps)
+
+
+def set_aimet_log_level(level: int) -> None:
+    """AIMET logs every quantizer decision at INFO/WARNING to the console; our tools show it only when asked."""
+    for area in AimetLogger.LogAreas:
+        logging.getLogger(area.value).setLevel(level)
+
+
+set_aimet_log_level(logging.ERROR)
 
 _CONFIGS = Path(aimet_quantsim_settings.__file__).parent / "quantsim_config"
 QUANTSIM_CONFIGS = {"per_channel": _CONFIGS / "default_config_per_channel.json",

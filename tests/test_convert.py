@@ -1,0 +1,116 @@
+"""`pasd-verify convert`: the whole conversion on files, with clear errors and no partial output."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pasd_verify.checkpoint import save_state_dict_file
+from pasd_verify.cli import main
+from pasd_verify.presets import build_pasd, build_unet
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The tiny UNet's config and MHA checkpoint in both formats, and AIMET's MHA encodings."""
+    folder = tmp_path_factory.mktemp("inputs")
+    unet = build_unet("tiny", seed=0)
+    (folder / "config.json").write_text(json.dumps({**unet.config, "_class_name": "UNet2DConditionModel"}))
+    save_state_dict_file(unet.state_dict(), folder / "unet.safetensors")
+    save_state_dict_file(unet.state_dict(), folder / "unet.pth")
+    return folder
+
+
+def _run(*args) -> int:
+    return main(["convert", *map(str, args)])
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pth"])
+def test_convert_writes_checkpoint_encodings_and_name_map(inputs, tmp_path, suffix, capsys):
+    encodings = GOLDEN / "unet_tiny_mha_per_channel_1.0.0.encodings"
+    before = {p: p.read_bytes() for p in (inputs / f"unet.{suffix}", encodings)}
+    assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / f"unet.{suffix}",
+                "--encodings", encodings, "--out", tmp_path / "out") == 0
+    assert _files(tmp_path / "out") == sorted(["name_map.json", "parameters_sha.encodings", f"state_dict_sha.{suffix}"])
+    out = capsys.readouterr().out
+    assert "param_encodings_split" in out and "problems" in out
+    assert all(p.read_bytes() == data for p, data in before.items())
+    name_map = json.loads((tmp_path / "out" / "name_map.json").read_text())
+    assert name_map == json.loads((GOLDEN / "unet_tiny_name_map.json").read_text())
+
+
+def test_convert_pasd_models_from_their_configs(tmp_path):
+    unet, controlnet = build_pasd("tiny", seed=0)
+    for model, name in ((unet, "unet"), (controlnet, "controlnet")):
+        model.save_pretrained(tmp_path / name)  # config.json + diffusion_pytorch_model.safetensors
+        assert _run("--model-config", tmp_path / name, "--state-dict",
+                    tmp_path / name / "diffusion_pytorch_model.safetensors", "--out", tmp_path / f"{name}-sha") == 0
+        name_map = json.loads((tmp_path / f"{name}-sha" / "name_map.json").read_text())
+        assert name_map
+        if name == "unet":
+            assert any(".pixel_attentions." in k for k in name_map)
+
+
+def _bad_cases(inputs: Path, tmp: Path) -> dict:
+    good_enc = GOLDEN / "unet_tiny_mha_per_channel_1.0.0.encodings"
+    cases = {}
+    (tmp / "malformed.encodings").write_text('{"version": "1.0.0", "param_encodings": [')
+    cases["malformed json"] = (["--encodings", tmp / "malformed.encodings"], "malformed.encodings: malformed JSON")
+    enc = json.loads(good_enc.read_text())
+    enc["version"] = "0.5"
+    (tmp / "version.encodings").write_text(json.dumps(enc))
+    cases["unknown version"] = (["--encodings", tmp / "version.encodings"], "version.encodings: version '0.5'")
+    enc = json.loads(good_enc.read_text())
+    entry = next(e for e in enc["param_encodings"] if e["name"].endswith("attn1.to_q.weight"))
+    entry["scale"], entry["offset"] = entry["scale"][:-1], entry["offset"][:-1]
+    (tmp / "heads.encodings").write_text(json.dumps(enc))
+    cases["channels not divisible by heads"] = (["--encodings", tmp / "heads.encodings"],
+                                                 f"{entry['name']}: 31 per-channel encodings do not split")
+    data = (inputs / "unet.safetensors").read_bytes()
+    (tmp / "cut.safetensors").write_bytes(data[: len(data) // 3])
+    cases["truncated checkpoint"] = (["--state-dict", tmp / "cut.safetensors"], "cut.safetensors")
+    other = build_unet("tiny", seed=0)
+    sd = other.state_dict()
+    sd.pop("conv_in.weight")
+    save_state_dict_file(sd, tmp / "missing.safetensors")
+    cases["checkpoint missing a key"] = (["--state-dict", tmp / "missing.safetensors"],
+                                          "missing.safetensors: does not match the model config: 1 key\\(s\\) missing, e.g. 'conv_in.weight'")
+    sd = build_unet("tiny", seed=0).state_dict()
+    sd["conv_in.weight"] = torch.zeros(1, 2, 3, 3)
+    save_state_dict_file(sd, tmp / "shape.pth")
+    cases["checkpoint with a wrong shape"] = (["--state-dict", tmp / "shape.pth"], "'conv_in.weight' has shape \\(1, 2, 3, 3\\)")
+    (tmp / "bad_config.json").write_text("{not json")
+    cases["malformed config"] = (["--model-config", tmp / "bad_config.json"], "bad_config.json: malformed JSON")
+    return cases
+
+
+def test_every_bad_input_gets_a_clear_error_and_no_output(inputs, tmp_path, capsys):
+    for kind, (override, message) in _bad_cases(inputs, tmp_path).items():
+        args = {"--model-config": inputs / "config.json", "--state-dict": inputs / "unet.safetensors",
+                "--out": tmp_path / f"out-{kind.replace(' ', '-')}"}
+        args.update(dict(zip(override[::2], override[1::2])))
+        flat = [str(x) for pair in args.items() for x in pair]
+        assert main(["convert", *flat]) == 2, kind
+        err = capsys.readouterr().err
+        assert "pasd-verify: error:" in err, kind
+        assert re.search(message, err), f"{kind}: {err}"
+        out = args["--out"]
+        assert [p for p in _files(out) if not p.startswith(".")] == [] and _files(out) == [], kind
+
+
+def test_convert_refuses_to_overwrite_an_input(inputs, tmp_path, capsys):
+    src = tmp_path / "state_dict_sha.safetensors"
+    src.write_bytes((inputs / "unet.safetensors").read_bytes())
+    assert _run("--model-config", inputs / "config.json", "--state-dict", src, "--out", tmp_path) == 2
+    assert "refusing to overwrite an input" in capsys.readouterr().err
+    assert src.read_bytes() == (inputs / "unet.safetensors").read_bytes()

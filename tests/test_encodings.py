@@ -1,0 +1,317 @@
+"""AIMET encodings: formats, the MHA -> SHA rewrite against AIMET's own SHA encodings, validation, bad input.
+
+The golden files are real AIMET exports (golden/generate.py); the reference for a converted file is what AIMET
+computes on the SHA model directly, never the converter's own output.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pasd_verify.encodings import (
+    EncodingsError,
+    check_encodings,
+    dumps_encodings,
+    join_entries,
+    load_encodings,
+    mha_to_sha,
+    parse_encodings,
+    required_sha_encodings,
+    save_encodings,
+    sha_to_mha,
+    split_entry,
+)
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+VERSIONS = ["0.6.1", "1.0.0"]
+WEIGHTS = ["per_channel", "per_tensor"]
+
+
+def golden(form: str, weights: str, version: str) -> dict:
+    return load_encodings(GOLDEN / f"unet_tiny_{form}_{weights}_{version}.encodings")
+
+
+@pytest.fixture(scope="module")
+def name_map():
+    return json.loads((GOLDEN / "unet_tiny_name_map.json").read_text())
+
+
+def params(encodings: dict) -> dict:
+    body = encodings["param_encodings"]
+    return dict(body) if encodings["version"] == "0.6.1" else {e["name"]: e for e in body}
+
+
+def activations(encodings: dict) -> dict:
+    body = encodings["activation_encodings"]
+    return dict(body) if encodings["version"] == "0.6.1" else {e["name"]: e for e in body}
+
+
+def close(a, b, rel=1e-6) -> bool:
+    """Equal structure and names, numbers equal to float tolerance."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+    return a == b
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_converted_per_channel_encodings_equal_aimets_own_sha_encodings(name_map, version):
+    converted, report = mha_to_sha(golden("mha", "per_channel", version), name_map)
+    reference = params(golden("sha", "per_channel", version))
+    assert report.params_split == len(name_map)
+    # per-channel weight encodings depend only on each channel's weights, so AIMET's SHA calibration must agree
+    assert params(converted).keys() == reference.keys()
+    assert all(close(params(converted)[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_key_set_after_conversion_is_the_sha_models_quantized_parameters(name_map, version, weights):
+    converted, _ = mha_to_sha(golden("mha", weights, version), name_map)
+    assert params(converted).keys() == params(golden("sha", weights, version)).keys()
+    mha_names = {"unet." + k for k in name_map}
+    assert not mha_names & params(converted).keys()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_per_tensor_copies_are_identical_to_their_source(name_map, version):
+    mha = golden("mha", "per_tensor", version)
+    converted, report = mha_to_sha(mha, name_map)
+    assert report.params_copied == len(name_map)
+    source, out = params(mha), params(converted)
+    for mha_name, sha_names in name_map.items():
+        for sha_name in sha_names:
+            a, b = source["unet." + mha_name], out["unet." + sha_name]
+            if version == "1.0.0":
+                a, b = {k: v for k, v in a.items() if k != "name"}, {k: v for k, v in b.items() if k != "name"}
+            assert a == b
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_qkv_activation_encodings_land_on_names_aimet_gives_the_sha_graph(name_map, version):
+    converted, report = mha_to_sha(golden("mha", "per_channel", version), name_map)
+    sha_names = activations(golden("sha", "per_channel", version)).keys()
+    attention_heads = [len(v) for k, v in name_map.items() if k.endswith("to_q.weight")]
+    projected = [n for n in activations(converted) if "_convs/" in n]
+    assert report.activations_copied == 3 * len(attention_heads)  # q, k and v outputs of every attention
+    assert len(projected) == 3 * sum(attention_heads)
+    assert set(projected) <= set(sha_names)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_sha_to_mha_restores_the_parameter_encodings(name_map, version, weights):
+    mha = golden("mha", weights, version)
+    sha, _ = mha_to_sha(mha, name_map)
+    back, report = sha_to_mha(sha, name_map)
+    assert report.params_joined == len(name_map)
+    assert params(back) == params(mha)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("form", ["mha", "sha"])
+def test_aimet_files_read_and_write_back_byte_identical(form, version, tmp_path):
+    path = GOLDEN / f"unet_tiny_{form}_per_channel_{version}.encodings"
+    save_encodings(load_encodings(path), tmp_path / "out.encodings")
+    assert (tmp_path / "out.encodings").read_bytes() == path.read_bytes()
+
+
+def test_converted_golden_encodings_validate_against_the_sha_model(name_map):
+    from pasd_verify.presets import build_unet
+    from pasd_verify.sha import convert_to_sha
+
+    model = build_unet("tiny")
+    convert_to_sha(model)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    for version in VERSIONS:
+        for weights in WEIGHTS:
+            mha = golden("mha", weights, version)
+            converted, _ = mha_to_sha(mha, name_map)
+            assert check_encodings(converted, shapes, required=required_sha_encodings(mha, name_map)) == []
+            assert check_encodings(golden("sha", weights, version), shapes) == []
+
+
+# --- properties of one entry ---------------------------------------------------------------------------------
+
+@st.composite
+def per_channel_entries(draw):
+    """A per-channel encoding of either format, with a channel count that ``heads`` divides."""
+    version = draw(st.sampled_from(VERSIONS))
+    heads = draw(st.integers(1, 8))
+    channels = heads * draw(st.integers(1, 6))
+    bw = draw(st.sampled_from([4, 8, 16]))
+    scales = draw(st.lists(st.floats(1e-6, 1.0), min_size=channels, max_size=channels))
+    offsets = draw(st.lists(st.integers(-(2**bw), 0), min_size=channels, max_size=channels))
+    if version == "0.6.1":
+        entry = [{"bitwidth": bw, "dtype": "int", "is_symmetric": "False", "offset": o, "scale": s,
+                  "min": o * s, "max": (o + 2**bw - 1) * s} for s, o in zip(scales, offsets)]
+    else:
+        entry = {"name": "w", "bw": bw, "dtype": "INT", "enc_type": "PER_CHANNEL", "is_sym": False,
+                 "scale": scales, "offset": offsets}
+    return version, heads, entry
+
+
+@given(case=per_channel_entries())
+def test_per_channel_split_then_join_is_identity(case):
+    version, heads, entry = case
+    names = [f"w{i}" for i in range(heads)]
+    parts = split_entry(entry, version, names, "test")
+    assert len(parts) == heads
+    # each head holds its contiguous slice, checked by hand
+    count = len(entry) if version == "0.6.1" else len(entry["scale"])
+    size = count // heads
+    for i, part in enumerate(parts):
+        expected = entry[i * size:(i + 1) * size] if version == "0.6.1" else entry["scale"][i * size:(i + 1) * size]
+        assert (part if version == "0.6.1" else part["scale"]) == expected
+    assert join_entries(parts, version, "w", "test", per_tensor=False) == entry
+
+
+@given(case=per_channel_entries(), version=st.sampled_from(VERSIONS))
+def test_dumps_parse_is_byte_stable(case, version):
+    _, _, entry = case
+    v = "0.6.1" if isinstance(entry, list) else "1.0.0"
+    body = {"w": entry} if v == "0.6.1" else [entry]
+    encodings = {"version": v, "param_encodings": body, "activation_encodings": {} if v == "0.6.1" else [],
+                 "excluded_layers": [], "quantizer_args": {"activation_bitwidth": 16}}
+    text = dumps_encodings(encodings)
+    assert parse_encodings(text) == encodings
+    assert dumps_encodings(parse_encodings(text)) == text
+
+
+# --- validation: every problem, all at once -------------------------------------------------------------------
+
+def _mutated(version: str, mutate) -> dict:
+    enc = copy.deepcopy(golden("sha", "per_channel", version))
+    mutate(enc)
+    return enc
+
+
+@pytest.fixture(scope="module")
+def sha_shapes():
+    from pasd_verify.presets import build_unet
+    from pasd_verify.sha import convert_to_sha
+
+    model = build_unet("tiny")
+    convert_to_sha(model)
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+def _first_qconv(enc):
+    key = next(k for k in params(enc) if "to_q_convs.0.weight" in k)
+    return key, params(enc)[key]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_validator_reports_every_problem_kind(version, sha_shapes, name_map):
+    def mutate(enc):
+        key, entry = _first_qconv(enc)
+        if version == "0.6.1":
+            body = enc["param_encodings"]
+            body["unet.no_such.weight"] = copy.deepcopy(entry)            # names no parameter
+            body[key] = entry[:-1]                                         # wrong per-channel length
+            other = next(k for k in body if "to_k_convs.0.weight" in k)
+            body[other][0]["scale"] = -1.0                                # scale not positive
+            third = next(k for k in body if "to_v_convs.0.weight" in k)
+            body[third][0]["offset"] = 7                                   # offset outside the range
+            fourth = next(k for k in body if "to_out.0.weight" in k)
+            body[fourth][0]["min"] = 123.0                                 # min/max contradict scale/offset
+            del body[next(k for k in body if "to_q_convs.1.weight" in k)]  # SHA weight without encoding
+        else:
+            body = enc["param_encodings"]
+            extra = copy.deepcopy(entry)
+            extra["name"] = "unet.no_such.weight"
+            body.append(extra)
+            entry["scale"] = entry["scale"][:-1]
+            entry["offset"] = entry["offset"][:-1]
+            other = next(e for e in body if "to_k_convs.0.weight" in e["name"])
+            other["scale"][0] = 0.0
+            third = next(e for e in body if "to_v_convs.0.weight" in e["name"])
+            third["offset"][0] = 3                                         # symmetric needs -2^(bw-1)
+            body.append(copy.deepcopy(other))                              # duplicate name
+            body.remove(next(e for e in body if "to_q_convs.1.weight" in e["name"]))
+
+    enc = _mutated(version, mutate)
+    required = required_sha_encodings(golden("mha", "per_channel", version), name_map)
+    problems = "\n".join(check_encodings(enc, sha_shapes, source="x.encodings", required=required))
+    assert "no_such.weight: names no parameter" in problems
+    assert "per-channel encodings for" in problems
+    assert "is not a positive number" in problems
+    assert "offset" in problems
+    assert "to_q_convs.1.weight has no encoding" in problems
+    if version == "0.6.1":
+        assert "min/max" in problems
+    else:
+        assert "more than once" in problems
+
+
+# --- bad input: always the documented error -------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(value=json_values)
+def test_random_json_is_refused_with_encodings_error(value):
+    with pytest.raises(EncodingsError):
+        parse_encodings(json.dumps(value), "random.encodings")
+
+
+@given(data=st.data(), version=st.sampled_from(VERSIONS))
+def test_damaged_golden_file_gets_the_documented_error(data, version, tmp_path_factory):
+    text = (GOLDEN / f"unet_tiny_mha_per_tensor_{version}.encodings").read_text()
+    cut = data.draw(st.integers(1, len(text) - 2))
+    with pytest.raises(EncodingsError, match="truncated.encodings"):
+        parse_encodings(text[:cut], "truncated.encodings")
+
+
+@given(version=st.sampled_from(VERSIONS), field=st.sampled_from(["scale", "offset", "bw", "bitwidth"]),
+       value=st.one_of(st.none(), st.text(max_size=3), st.lists(st.text(max_size=2), max_size=2), st.booleans()))
+def test_wrong_field_types_are_named(version, field, value):
+    enc = copy.deepcopy(golden("mha", "per_tensor", version))
+    if version == "0.6.1":
+        name, entry = next(iter(enc["param_encodings"].items()))
+        target = entry[0]
+        if field == "bw":
+            field = "bitwidth"
+    else:
+        target = enc["param_encodings"][0]
+        name = target["name"]
+        if field == "bitwidth":
+            field = "bw"
+    target[field] = value
+    with pytest.raises(EncodingsError) as info:
+        parse_encodings(json.dumps(enc), "typed.encodings")
+    assert "typed.encodings" in str(info.value) and name in str(info.value) and field in str(info.value)
+
+
+def test_unknown_version_is_named():
+    with pytest.raises(EncodingsError, match=r"v.encodings: version '9.9' is not one of"):
+        parse_encodings(json.dumps({"version": "9.9", "param_encodings": {}, "activation_encodings": {}}), "v.encodings")
+
+
+def test_duplicate_json_key_is_refused():
+    text = '{"version": "0.6.1", "param_encodings": {"a": [], "a": []}, "activation_encodings": {}}'
+    with pytest.raises(EncodingsError, match="duplicate key 'a'"):
+        parse_encodings(text, "dup.encodings")
+
+
+def test_heads_that_do_not_divide_the_channels_are_named(name_map):
+    enc = golden("mha", "per_channel", "1.0.0")
+    entry = next(e for e in enc["param_encodings"] if e["name"].endswith("to_q.weight"))
+    entry["scale"] = entry["scale"][:-1]
+    entry["offset"] = entry["offset"][:-1]
+    with pytest.raises(EncodingsError, match=f"{entry['name']}: 31 per-channel encodings do not split into 2 heads"):
+        mha_to_sha(enc, name_map)
