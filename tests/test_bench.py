@@ -81,3 +81,51 @@ def test_bench_sd15_checkpoint_rewrite_peak_memory(benchmark, sd15_checkpoints, 
     # so its pages count in RSS as they are read, but only once.
     limit = 0.1 if fmt == "safetensors" else 1.2
     assert measured["growth_bytes"] < limit * checkpoint_bytes
+
+
+def _synthetic_encodings(model, version: str) -> dict:
+    """AIMET-shaped per-channel encodings for every weight of ``model`` and an output encoding for every leaf
+    module, with seeded scales: SD1.5-size input for the encodings rewrite (AIMET's own export of a full SD1.5
+    UNet crashes on protobuf's 2 GB limit, REFERENCE.md section 1)."""
+    import random
+
+    rng = random.Random(0)
+    params, acts = [], []
+    for name, p in model.state_dict().items():
+        if p.ndim >= 2:
+            params.append((name, [rng.uniform(1e-4, 1e-2) for _ in range(p.shape[0])]))
+    from pasd_verify.encodings import onnx_scope
+
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            acts.append((f"{onnx_scope(name)}/{type(module).__name__}_output_0", [rng.uniform(1e-4, 1e-2)]))
+    def v1(name, scales, bw, sym):
+        return {"bw": bw, "dtype": "INT", "enc_type": "PER_CHANNEL" if len(scales) > 1 else "PER_TENSOR",
+                "is_sym": sym, "name": name, "offset": [-(2 ** (bw - 1))] * len(scales),
+                "scale": scales}
+    encodings = {"version": "1.0.0", "excluded_layers": [], "quantizer_args": {"param_bitwidth": 8},
+                 "param_encodings": [v1(n, s, 8, True) for n, s in params],
+                 "activation_encodings": [v1(n, s, 16, False) for n, s in acts]}
+    if version == "0.6.1":
+        from pasd_verify.encodings import convert_version
+
+        encodings = convert_version(encodings, "0.6.1")
+    return encodings
+
+
+@pytest.mark.parametrize("version", ["0.6.1", "1.0.0"])
+def test_bench_sd15_encodings_rewrite(benchmark, sd15_checkpoints, sd15_unet, version):
+    from pasd_verify.encodings import save_encodings
+
+    benchmark.group = "sd15-encodings-rewrite"
+    src, dst = sd15_checkpoints / f"parameters_mha_{version}.encodings", sd15_checkpoints / "parameters_sha.encodings"
+    save_encodings(_synthetic_encodings(sd15_unet, version), src)
+    measured = benchmark.pedantic(
+        peak_rss_of, args=("pasd_verify.convert:convert_encodings_file", str(sd15_checkpoints), str(src), str(dst)),
+        rounds=1,
+    )
+    benchmark.extra_info.update(encodings_bytes=src.stat().st_size, peak_rss_growth_bytes=measured["growth_bytes"],
+                                child_seconds=measured["seconds"], **measured["result"])
+    print(f"\n{version}: {src.stat().st_size / 2**20:.1f} MiB of encodings, rewrite {measured['seconds']:.2f} s, "
+          f"peak RSS growth {measured['growth_bytes'] / 2**20:.0f} MiB, {measured['result']}")
+    assert measured["result"]["param_encodings_split"] == 96

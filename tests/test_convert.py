@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pasd_verify.checkpoint import save_state_dict_file
 from pasd_verify.cli import main
@@ -114,3 +116,23 @@ def test_convert_refuses_to_overwrite_an_input(inputs, tmp_path, capsys):
     assert _run("--model-config", inputs / "config.json", "--state-dict", src, "--out", tmp_path) == 2
     assert "refusing to overwrite an input" in capsys.readouterr().err
     assert src.read_bytes() == (inputs / "unet.safetensors").read_bytes()
+
+
+@given(data=st.binary(max_size=300))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_bytes_as_encodings_fail_cleanly_with_no_output(inputs, tmp_path, data):
+    out = tmp_path / "random-out"
+    (tmp_path / "random.encodings").write_bytes(data)
+    assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / "unet.safetensors",
+                "--encodings", tmp_path / "random.encodings", "--out", out) == 2
+    assert _files(out) == []
+
+
+def test_encodings_can_be_written_in_the_other_format(inputs, tmp_path):
+    assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / "unet.safetensors",
+                "--encodings", GOLDEN / "unet_tiny_mha_per_channel_0.6.1.encodings", "--encodings-version", "1.0.0",
+                "--out", tmp_path / "out") == 0
+    written = json.loads((tmp_path / "out" / "parameters_sha.encodings").read_text())
+    reference = json.loads((GOLDEN / "unet_tiny_sha_per_channel_1.0.0.encodings").read_text())
+    assert written["version"] == "1.0.0"
+    assert {e["name"]: e for e in written["param_encodings"]} == {e["name"]: e for e in reference["param_encodings"]}

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pasd_verify.encodings import (
     EncodingsError,
     check_encodings,
+    convert_version,
     dumps_encodings,
     join_entries,
     load_encodings,
@@ -315,3 +316,28 @@ def test_heads_that_do_not_divide_the_channels_are_named(name_map):
     entry["offset"] = entry["offset"][:-1]
     with pytest.raises(EncodingsError, match=f"{entry['name']}: 31 per-channel encodings do not split into 2 heads"):
         mha_to_sha(enc, name_map)
+
+
+# --- between formats ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["mha", "sha"])
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_0_6_1_to_1_0_0_gives_exactly_aimets_1_0_0_parameter_encodings(form, weights):
+    converted = convert_version(golden(form, weights, "0.6.1"), "1.0.0")
+    assert converted["version"] == "1.0.0"
+    assert params(converted) == params(golden(form, weights, "1.0.0"))
+
+
+@pytest.mark.parametrize("form", ["mha", "sha"])
+def test_1_0_0_to_0_6_1_gives_aimets_0_6_1_parameter_encodings(form):
+    converted = convert_version(golden(form, "per_channel", "1.0.0"), "0.6.1")
+    # min/max are derived from scale and offset; AIMET stored them rounded to float32
+    assert close(params(converted), params(golden(form, "per_channel", "0.6.1")), rel=1e-6)
+    assert convert_version(converted, "1.0.0")["param_encodings"] == golden(form, "per_channel", "1.0.0")["param_encodings"]
+
+
+def test_per_block_encodings_have_no_0_6_1_form():
+    enc = golden("mha", "per_channel", "1.0.0")
+    enc["param_encodings"][0]["enc_type"] = "PER_BLOCK"
+    with pytest.raises(EncodingsError, match="PER_BLOCK encodings have no 0.6.1 form"):
+        convert_version(enc, "0.6.1")

@@ -47,7 +47,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_files
 
-    summary = convert_files(args.model_config, args.state_dict, args.out, encodings=args.encodings)
+    summary = convert_files(args.model_config, args.state_dict, args.out, encodings=args.encodings,
+                            encodings_version=args.encodings_version)
     outputs = summary.pop("outputs")
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "the PASD models")
     convert.add_argument("--state-dict", required=True, help="MHA checkpoint, .safetensors or .pth")
     convert.add_argument("--encodings", help="AIMET encodings of the MHA model (format 0.6.1 or 1.0.0)")
+    convert.add_argument("--encodings-version", choices=["0.6.1", "1.0.0"],
+                         help="write the SHA encodings in this format (default: the input's)")
     convert.add_argument("--out", required=True, help="output folder (created; inputs are never overwritten)")
     convert.set_defaults(func=_convert)
     return parser

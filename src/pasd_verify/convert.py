@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import checkpoint_shapes, check_checkpoint_matches, checkpoint_format, convert_checkpoint_file
-from .encodings import EncodingsError, check_encodings, load_encodings, mha_to_sha, required_sha_encodings, save_encodings
+from .encodings import (
+    EncodingsError,
+    check_encodings,
+    convert_version,
+    load_encodings,
+    mha_to_sha,
+    required_sha_encodings,
+    save_encodings,
+)
 from .errors import PasdVerifyError
 from .presets import load_config, model_from_config, name_map_from_config
 from .sha import convert_to_sha
@@ -28,16 +36,31 @@ def convert_checkpoint(config: str | os.PathLike | dict, src: str | os.PathLike,
     return convert_checkpoint_file(src, dst, name_map_from_config(config), to=to)
 
 
+def convert_encodings_file(model_config: str | os.PathLike | dict, src: str | os.PathLike,
+                           dst: str | os.PathLike) -> dict[str, Any]:
+    """Rewrite MHA encodings ``src`` into validated SHA encodings ``dst`` for the model a config describes."""
+    model = model_from_config(model_config, device="meta")
+    name_map = convert_to_sha(model)
+    mha_encodings = load_encodings(src)
+    sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(src))
+    problems = check_encodings(sha_encodings, _parameter_shapes(model), source=str(dst),
+                               required=required_sha_encodings(mha_encodings, name_map, str(src)))
+    if problems:
+        raise EncodingsError(f"{len(problems)} problem(s) in the converted encodings:\n  " + "\n  ".join(problems))
+    save_encodings(sha_encodings, dst)
+    return report.as_dict()
+
+
 def _parameter_shapes(model) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
 def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike, out_dir: str | os.PathLike,
-                  encodings: str | os.PathLike | None = None) -> dict[str, Any]:
+                  encodings: str | os.PathLike | None = None, encodings_version: str | None = None) -> dict[str, Any]:
     """Convert an MHA checkpoint (and AIMET encodings) to SHA into ``out_dir``; returns a summary of counts.
 
     Writes ``state_dict_sha.<input's suffix>``, ``parameters_sha.encodings`` (with ``encodings``) and
-    ``name_map.json``. Raises :class:`PasdVerifyError` naming the file and key on any problem, in which case no
+    ``name_map.json``. The encodings keep their format unless ``encodings_version`` names the other one. Raises :class:`PasdVerifyError` naming the file and key on any problem, in which case no
     output file is left behind. Inputs are never overwritten.
     """
     config_path, state_dict, out_dir = Path(model_config), Path(state_dict), Path(out_dir)
@@ -60,20 +83,25 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
 
     summary: dict[str, Any] = {"attention_modules": len({k.rsplit(".", 2)[0] for k in name_map}),
                                "checkpoint_keys_split": len(name_map)}
+    sha_encodings = None
+    if encodings is not None:  # checked first: it is cheap, the checkpoint rewrite is not
+        mha_encodings = load_encodings(encodings)
+        sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(encodings))
+        if encodings_version:
+            sha_encodings = convert_version(sha_encodings, encodings_version, source=str(encodings))
+        problems = check_encodings(sha_encodings, sha_shapes, source=str(outputs["encodings"]),
+                                   required=required_sha_encodings(mha_encodings, name_map, str(encodings)))
+        summary.update(report.as_dict(), problems=len(problems))
+        if problems:
+            raise EncodingsError(f"{len(problems)} problem(s) in the converted encodings:\n  " + "\n  ".join(problems))
+
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
     try:
         staged = {key: staging / path.name for key, path in outputs.items()}
         counts = convert_checkpoint_file(state_dict, staged["state_dict"], name_map, to="sha")
         summary["checkpoint_tensors_out"] = counts["tensors_out"]
-        if encodings is not None:
-            mha_encodings = load_encodings(encodings)
-            sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(encodings))
-            problems = check_encodings(sha_encodings, sha_shapes, source=str(outputs["encodings"]),
-                                       required=required_sha_encodings(mha_encodings, name_map, str(encodings)))
-            summary.update(report.as_dict(), problems=len(problems))
-            if problems:
-                raise EncodingsError(f"{len(problems)} problem(s) in the converted encodings:\n  " + "\n  ".join(problems))
+        if sha_encodings is not None:
             save_encodings(sha_encodings, staged["encodings"])
         staged["name_map"].write_text(json.dumps(name_map, indent=2) + "\n")
         for key, path in outputs.items():

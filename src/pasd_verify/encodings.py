@@ -135,6 +135,57 @@ def _check_entry_shape(entry: Any, version: str, where: str) -> None:
             raise EncodingsError(f"{where}: {len(entry['scale'])} scales but {len(entry['offset'])} offsets")
 
 
+# --- between formats ---------------------------------------------------------------------------------------
+
+def _to_v1_entry(name: str, entry: list[dict], where: str) -> dict:
+    first = entry[0]
+    if any(e.get("bitwidth") != first.get("bitwidth") or e.get("dtype") != first.get("dtype") for e in entry):
+        raise EncodingsError(f"{where}: channels with different bitwidths or dtypes have no 1.0.0 form")
+    out = {
+        "bw": first["bitwidth"],
+        "dtype": str(first.get("dtype", "int")).upper(),
+        "enc_type": "PER_TENSOR" if len(entry) == 1 else "PER_CHANNEL",
+        "is_sym": str(first.get("is_symmetric", "False")) == "True",
+        "name": name,
+    }
+    if out["dtype"] == "INT":
+        out["offset"] = [int(e["offset"]) for e in entry]
+        out["scale"] = [e["scale"] for e in entry]
+    return out
+
+
+def _to_v0_entry(entry: dict, where: str) -> list[dict]:
+    if entry["enc_type"] not in ("PER_TENSOR", "PER_CHANNEL"):
+        raise EncodingsError(f"{where}: {entry['enc_type']} encodings have no 0.6.1 form")
+    if entry.get("dtype", "INT") != "INT":
+        return [{"bitwidth": entry["bw"], "dtype": "float"}]
+    bw = entry["bw"]
+    # 0.6.1 also stores min and max, which scale and offset determine: min = offset * scale, max = min + (2^bw - 1) * scale
+    return [
+        {"bitwidth": bw, "dtype": "int", "is_symmetric": str(bool(entry.get("is_sym"))), "max": (o + 2**bw - 1) * s,
+         "min": o * s, "offset": o, "scale": s}
+        for s, o in zip(entry["scale"], entry["offset"])
+    ]
+
+
+def convert_version(encodings: dict[str, Any], version: str, *, source: str = "encodings") -> dict[str, Any]:
+    """The same encodings in another format; raises where the target cannot hold them (per-block encodings, or
+    channels of different bitwidths, in 0.6.1 / 1.0.0 respectively). Other top-level keys pass through."""
+    if version not in SUPPORTED_VERSIONS:
+        raise EncodingsError(f"version {version!r} is not one of {SUPPORTED_VERSIONS}")
+    if encodings["version"] == version:
+        return copy.deepcopy(encodings)
+    out = {k: copy.deepcopy(v) for k, v in encodings.items() if k not in ("param_encodings", "activation_encodings")}
+    out["version"] = version
+    for section in ("param_encodings", "activation_encodings"):
+        items = list(_entries(encodings, section, source))
+        if version == "1.0.0":
+            out[section] = [_to_v1_entry(n, e, f"{source}: {section}[{n!r}]") for n, e in items]
+        else:
+            out[section] = {n: _to_v0_entry(e, f"{source}: {section}[{n!r}]") for n, e in items}
+    return out
+
+
 # --- one entry: split into heads, join back -----------------------------------------------------------------
 
 def _channels(entry: Any, version: str) -> int:
