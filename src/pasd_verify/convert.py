@@ -100,6 +100,8 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
     try:
         staged = {key: staging / path.name for key, path in outputs.items()}
         counts = convert_checkpoint_file(state_dict, staged["state_dict"], name_map, to="sha")
+        # the written file, read back, must fit the converted model exactly (a strict load by shapes)
+        check_checkpoint_matches(checkpoint_shapes(staged["state_dict"]), sha_shapes, str(outputs["state_dict"]))
         summary["checkpoint_tensors_out"] = counts["tensors_out"]
         if sha_encodings is not None:
             save_encodings(sha_encodings, staged["encodings"])
