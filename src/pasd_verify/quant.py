@@ -14,7 +14,7 @@ import torch
 from aimet_torch.common import quantsim as aimet_quantsim_settings
 from aimet_torch.common.utils import AimetLogger
 from aimet_torch.quantsim import QuantizationSimModel
-from aimet_torch.v2.nn import QuantizationMixin
+from aimet_torch.nn import QuantizationMixin
 from diffusers.models.embeddings import Timesteps
 from torch import nn
 
