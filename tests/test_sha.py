@@ -225,3 +225,24 @@ def test_name_map_entries_name_real_parameters_in_head_order(heads, dim_head, bi
         assert mha_name in mha_params and len(sha_names) == heads
         joined = torch.cat([sha_params[n].flatten(1) if sha_params[n].ndim == 4 else sha_params[n] for n in sha_names])
         assert torch.equal(joined, mha_params[mha_name])
+
+
+@pytest.mark.parametrize("upcast", ["upcast_attention", "upcast_softmax"])
+def test_half_precision_keeps_the_classic_processors_float32_upcast(upcast):
+    torch.manual_seed(0)
+    attn = Attention(64, heads=4, dim_head=16, processor=AttnProcessor(), **{upcast: True}).half().eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # large logits: fp16 scores and softmax would lose the tail
+    x = torch.randn(2, 24, 64).half()
+    with torch.no_grad():
+        reference = attn(x)
+        candidate = SHAAttention(attn)(x)
+        # what SHA would give without the upcast: the same module with the flags cleared
+        plain = copy.deepcopy(attn)
+        plain.upcast_attention = plain.upcast_softmax = False
+        without = SHAAttention(plain)(x)
+    assert candidate.dtype == torch.float16
+    error = (candidate.float() - reference.float()).abs().max().item()
+    assert error <= 2e-3 * reference.float().abs().max().item()
+    if upcast == "upcast_attention":  # fp16 scores visibly lose precision here; the upcast must avoid that
+        assert error < (without.float() - reference.float()).abs().max().item()

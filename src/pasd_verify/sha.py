@@ -93,6 +93,11 @@ class SHAAttention(nn.Module):
         self.scale = attn.scale
         self.residual_connection = attn.residual_connection
         self.rescale_output_factor = attn.rescale_output_factor
+        # The classic processor computes scores (upcast_attention) and softmax (upcast_softmax) in float32 for
+        # half-precision inputs; AttnProcessor2_0 ignores both flags, so only the classic one's are kept.
+        classic = isinstance(attn.processor, AttnProcessor)
+        self.upcast_attention = classic and attn.upcast_attention
+        self.upcast_softmax = classic and (attn.upcast_attention or attn.upcast_softmax)
         # Everything convert_to_mha needs to rebuild an identical Attention.
         self.mha_config = _attention_config(attn)
 
@@ -141,10 +146,13 @@ class SHAAttention(nn.Module):
             query = self.to_q_convs[i](query_in).squeeze(2).transpose(1, 2)  # (B, Nq, d)
             key = self.to_k_convs[i](context).squeeze(2)  # (B, d, Nk)
             value = self.to_v_convs[i](context).squeeze(2).transpose(1, 2)  # (B, Nk, d)
+            if self.upcast_attention:
+                query, key = query.float(), key.float()
             scores = self.matmul_1[i](query, key) * self.scale
             if masks is not None:
                 scores = scores + masks[i]
-            head_outputs.append(self.matmul_2[i](self.softmax_1[i](scores), value))
+            probs = self.softmax_1[i](scores.float() if self.upcast_softmax else scores).to(value.dtype)
+            head_outputs.append(self.matmul_2[i](probs, value))
         out = self.to_out[1](self.to_out[0](self.concat_1(*head_outputs)))
 
         if hidden_states.ndim == 4:
