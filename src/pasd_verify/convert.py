@@ -36,19 +36,28 @@ def convert_checkpoint(config: str | os.PathLike | dict, src: str | os.PathLike,
     return convert_checkpoint_file(src, dst, name_map_from_config(config), to=to)
 
 
+def _sha_encodings(src: str | os.PathLike, name_map, sha_shapes: dict, dst: str | os.PathLike,
+                   version: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """MHA encodings file -> validated SHA encodings and the rewrite's counts; raises listing every problem."""
+    mha_encodings = load_encodings(src)
+    sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(src))
+    if version:
+        sha_encodings = convert_version(sha_encodings, version, source=str(src))
+    problems = check_encodings(sha_encodings, sha_shapes, source=str(dst),
+                               required=required_sha_encodings(mha_encodings, name_map, str(src)))
+    if problems:
+        raise EncodingsError(f"{len(problems)} problem(s) in the converted encodings:\n  " + "\n  ".join(problems))
+    return sha_encodings, {**report.as_dict(), "problems": 0}
+
+
 def convert_encodings_file(model_config: str | os.PathLike | dict, src: str | os.PathLike,
                            dst: str | os.PathLike) -> dict[str, Any]:
     """Rewrite MHA encodings ``src`` into validated SHA encodings ``dst`` for the model a config describes."""
     model = model_from_config(model_config, device="meta")
     name_map = convert_to_sha(model)
-    mha_encodings = load_encodings(src)
-    sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(src))
-    problems = check_encodings(sha_encodings, _parameter_shapes(model), source=str(dst),
-                               required=required_sha_encodings(mha_encodings, name_map, str(src)))
-    if problems:
-        raise EncodingsError(f"{len(problems)} problem(s) in the converted encodings:\n  " + "\n  ".join(problems))
+    sha_encodings, counts = _sha_encodings(src, name_map, _parameter_shapes(model), dst)
     save_encodings(sha_encodings, dst)
-    return report.as_dict()
+    return counts
 
 
 def _parameter_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -60,8 +69,9 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
     """Convert an MHA checkpoint (and AIMET encodings) to SHA into ``out_dir``; returns a summary of counts.
 
     Writes ``state_dict_sha.<input's suffix>``, ``parameters_sha.encodings`` (with ``encodings``) and
-    ``name_map.json``. The encodings keep their format unless ``encodings_version`` names the other one. Raises :class:`PasdVerifyError` naming the file and key on any problem, in which case no
-    output file is left behind. Inputs are never overwritten.
+    ``name_map.json``. The encodings keep their format unless ``encodings_version`` names the other one.
+    Raises :class:`PasdVerifyError` naming the file and key on any problem, in which case no output file is
+    left behind. Inputs are never overwritten.
     """
     config_path, state_dict, out_dir = Path(model_config), Path(state_dict), Path(out_dir)
     checkpoint_format(state_dict)  # an unknown suffix fails before any work
@@ -85,15 +95,9 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
                                "checkpoint_keys_split": len(name_map)}
     sha_encodings = None
     if encodings is not None:  # checked first: it is cheap, the checkpoint rewrite is not
-        mha_encodings = load_encodings(encodings)
-        sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(encodings))
-        if encodings_version:
-            sha_encodings = convert_version(sha_encodings, encodings_version, source=str(encodings))
-        problems = check_encodings(sha_encodings, sha_shapes, source=str(outputs["encodings"]),
-                                   required=required_sha_encodings(mha_encodings, name_map, str(encodings)))
-        summary.update(report.as_dict(), problems=len(problems))
-        if problems:
-            raise EncodingsError(f"{len(problems)} problem(s) in the converted encodings:\n  " + "\n  ".join(problems))
+        sha_encodings, counts = _sha_encodings(encodings, name_map, sha_shapes, outputs["encodings"],
+                                               encodings_version)
+        summary.update(counts)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
