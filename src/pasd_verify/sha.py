@@ -141,17 +141,23 @@ class SHAAttention(nn.Module):
             )
         masks = self._head_masks(attention_mask, query_in, context)
 
+        # Only half precision is upcast: in float32 the casts would be no-ops, yet exported graphs would keep them.
+        half = query_in.dtype in (torch.float16, torch.bfloat16)
+        upcast_attention, upcast_softmax = half and self.upcast_attention, half and self.upcast_softmax
         head_outputs = []
         for i in range(self.heads):
             query = self.to_q_convs[i](query_in).squeeze(2).transpose(1, 2)  # (B, Nq, d)
             key = self.to_k_convs[i](context).squeeze(2)  # (B, d, Nk)
             value = self.to_v_convs[i](context).squeeze(2).transpose(1, 2)  # (B, Nk, d)
-            if self.upcast_attention:
+            if upcast_attention:
                 query, key = query.float(), key.float()
             scores = self.matmul_1[i](query, key) * self.scale
             if masks is not None:
                 scores = scores + masks[i]
-            probs = self.softmax_1[i](scores.float() if self.upcast_softmax else scores).to(value.dtype)
+            if upcast_softmax:
+                probs = self.softmax_1[i](scores.float()).to(value.dtype)
+            else:
+                probs = self.softmax_1[i](scores)
             head_outputs.append(self.matmul_2[i](probs, value))
         out = self.to_out[1](self.to_out[0](self.concat_1(*head_outputs)))
 
