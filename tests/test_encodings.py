@@ -341,3 +341,15 @@ def test_per_block_encodings_have_no_0_6_1_form():
     enc["param_encodings"][0]["enc_type"] = "PER_BLOCK"
     with pytest.raises(EncodingsError, match="PER_BLOCK encodings have no 0.6.1 form"):
         convert_version(enc, "0.6.1")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unknown_top_level_keys_pass_through_every_rewrite(name_map, version):
+    mha = golden("mha", "per_channel", version)
+    mha["vendor_notes"] = {"calibrated_on": ["astronaut"], "nested": [1, 2.5, None]}
+    sha, _ = mha_to_sha(mha, name_map)
+    back, _ = sha_to_mha(sha, name_map)
+    other = convert_version(sha, "1.0.0" if version == "0.6.1" else "0.6.1")
+    for out in (sha, back, other):
+        assert out["vendor_notes"] == mha["vendor_notes"]
+        assert out["excluded_layers"] == mha["excluded_layers"] and out["quantizer_args"] == mha["quantizer_args"]
