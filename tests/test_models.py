@@ -15,10 +15,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from hypothesis import given
-from hypothesis import strategies as st
 
 from pasd_verify import PasdVerifyError, convert_to_sha
-from pasd_verify.models import PASDUNet2DConditionModel, pasd_forward
+from pasd_verify.models import pasd_forward
 from pasd_verify.presets import UNET_PRESETS, build_pasd, model_from_config, pasd_inputs
 from strategies import pasd_shapes
 from test_sha import DTYPES, assert_within_tolerance
