@@ -145,27 +145,27 @@ def transformer_configs(draw, *, channels=st.sampled_from([8, 16, 32, 48]), max_
 
 
 @st.composite
-def unet_inputs(draw, *, max_side: int = 24) -> dict:
-    """Batch and latent size for a tiny UNet (its two levels need sides divisible by 2)."""
+def latent_shapes(draw, *, multiple: int, max_side: int, max_batch: int) -> dict:
+    """Batch and latent size with both sides multiples of ``multiple`` (square or not), plus a seed."""
     return {
-        "batch": draw(st.integers(1, 3)),
-        "height": 2 * draw(st.integers(1, max_side // 2)),
-        "width": 2 * draw(st.integers(1, max_side // 2)),
+        "batch": draw(st.integers(1, max_batch)),
+        "height": multiple * draw(st.integers(1, max_side // multiple)),
+        "width": multiple * draw(st.integers(1, max_side // multiple)),
         "seed": draw(st.integers(0, 2**16)),
     }
+
+
+def unet_inputs(*, max_side: int = 24):
+    """Latent sizes for a tiny UNet: its two levels need sides divisible by 2."""
+    return latent_shapes(multiple=2, max_side=max_side, max_batch=3)
+
+
+def pasd_shapes(*, max_latent: int = 24):
+    """Latent sizes for the tiny PASD pair: multiples of 8, as PASD's images are."""
+    return latent_shapes(multiple=8, max_side=max_latent, max_batch=2)
 
 
 def sha_tolerance(dtype: torch.dtype) -> float:
     """max |SHA - MHA| allowed, relative to max |MHA output|."""
     return {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
 
-
-@st.composite
-def pasd_shapes(draw, *, max_latent: int = 24) -> dict:
-    """Batch and latent size (multiples of 8, square or not) for the tiny PASD pair."""
-    return {
-        "batch": draw(st.integers(1, 2)),
-        "height": 8 * draw(st.integers(1, max_latent // 8)),
-        "width": 8 * draw(st.integers(1, max_latent // 8)),
-        "seed": draw(st.integers(0, 2**16)),
-    }

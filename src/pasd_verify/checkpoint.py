@@ -9,10 +9,10 @@ never overwritten.
 from __future__ import annotations
 
 import json
-import logging
+import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -22,8 +22,6 @@ from tqdm.auto import tqdm
 from .errors import CheckpointError
 from .io import atomic_path
 from .sha import NameMap
-
-logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -218,7 +216,7 @@ def convert_checkpoint_file(
 
 
 # A plan entry: (output name, (safetensors dtype, shape), function of the open input file giving the tensor).
-_Plan = list[tuple[str, tuple[str, list[int]], "callable"]]
+_Plan = list[tuple[str, tuple[str, list[int]], Callable[["_SafetensorsReader"], torch.Tensor]]]
 
 
 def _sha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> _Plan:
@@ -295,7 +293,7 @@ def _write_safetensors(path: Path, tensors, shapes: dict, metadata: dict | None 
         header["__metadata__"] = metadata
     offset = 0
     for name, (dtype, shape) in shapes.items():
-        nbytes = _itemsize(dtype) * _numel(shape)
+        nbytes = _TORCH_DTYPES[dtype].itemsize * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -310,17 +308,6 @@ def _write_safetensors(path: Path, tensors, shapes: dict, metadata: dict | None 
             if _SAFETENSORS_DTYPES.get(tensor.dtype) != dtype or list(tensor.shape) != list(shape):
                 raise CheckpointError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
             out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class _SafetensorsReader:

@@ -331,7 +331,7 @@ class RewriteReport:
         }
 
 
-def detect_prefix(names: list[str], name_map: NameMap, source: str = "encodings") -> str:
+def detect_prefix(names: list[str], name_map: NameMap) -> str:
     """The module path AIMET put in front of the model's names (e.g. ``unet.`` for a wrapper), found by matching
     the name map's parameter names; empty where they match as they are."""
     keys = [k for mha, shas in name_map.items() for k in (mha, *shas)]
@@ -344,7 +344,8 @@ def detect_prefix(names: list[str], name_map: NameMap, source: str = "encodings"
     return ""
 
 
-def _build(encodings: dict, section: str, items: list[tuple[str, Any]]) -> Any:
+def _build(encodings: dict, items: list[tuple[str, Any]]) -> Any:
+    """A section body in the encodings' format from (name, entry) pairs."""
     if encodings["version"] == "0.6.1":
         return dict(items)
     return [entry for _, entry in items]
@@ -355,7 +356,7 @@ def mha_to_sha(encodings: dict[str, Any], name_map: NameMap, *, source: str = "e
     """SHA encodings from MHA ones: a new dict, the input unchanged, the format kept."""
     version = encodings["version"]
     params = list(_entries(encodings, "param_encodings", source))
-    prefix = detect_prefix([n for n, _ in params], name_map, source)
+    prefix = detect_prefix([n for n, _ in params], name_map)
     report = RewriteReport(prefix=prefix)
     sha_names = {prefix + n for names in name_map.values() for n in names}
     clashing = [n for n, _ in params if n in sha_names]
@@ -394,8 +395,8 @@ def mha_to_sha(encodings: dict[str, Any], name_map: NameMap, *, source: str = "e
             new_acts.append((name, copy.deepcopy(entry)))
 
     out = {k: copy.deepcopy(v) for k, v in encodings.items() if k not in ("param_encodings", "activation_encodings")}
-    out["param_encodings"] = _build(encodings, "param_encodings", new_params)
-    out["activation_encodings"] = _build(encodings, "activation_encodings", new_acts)
+    out["param_encodings"] = _build(encodings, new_params)
+    out["activation_encodings"] = _build(encodings, new_acts)
     _check_unique(out, source)
     return out, report
 
@@ -409,7 +410,7 @@ def sha_to_mha(encodings: dict[str, Any], name_map: NameMap, *, per_tensor: dict
     Activation encodings are kept as they are, except the per-head ones, which are joined only where identical."""
     version = encodings["version"]
     params = dict(_entries(encodings, "param_encodings", source))
-    prefix = detect_prefix(list(params), name_map, source)
+    prefix = detect_prefix(list(params), name_map)
     report = RewriteReport(prefix=prefix)
     first_head = {prefix + names[0]: mha for mha, names in name_map.items()}
     consumed = {prefix + n for names in name_map.values() for n in names}
@@ -430,7 +431,7 @@ def sha_to_mha(encodings: dict[str, Any], name_map: NameMap, *, per_tensor: dict
         elif name not in consumed:
             new_params.append((name, copy.deepcopy(entry)))
     out = {k: copy.deepcopy(v) for k, v in encodings.items() if k != "param_encodings"}
-    out["param_encodings"] = _build(encodings, "param_encodings", new_params)
+    out["param_encodings"] = _build(encodings, new_params)
     return out, report
 
 
@@ -448,7 +449,7 @@ def _check_unique(encodings: dict, source: str) -> None:
 
 # --- validation ---------------------------------------------------------------------------------------------
 
-def _int_range_problems(enc: dict, bw: int, symmetric: bool, scale: float, offset: float, where: str) -> list[str]:
+def _int_range_problems(bw: int, symmetric: bool, scale: float, offset: float, where: str) -> list[str]:
     problems = []
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         problems.append(f"{where}: scale {scale!r} is not a positive number")
@@ -468,7 +469,7 @@ def _entry_problems(entry: Any, version: str, where: str) -> list[str]:
                 continue
             bw, scale, offset = enc["bitwidth"], enc["scale"], enc["offset"]
             symmetric = str(enc.get("is_symmetric", "False")) == "True"
-            problems += _int_range_problems(enc, bw, symmetric, scale, offset, w)
+            problems += _int_range_problems(bw, symmetric, scale, offset, w)
             if "min" in enc and "max" in enc and scale > 0:
                 tolerance = scale  # AIMET rounds min/max to the grid: within one step
                 lo, hi = offset * scale, (offset + 2**bw - 1) * scale
@@ -479,7 +480,7 @@ def _entry_problems(entry: Any, version: str, where: str) -> list[str]:
     if entry.get("dtype", "INT") != "INT":
         return problems
     for c, (scale, offset) in enumerate(zip(entry["scale"], entry["offset"])):
-        problems += _int_range_problems(entry, entry["bw"], bool(entry.get("is_sym")), scale, offset, f"{where}[{c}]")
+        problems += _int_range_problems(entry["bw"], bool(entry.get("is_sym")), scale, offset, f"{where}[{c}]")
     return problems
 
 
@@ -492,7 +493,7 @@ def check_encodings(encodings: dict[str, Any], parameters: dict[str, tuple[int, 
     problems = []
     entries = list(_entries(encodings, "param_encodings", source))
     names = [n for n, _ in entries]
-    prefix = detect_prefix(names, {p: [] for p in parameters}, source) if names else ""
+    prefix = detect_prefix(names, {p: [] for p in parameters}) if names else ""
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{source}: param_encodings names {dup!r} more than once")
     act_names = [n for n, _ in _entries(encodings, "activation_encodings", source)]
@@ -523,6 +524,6 @@ def check_encodings(encodings: dict[str, Any], parameters: dict[str, tuple[int, 
 def required_sha_encodings(mha_encodings: dict[str, Any], name_map: NameMap, source: str = "encodings") -> list[str]:
     """The SHA parameters that must have encodings because their MHA parameter had one."""
     names = [n for n, _ in _entries(mha_encodings, "param_encodings", source)]
-    prefix = detect_prefix(names, name_map, source)
+    prefix = detect_prefix(names, name_map)
     present = {n[len(prefix):] for n in names}
     return [sha for mha, shas in name_map.items() if mha in present for sha in shas]
