@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pasd_verify.encodings import (
     EncodingsError,
     check_encodings,
+    compare_encodings,
     convert_version,
     dumps_encodings,
     join_entries,
@@ -353,3 +354,100 @@ def test_unknown_top_level_keys_pass_through_every_rewrite(name_map, version):
     for out in (sha, back, other):
         assert out["vendor_notes"] == mha["vendor_notes"]
         assert out["excluded_layers"] == mha["excluded_layers"] and out["quantizer_args"] == mha["quantizer_args"]
+
+
+# --- comparing two calibrations (REFERENCE section 9) -------------------------------------------------------
+
+def _shifted(entry, version: str, *, steps: int = 0, scale_factor: float = 1.0):
+    """An encoding as another CPU's calibration could give it: the grid moved by ``steps`` (offset and min/max
+    together), the scale multiplied by ``scale_factor``."""
+    entry = copy.deepcopy(entry)
+    for enc in entry if version == "0.6.1" else [entry]:
+        if version == "0.6.1":
+            enc["offset"] -= steps
+            enc["scale"] *= scale_factor
+            enc["min"], enc["max"] = enc["offset"] * enc["scale"], (enc["offset"] + 2 ** enc["bitwidth"] - 1) * enc["scale"]
+        else:
+            enc["offset"] = [o - steps for o in enc["offset"]]
+            enc["scale"] = [s * scale_factor for s in enc["scale"]]
+    return entry
+
+
+def _replace_activation(encodings: dict, name: str, entry) -> dict:
+    out = copy.deepcopy(encodings)
+    if out["version"] == "0.6.1":
+        out["activation_encodings"][name] = entry
+    else:
+        out["activation_encodings"] = [entry if e["name"] == name else e for e in out["activation_encodings"]]
+    return out
+
+
+_ASYMMETRIC = [n for n, e in activations(golden("sha", "per_tensor", "0.6.1")).items() if e[0]["is_symmetric"] == "False"]
+
+
+@given(version=st.sampled_from(VERSIONS), name=st.sampled_from(_ASYMMETRIC), steps=st.sampled_from([-1, 0, 1]),
+       scale_factor=st.sampled_from([1.0, 1 - 1.3e-7, 1 + 1.3e-7, 1 + 5e-6]))
+def test_a_recalibration_one_grid_step_away_is_the_same_encoding(version, name, steps, scale_factor):
+    reference = golden("sha", "per_tensor", version)
+    moved = _replace_activation(reference, name, _shifted(activations(reference)[name], version, steps=steps,
+                                                          scale_factor=scale_factor))
+    assert compare_encodings(reference, moved) == []
+    assert compare_encodings(moved, reference) == []
+
+
+@given(version=st.sampled_from(VERSIONS), name=st.sampled_from(_ASYMMETRIC), steps=st.sampled_from([-2, 2, 3]))
+def test_a_grid_two_or_more_steps_away_is_a_different_encoding(version, name, steps):
+    reference = golden("sha", "per_tensor", version)
+    moved = _replace_activation(reference, name, _shifted(activations(reference)[name], version, steps=steps))
+    problems = compare_encodings(reference, moved)
+    assert len(problems) >= 1 and all(repr(name) in p and "grid step" in p for p in problems), problems
+
+
+@given(version=st.sampled_from(VERSIONS), name=st.sampled_from(_ASYMMETRIC), sign=st.sampled_from([-1, 1]))
+def test_a_scale_off_by_1e_3_is_a_different_encoding(version, name, sign):
+    reference = golden("sha", "per_tensor", version)
+    moved = _replace_activation(reference, name, _shifted(activations(reference)[name], version,
+                                                          scale_factor=1 + sign * 1e-3))
+    problems = compare_encodings(reference, moved)
+    assert problems and repr(name) in problems[0] and "scales" in problems[0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("section", ["param_encodings", "activation_encodings"])
+def test_a_missing_name_is_a_different_encoding(version, section):
+    reference = golden("mha", "per_channel", version)
+    smaller = copy.deepcopy(reference)
+    if version == "0.6.1":
+        name = sorted(smaller[section])[3]
+        del smaller[section][name]
+    else:
+        name = smaller[section].pop(3)["name"]
+    assert compare_encodings(reference, smaller) == [f"encodings: {section}[{name!r}] is only in the first"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_different_bitwidth_or_channel_count_is_a_different_encoding(version):
+    reference = golden("mha", "per_channel", version)
+    name = next(iter(params(reference)))
+    changed = copy.deepcopy(reference)
+    entry = params(changed)[name]
+    if version == "0.6.1":
+        entry[0]["bitwidth"] = 4
+    else:
+        entry["bw"] = 4
+    assert any(repr(name) in p and "bw" in p for p in compare_encodings(reference, changed))
+    fewer = copy.deepcopy(reference)
+    entry = params(fewer)[name]
+    if version == "0.6.1":
+        entry.pop()
+    else:
+        entry["scale"].pop(), entry["offset"].pop()
+    assert any(repr(name) in p and "channel" in p for p in compare_encodings(reference, fewer))
+
+
+def test_the_two_formats_of_one_calibration_hold_the_same_parameter_encodings():
+    # (AIMET's 1.0.0 export also names a few Constant outputs its 0.6.1 export leaves out, so only parameters)
+    for form in ("mha", "sha"):
+        for weights in WEIGHTS:
+            assert compare_encodings(golden(form, weights, "0.6.1"), golden(form, weights, "1.0.0"),
+                                     sections=("param_encodings",)) == []

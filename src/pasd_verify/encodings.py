@@ -521,6 +521,82 @@ def check_encodings(encodings: dict[str, Any], parameters: dict[str, tuple[int, 
     return problems
 
 
+# --- comparing two calibrations -----------------------------------------------------------------------------
+
+# Two calibrations of the same model on the same data, on CPUs with different float kernels, give activation
+# ranges that differ in the 7th digit (REFERENCE section 9). A scale is a float: it moves by that much, so 1e-5
+# (about a hundred float32 ulps) is float tolerance. An offset is an integer: where the range sits near a rounding
+# boundary it moves by one, and min/max (= offset * scale) by one step with it. So "the same encoding" is: equal
+# bitwidth, dtype, symmetry and channel count; scales within SCALE_RTOL; grids at most GRID_STEPS steps apart.
+SCALE_RTOL = 1e-5
+GRID_STEPS = 1
+
+
+def _channel_encodings(entry: Any, version: str) -> list[dict[str, Any]]:
+    """One dict per channel with bw, dtype, sym, scale, offset and (0.6.1) min/max, in either format."""
+    if version == "0.6.1":
+        return [{"bw": e["bitwidth"], "dtype": str(e.get("dtype", "int")).lower(),
+                 "sym": str(e.get("is_symmetric", "False")) == "True", "scale": e.get("scale"),
+                 "offset": e.get("offset"), "min": e.get("min"), "max": e.get("max")} for e in entry]
+    common = {"bw": entry["bw"], "dtype": str(entry.get("dtype", "INT")).lower(), "sym": bool(entry.get("is_sym")),
+              "enc_type": entry["enc_type"], "block_size": entry.get("block_size")}
+    if common["dtype"] != "int":
+        return [common]
+    return [{**common, "scale": s, "offset": o} for s, o in zip(entry["scale"], entry["offset"])]
+
+
+def _channel_differences(a: dict, b: dict, where: str, scale_rtol: float, grid_steps: int) -> list[str]:
+    for key in ("bw", "dtype", "sym", "enc_type", "block_size"):
+        if a.get(key) != b.get(key):
+            return [f"{where}: {key} {a.get(key)!r} != {b.get(key)!r}"]
+    if a["dtype"] != "int":
+        return []
+    sa, sb = a["scale"], b["scale"]
+    if not abs(sa - sb) <= scale_rtol * max(abs(sa), abs(sb)):
+        return [f"{where}: scales {sa!r} and {sb!r} differ by more than {scale_rtol:g} relative"]
+    if not abs(a["offset"] - b["offset"]) <= grid_steps:
+        return [f"{where}: offsets {a['offset']} and {b['offset']} are more than {grid_steps} grid step(s) apart"]
+    problems = []
+    step = max(sa, sb)
+    for key in ("min", "max"):
+        if a.get(key) is None or b.get(key) is None:
+            continue
+        # min/max = grid position * scale: one grid step, plus what the scale tolerance moves that position by
+        allowed = grid_steps * step + scale_rtol * max(abs(a[key]), abs(b[key]))
+        if not abs(a[key] - b[key]) <= allowed:
+            problems.append(f"{where}: {key} {a[key]!r} and {b[key]!r} are more than {grid_steps} grid step(s) apart")
+    return problems
+
+
+def compare_encodings(a: dict[str, Any], b: dict[str, Any], *, sections: tuple[str, ...] = (
+        "param_encodings", "activation_encodings"), scale_rtol: float = SCALE_RTOL, grid_steps: int = GRID_STEPS,
+        source: str = "encodings") -> list[str]:
+    """Every way in which ``a`` and ``b`` are not the same encodings (empty when they are), in either format.
+
+    Names must match exactly; each encoding must agree in bitwidth, dtype, symmetry and channel count, its
+    scales to ``scale_rtol`` and its grid (offset, and min/max in 0.6.1) to ``grid_steps`` steps: what two
+    calibrations on the same data give on different CPUs (see :data:`SCALE_RTOL`). Different formats are
+    compared after converting ``b`` to ``a``'s."""
+    if a["version"] != b["version"]:
+        b = convert_version(b, a["version"], source=source)
+    version, problems = a["version"], []
+    for section in sections:
+        ea, eb = dict(_entries(a, section, source)), dict(_entries(b, section, source))
+        for name in sorted(ea.keys() - eb.keys()):
+            problems.append(f"{source}: {section}[{name!r}] is only in the first")
+        for name in sorted(eb.keys() - ea.keys()):
+            problems.append(f"{source}: {section}[{name!r}] is only in the second")
+        for name in sorted(ea.keys() & eb.keys()):
+            ca, cb = _channel_encodings(ea[name], version), _channel_encodings(eb[name], version)
+            where = f"{source}: {section}[{name!r}]"
+            if len(ca) != len(cb):
+                problems.append(f"{where}: {len(ca)} channel(s) != {len(cb)}")
+                continue
+            for c, (x, y) in enumerate(zip(ca, cb)):
+                problems += _channel_differences(x, y, f"{where}[{c}]", scale_rtol, grid_steps)
+    return problems
+
+
 def required_sha_encodings(mha_encodings: dict[str, Any], name_map: NameMap, source: str = "encodings") -> list[str]:
     """The SHA parameters that must have encodings because their MHA parameter had one."""
     names = [n for n, _ in _entries(mha_encodings, "param_encodings", source)]
