@@ -169,3 +169,42 @@ def sha_tolerance(dtype: torch.dtype) -> float:
     """max |SHA - MHA| allowed, relative to max |MHA output|."""
     return {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
 
+
+
+# Model kinds a user's folder can hold, as the config's _class_name and PASD's weights describe them.
+MODEL_KINDS = ("UNet2DConditionModel", "PASDUNet2DConditionModel", "PASDControlNetModel")
+
+
+@st.composite
+def small_model_configs(draw, *, kinds=st.sampled_from(MODEL_KINDS)) -> dict:
+    """A small two-level UNet or ControlNet config of a drawn kind; PASD ControlNets draw their two flags.
+
+    ``_class_name`` is the PASD class for the PASD kinds; :func:`as_pasd_writes_it` gives the folder PASD writes.
+    """
+    kind = draw(kinds)
+    channels = draw(st.sampled_from([(16, 32), (32, 32), (32, 64)]))
+    heads = tuple(draw(st.sampled_from([h for h in (1, 2, 4) if c % h == 0])) for c in channels)
+    down = draw(st.sampled_from([("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnDownBlock2D",) * 2]))
+    config = {
+        "_class_name": kind,
+        "block_out_channels": channels,
+        "layers_per_block": draw(st.integers(1, 2)),
+        "down_block_types": down,
+        "cross_attention_dim": draw(st.sampled_from([16, 32])),
+        "attention_head_dim": heads,  # diffusers' misnomer: the number of heads
+        "norm_num_groups": 8,
+    }
+    if kind == "PASDControlNetModel":
+        config.update(conditioning_embedding_out_channels=(8, 8, 16, 16), return_rgbs=draw(st.booleans()),
+                      use_rrdb=draw(st.booleans()))
+    else:
+        ups = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+        config.update(sample_size=8, up_block_types=tuple(ups[b] for b in reversed(down)))
+    return config
+
+
+def as_pasd_writes_it(config: dict) -> dict:
+    """The config.json PASD's own save_pretrained writes: its classes are named like diffusers' stock ones."""
+    stock = {"PASDUNet2DConditionModel": "UNet2DConditionModel", "PASDControlNetModel": "ControlNetModel"}
+    return {**config, "_class_name": stock.get(config["_class_name"], config["_class_name"]),
+            "_diffusers_version": "0.29.2"}

@@ -15,7 +15,8 @@ from torch import nn
 
 from pasd_verify import CheckpointError, convert_checkpoint_file, convert_to_sha, merge_state_dict, split_state_dict
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
-from pasd_verify.presets import build_unet, name_map_from_config, unet_inputs
+from pasd_verify.loading import name_map_from_config
+from pasd_verify.presets import build_unet, unet_inputs
 
 FORMATS = ["safetensors", "pth"]
 

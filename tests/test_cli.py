@@ -1,6 +1,9 @@
 import json
+import logging
+import warnings
 
 from pasd_verify.cli import main
+from pasd_verify.demo import _library_warnings
 
 
 def test_demo_writes_a_passing_report(tmp_path, capsys):
@@ -11,4 +14,17 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
         "sha_rewrite", "equivalence_fp32", "equivalence_fp64", "checkpoint", "encodings", "undo", "pasd"
     ]
     assert all(s["status"] == "passed" for s in report["stages"])
-    assert "PASSED" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "PASSED" in printed.out
+    # our table and progress only: the tracer and AIMET warnings went to the log and are counted
+    assert "Warning" not in printed.out + printed.err
+    assert report["library_warnings_suppressed"] == sum(s["library_warnings"] for s in report["stages"]) > 0
+    assert "warnings from torch, diffusers and AIMET went to the log" in printed.out
+
+
+def test_library_warnings_go_to_the_log_not_the_terminal(caplog, capsys):
+    with caplog.at_level(logging.INFO, logger="pasd_verify.demo"), _library_warnings("stage") as caught:
+        warnings.warn("tracer noise", FutureWarning)
+    assert len(caught) == 1
+    assert capsys.readouterr().err == ""
+    assert any("FutureWarning" in r.getMessage() and "tracer noise" in r.getMessage() for r in caplog.records)

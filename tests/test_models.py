@@ -18,7 +18,8 @@ from hypothesis import given
 
 from pasd_verify import PasdVerifyError, convert_to_sha
 from pasd_verify.models import pasd_forward
-from pasd_verify.presets import UNET_PRESETS, build_pasd, model_from_config, pasd_inputs
+from pasd_verify.loading import model_from_config
+from pasd_verify.presets import UNET_PRESETS, build_pasd, pasd_inputs
 from strategies import pasd_shapes
 from test_sha import DTYPES, assert_within_tolerance
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -76,15 +77,46 @@ def _check_keys(keys: set[str], present: list[str], absent: list[str], source: s
         )
 
 
+# Attention projections in each form: a key of this shape that the name map does not cover means the map came
+# from another model (say, a stock UNet config for PASD's UNet), and converting would leave a half-SHA file.
+_MHA_PROJECTION = re.compile(r"(^|\.)to_[qkv]\.(weight|bias)$")
+_SHA_PROJECTION = re.compile(r"(^|\.)to_[qkv]_convs\.\d+\.(weight|bias)$")
+
+
+def _check_all_projections_mapped(keys, name_map: NameMap, to: str, source: str, allow_unconverted: bool) -> None:
+    """Every q/k/v key of a checkpoint is one the name map rewrites, or the conversion stops naming it.
+
+    ``allow_unconverted`` accepts MHA projections outside the map (modules left MHA by
+    ``convert_to_sha(..., skip_unsupported=True)``); per-head SHA keys outside the map are never valid.
+    """
+    if to == "sha":
+        stray = [] if allow_unconverted else [k for k in keys if _MHA_PROJECTION.search(k) and k not in name_map]
+        form = "MHA"
+    else:
+        covered = {k for names in name_map.values() for k in names}
+        stray = [k for k in keys if _SHA_PROJECTION.search(k) and k not in covered]
+        form = "SHA"
+    if stray:
+        raise CheckpointError(
+            f"{source}: {len(stray)} {form} q/k/v key(s) the name map does not rewrite, e.g. {stray[0]!r}; the name "
+            f"map comes from another model than this checkpoint (for PASD's folders, let pasd_verify.loading choose "
+            f"the model from the weights)"
+            + ("; pass allow_unconverted=True for modules deliberately left MHA" if to == "sha" else "")
+        )
+
+
 def split_state_dict(
-    state_dict: Mapping[str, torch.Tensor], name_map: NameMap, *, source: str = "state dict"
+    state_dict: Mapping[str, torch.Tensor], name_map: NameMap, *, source: str = "state dict",
+    allow_unconverted: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The SHA state dict of an MHA one: each mapped key replaced by its per-head slices, the rest kept.
 
-    Returns a new dict whose tensors are views of the input's (no copy); the input is not changed.
+    Returns a new dict whose tensors are views of the input's (no copy); the input is not changed. A q/k/v
+    projection the name map does not cover is an error unless ``allow_unconverted``.
     """
     sha_keys = [k for names in name_map.values() for k in names]
     _check_keys(set(state_dict), list(name_map), sha_keys, source, "MHA")
+    _check_all_projections_mapped(state_dict, name_map, "sha", source, allow_unconverted)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if key in name_map:
@@ -100,6 +132,7 @@ def merge_state_dict(
     """The MHA state dict of an SHA one, the exact inverse of :func:`split_state_dict`. The input is not changed."""
     sha_keys = [k for names in name_map.values() for k in names]
     _check_keys(set(state_dict), sha_keys, list(name_map), source, "SHA")
+    _check_all_projections_mapped(state_dict, name_map, "mha", source, True)
     first_head = {names[0]: mha for mha, names in name_map.items()}
     consumed = set(sha_keys)
     out: dict[str, torch.Tensor] = {}
@@ -174,13 +207,16 @@ def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.
 
 
 def convert_checkpoint_file(
-    src: str | os.PathLike, dst: str | os.PathLike, name_map: NameMap, *, to: str = "sha"
+    src: str | os.PathLike, dst: str | os.PathLike, name_map: NameMap, *, to: str = "sha",
+    allow_unconverted: bool = False,
 ) -> dict[str, int]:
     """Rewrite the checkpoint ``src`` into ``dst`` in SHA (``to="sha"``) or MHA (``to="mha"``) form.
 
     ``.safetensors`` is read lazily and written one tensor at a time, so memory holds about one tensor;
     ``.pth`` is memory-mapped. ``dst`` has ``src``'s format, is written atomically, and may not be ``src``.
-    Returns counts: ``{"tensors_in", "tensors_out", "keys_rewritten"}``.
+    Every q/k/v key of ``src`` must be one the name map rewrites (see :func:`split_state_dict` for
+    ``allow_unconverted``); otherwise nothing is written. To check the checkpoint against a model config as
+    well, use :func:`pasd_verify.convert.convert_checkpoint`. Returns counts: ``{"tensors_in", "tensors_out", "keys_rewritten"}``.
     """
     src, dst = Path(src), Path(dst)
     if to not in ("sha", "mha"):
@@ -195,14 +231,17 @@ def convert_checkpoint_file(
 
     if fmt == "torch":
         state_dict = _load_torch(src, mmap=True)
-        rewrite = split_state_dict if to == "sha" else merge_state_dict
-        out = rewrite(state_dict, name_map, source=str(src))
+        if to == "sha":
+            out = split_state_dict(state_dict, name_map, source=str(src), allow_unconverted=allow_unconverted)
+        else:
+            out = merge_state_dict(state_dict, name_map, source=str(src))
         save_state_dict_file(out, dst)
         return {"tensors_in": len(state_dict), "tensors_out": len(out), "keys_rewritten": len(name_map)}
 
     with _SafetensorsReader(src) as f:
         keys = f.keys()
         shapes = {k: f.dtype_and_shape(k) for k in keys}
+        _check_all_projections_mapped(keys, name_map, to, str(src), allow_unconverted)
         plan = _sha_plan(keys, shapes, name_map, str(src)) if to == "sha" else _mha_plan(keys, shapes, name_map, str(src))
         out_shapes = {name: shape for name, shape, _ in plan}
         with atomic_path(dst) as tmp:

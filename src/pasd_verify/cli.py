@@ -9,6 +9,10 @@ from typing import Any
 
 from .errors import PasdVerifyError
 
+# The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
+# pasd_verify.loading.MODEL_CLASSES).
+MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DConditionModel", "PASDControlNetModel")
+
 # Numbers worth a column in the stage table, in the order shown.
 _SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "tolerance",
           "attention_modules_converted", "parameters_split", "tensors_out", "param_encodings_split",
@@ -41,6 +45,9 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(args.out, seed=args.seed)
     print(stage_table(report["stages"]))
     print(f"\n{'PASSED' if report['passed'] else 'FAILED'} in {report['seconds']:.1f} s; report: {args.out}/report.json")
+    if report["library_warnings_suppressed"] and not args.verbose:
+        print(f"({report['library_warnings_suppressed']} warnings from torch, diffusers and AIMET went to the log; "
+              "pasd-verify demo --verbose shows them)")
     return 0 if report["passed"] else 1
 
 
@@ -48,7 +55,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_files
 
     summary = convert_files(args.model_config, args.state_dict, args.out, encodings=args.encodings,
-                            encodings_version=args.encodings_version)
+                            encodings_version=args.encodings_version, model_class=args.model_class)
     outputs = summary.pop("outputs")
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -63,19 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pasd-verify",
         description="Rewrite SD1.5/PASD attention to single-head form for QNN and prove the numbers unchanged.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics and library warnings to stderr")
+    # accepted after the subcommand too (pasd-verify demo -v); SUPPRESS keeps it from resetting the global flag
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log diagnostics and library warnings to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run every stage on an embedded tiny seeded model and report")
+    demo = sub.add_parser("demo", parents=[verbose], help="run every stage on an embedded tiny seeded model and report")
     demo.add_argument("--out", default="pasd-verify-demo", help="folder for report.json and the checkpoints")
     demo.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     demo.set_defaults(func=_demo)
     convert = sub.add_parser(
-        "convert", help="rewrite an MHA checkpoint (and AIMET encodings) to SHA for a local diffusers config",
+        "convert", parents=[verbose], help="rewrite an MHA checkpoint (and AIMET encodings) to SHA for a local diffusers config",
     )
     convert.add_argument("--model-config", required=True,
                          help="diffusers config.json (or its folder) of a UNet2DConditionModel, ControlNetModel or "
                               "the PASD models")
     convert.add_argument("--state-dict", required=True, help="MHA checkpoint, .safetensors or .pth")
+    convert.add_argument("--model-class", choices=MODEL_CLASS_NAMES,
+                         help="the model class, overriding what the config's _class_name and the checkpoint's keys say "
+                              "(PASD's folders name the stock classes; their weights identify them)")
     convert.add_argument("--encodings", help="AIMET encodings of the MHA model (format 0.6.1 or 1.0.0)")
     convert.add_argument("--encodings-version", choices=["0.6.1", "1.0.0"],
                          help="write the SHA encodings in this format (default: the input's)")

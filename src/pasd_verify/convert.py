@@ -11,10 +11,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_shapes, check_checkpoint_matches, checkpoint_format, convert_checkpoint_file
+from .checkpoint import checkpoint_format, checkpoint_shapes, check_checkpoint_matches, convert_checkpoint_file
 from .encodings import (
     EncodingsError,
     check_encodings,
@@ -25,18 +28,75 @@ from .encodings import (
     save_encodings,
 )
 from .errors import PasdVerifyError
-from .presets import load_config, model_from_config, name_map_from_config
-from .sha import convert_to_sha
+from .loading import ModelChoice, build_model, choose_model, parameter_shapes
+from .sha import NameMap, convert_to_sha
+
+
+@dataclass
+class _Conversion:
+    """A checkpoint checked against the model it is for: the model's shapes in both forms and the name map."""
+
+    choice: ModelChoice
+    mha_shapes: dict[str, tuple[int, ...]]
+    sha_shapes: dict[str, tuple[int, ...]]
+    name_map: NameMap
+
+    def shapes(self, form: str) -> dict[str, tuple[int, ...]]:
+        return self.sha_shapes if form == "sha" else self.mha_shapes
+
+
+def _plan(config: str | os.PathLike | dict, checkpoint: Path, form: str, model_class: str | None) -> _Conversion:
+    """Choose the model from the config and the checkpoint's keys, and check the checkpoint against it in ``form``."""
+    checkpoint_format(checkpoint)  # an unknown suffix fails before any work
+    shapes = checkpoint_shapes(checkpoint)
+    choice = choose_model(config, shapes, model_class=model_class)
+    model = build_model(config, choice, device="meta")
+    mha_shapes = parameter_shapes(model)
+    name_map = convert_to_sha(model)
+    conversion = _Conversion(choice, mha_shapes, parameter_shapes(model), name_map)
+    check_checkpoint_matches(shapes, conversion.shapes(form), f"{checkpoint} ({form.upper()} form)")
+    return conversion
+
+
+@contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    """A hidden folder beside the outputs; whatever is left in it is removed, so a failure leaves nothing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=folder))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _rewrite_checked(conversion: _Conversion, src: Path, staged: Path, final: Path, to: str) -> dict[str, int]:
+    """Rewrite ``src`` into ``staged``, then read the written file back and check it fits the model in form ``to``."""
+    counts = convert_checkpoint_file(src, staged, conversion.name_map, to=to)
+    check_checkpoint_matches(checkpoint_shapes(staged), conversion.shapes(to), f"{final} ({to.upper()} form)")
+    return counts
 
 
 def convert_checkpoint(config: str | os.PathLike | dict, src: str | os.PathLike, dst: str | os.PathLike,
-                       to: str = "sha") -> dict[str, int]:
-    """Rewrite checkpoint ``src`` into ``dst`` for the model a diffusers ``config`` describes (see
-    :func:`pasd_verify.checkpoint.convert_checkpoint_file`); the name map comes from the config, on the meta device."""
-    return convert_checkpoint_file(src, dst, name_map_from_config(config), to=to)
+                       to: str = "sha", *, model_class: str | None = None) -> dict[str, Any]:
+    """Rewrite checkpoint ``src`` into ``dst`` (to ``"sha"`` or back to ``"mha"``) for the model a diffusers config
+    describes, with every check of ``pasd-verify convert``: the model is chosen from the config and the
+    checkpoint's keys (PASD's folders included, see :func:`pasd_verify.loading.choose_model`; ``model_class``
+    overrides), ``src`` must match it exactly, and the written file is read back and checked against the
+    converted model before it appears at ``dst``. On any error nothing is written. Returns counts and the class."""
+    src, dst = Path(src), Path(dst)
+    if to not in ("sha", "mha"):
+        raise ValueError(f"to must be 'sha' or 'mha', got {to!r}")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise PasdVerifyError(f"{dst}: refusing to overwrite the input checkpoint")
+    checkpoint_format(dst)
+    conversion = _plan(config, src, "mha" if to == "sha" else "sha", model_class)
+    with _staging(dst.parent) as staging:
+        counts = _rewrite_checked(conversion, src, staging / dst.name, dst, to)
+        os.replace(staging / dst.name, dst)
+    return {**counts, "model_class": conversion.choice.name}
 
 
-def _sha_encodings(src: str | os.PathLike, name_map, sha_shapes: dict, dst: str | os.PathLike,
+def _sha_encodings(src: str | os.PathLike, name_map: NameMap, sha_shapes: dict, dst: str | os.PathLike,
                    version: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """MHA encodings file -> validated SHA encodings and the rewrite's counts; raises listing every problem."""
     mha_encodings = load_encodings(src)
@@ -50,37 +110,34 @@ def _sha_encodings(src: str | os.PathLike, name_map, sha_shapes: dict, dst: str 
     return sha_encodings, {**report.as_dict(), "problems": 0}
 
 
-def convert_encodings_file(model_config: str | os.PathLike | dict, src: str | os.PathLike,
-                           dst: str | os.PathLike) -> dict[str, Any]:
-    """Rewrite MHA encodings ``src`` into validated SHA encodings ``dst`` for the model a config describes."""
-    model = model_from_config(model_config, device="meta")
+def convert_encodings_file(model_config: str | os.PathLike | dict, src: str | os.PathLike, dst: str | os.PathLike,
+                           *, checkpoint: str | os.PathLike | None = None,
+                           model_class: str | None = None) -> dict[str, Any]:
+    """Rewrite MHA encodings ``src`` into validated SHA encodings ``dst`` for the model a config describes.
+
+    A PASD folder's config names the stock class: give its ``checkpoint`` (whose keys say what the model is) or
+    ``model_class``. The encodings must name only parameters of that model, so a wrong model is an error."""
+    keys = checkpoint_shapes(checkpoint) if checkpoint is not None else None
+    model = build_model(model_config, choose_model(model_config, keys, model_class=model_class), device="meta")
     name_map = convert_to_sha(model)
-    sha_encodings, counts = _sha_encodings(src, name_map, _parameter_shapes(model), dst)
+    sha_encodings, counts = _sha_encodings(src, name_map, parameter_shapes(model), dst)
     save_encodings(sha_encodings, dst)
     return counts
 
 
-def _parameter_shapes(model) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
-
-
 def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike, out_dir: str | os.PathLike,
-                  encodings: str | os.PathLike | None = None, encodings_version: str | None = None) -> dict[str, Any]:
+                  encodings: str | os.PathLike | None = None, encodings_version: str | None = None,
+                  model_class: str | None = None) -> dict[str, Any]:
     """Convert an MHA checkpoint (and AIMET encodings) to SHA into ``out_dir``; returns a summary of counts.
 
     Writes ``state_dict_sha.<input's suffix>``, ``parameters_sha.encodings`` (with ``encodings``) and
-    ``name_map.json``. The encodings keep their format unless ``encodings_version`` names the other one.
-    Raises :class:`PasdVerifyError` naming the file and key on any problem, in which case no output file is
-    left behind. Inputs are never overwritten.
+    ``name_map.json``. The model class comes from the config and the checkpoint's keys (``model_class``
+    overrides); the summary says which and why. The encodings keep their format unless ``encodings_version``
+    names the other one. Raises :class:`PasdVerifyError` naming the file and key on any problem, in which case
+    no output file is left behind. Inputs are never overwritten.
     """
     config_path, state_dict, out_dir = Path(model_config), Path(state_dict), Path(out_dir)
-    checkpoint_format(state_dict)  # an unknown suffix fails before any work
-    config = load_config(config_path)
-    model = model_from_config(config, device="meta")
-    mha_shapes = _parameter_shapes(model)
-    check_checkpoint_matches(checkpoint_shapes(state_dict), mha_shapes, str(state_dict))
-    name_map = convert_to_sha(model)
-    sha_shapes = _parameter_shapes(model)
+    conversion = _plan(config_path, state_dict, "mha", model_class)
 
     suffix = state_dict.name[len(state_dict.name.rsplit(".", 1)[0]):]
     outputs = {"state_dict": out_dir / f"state_dict_sha{suffix}", "name_map": out_dir / "name_map.json"}
@@ -91,28 +148,24 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
         if path.exists() and path.resolve() in inputs:
             raise PasdVerifyError(f"{path}: refusing to overwrite an input; choose another --out")
 
-    summary: dict[str, Any] = {"attention_modules": len({k.rsplit(".", 2)[0] for k in name_map}),
+    name_map = conversion.name_map
+    summary: dict[str, Any] = {"model_class": conversion.choice.describe(),
+                               "attention_modules": len({k.rsplit(".", 2)[0] for k in name_map}),
                                "checkpoint_keys_split": len(name_map)}
     sha_encodings = None
     if encodings is not None:  # checked first: it is cheap, the checkpoint rewrite is not
-        sha_encodings, counts = _sha_encodings(encodings, name_map, sha_shapes, outputs["encodings"],
+        sha_encodings, counts = _sha_encodings(encodings, name_map, conversion.sha_shapes, outputs["encodings"],
                                                encodings_version)
         summary.update(counts)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
-    try:
+    with _staging(out_dir) as staging:
         staged = {key: staging / path.name for key, path in outputs.items()}
-        counts = convert_checkpoint_file(state_dict, staged["state_dict"], name_map, to="sha")
-        # the written file, read back, must fit the converted model exactly (a strict load by shapes)
-        check_checkpoint_matches(checkpoint_shapes(staged["state_dict"]), sha_shapes, str(outputs["state_dict"]))
+        counts = _rewrite_checked(conversion, state_dict, staged["state_dict"], outputs["state_dict"], "sha")
         summary["checkpoint_tensors_out"] = counts["tensors_out"]
         if sha_encodings is not None:
             save_encodings(sha_encodings, staged["encodings"])
         staged["name_map"].write_text(json.dumps(name_map, indent=2) + "\n")
         for key, path in outputs.items():
             os.replace(staged[key], path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     summary["outputs"] = {key: str(path) for key, path in outputs.items()}
     return summary

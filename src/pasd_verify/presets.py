@@ -1,4 +1,4 @@
-"""Seeded model presets and building models from local diffusers configs (no hub, no network).
+"""Seeded model presets (no hub, no network); models from a user's local folders are in :mod:`pasd_verify.loading`.
 
 ``tiny`` runs a whole UNet forward in milliseconds on a CPU; ``sd15`` has Stable Diffusion 1.5's real
 dimensions (320/640/1280/1280 channels, 8 heads, text 77 x 768) with random weights.
@@ -6,19 +6,15 @@ dimensions (320/640/1280/1280 channels, 8 heads, text 77 x 768) with random weig
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .errors import PasdVerifyError
 from .models import PASDControlNetModel, PASDUNet2DConditionModel
 from .ranges import LATENT_FACTOR
-from .sha import NameMap, convert_to_sha
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -116,42 +112,3 @@ def unet_inputs(unet: UNet2DConditionModel, *, batch: int = 2, latent: tuple[int
         "timestep": torch.randint(0, 1000, (batch,), generator=g),
         "encoder_hidden_states": torch.randn(batch, TEXT_LENGTH, config.cross_attention_dim, generator=g, dtype=dtype),
     }
-
-
-_CONFIG_CLASSES = {
-    cls.__name__: cls
-    for cls in (UNet2DConditionModel, ControlNetModel, PASDUNet2DConditionModel, PASDControlNetModel)
-}
-
-
-def load_config(config: str | os.PathLike | dict) -> dict[str, Any]:
-    """A diffusers config dict from a dict, a ``config.json`` or a model folder holding one."""
-    if isinstance(config, dict):
-        return dict(config)
-    path = Path(config)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise PasdVerifyError(f"{path}: no such config file") from e
-    except json.JSONDecodeError as e:
-        raise PasdVerifyError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-
-
-def model_from_config(config: str | os.PathLike | dict, *, device: str | torch.device = "meta") -> nn.Module:
-    """Instantiate the diffusers model a config describes, by its ``_class_name``; on ``meta`` no memory is used."""
-    cfg = load_config(config)
-    class_name = cfg.get("_class_name")
-    if class_name not in _CONFIG_CLASSES:
-        raise PasdVerifyError(
-            f"config {config if not isinstance(config, dict) else '<dict>'}: _class_name {class_name!r} is not one "
-            f"of {sorted(_CONFIG_CLASSES)}"
-        )
-    with torch.device(device):
-        return _CONFIG_CLASSES[class_name].from_config(cfg)
-
-
-def name_map_from_config(config: str | os.PathLike | dict) -> NameMap:
-    """The MHA -> SHA name map of the model a config describes, computed on the meta device (instant, no memory)."""
-    return convert_to_sha(model_from_config(config, device="meta"))

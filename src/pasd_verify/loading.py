@@ -1,0 +1,195 @@
+"""Models from local diffusers folders and configs (no hub, no network), PASD's folders included.
+
+PASD names its classes ``UNet2DConditionModel`` and ``ControlNetModel`` and saves them with diffusers'
+``save_pretrained``, so a PASD folder's ``config.json`` names the stock class. What the folder really holds is
+read from its weights: pixel attentions (``up_blocks.*.pixel_attentions.*``) make a PASD UNet; RGB side outputs
+(``controlnet_cond_embedding.to_rgbs.*``) or RRDB blocks (``controlnet_cond_embedding.preprocesser.*``) make a PASD
+ControlNet and set its ``return_rgbs`` / ``use_rrdb``. :func:`choose_model` makes that decision and says why;
+:func:`load_model` is the ``from_pretrained`` that uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from torch import nn
+
+from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file
+from .errors import PasdVerifyError
+from .models import PASDControlNetModel, PASDUNet2DConditionModel
+from .sha import NameMap, convert_to_sha
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (UNet2DConditionModel, ControlNetModel, PASDUNet2DConditionModel, PASDControlNetModel)
+}
+# diffusers' weight file names, in the order from_pretrained prefers them; .pth is accepted as well.
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.pth")
+
+_PIXEL_ATTENTION = ".pixel_attentions."
+_PASD_CONTROLNET_FLAGS = {"return_rgbs": "controlnet_cond_embedding.to_rgbs.",
+                          "use_rrdb": "controlnet_cond_embedding.preprocesser."}
+# PASD's own defaults for a ControlNet config that names neither flag (REFERENCE section 3).
+_PASD_CONTROLNET_DEFAULTS = {"return_rgbs": True, "use_rrdb": False}
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which class a config (and its checkpoint) describes, the config values the weights decided, and why."""
+
+    cls: type[nn.Module]
+    reason: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def load_config(config: str | os.PathLike | dict) -> dict[str, Any]:
+    """A diffusers config dict from a dict, a ``config.json`` or a model folder holding one."""
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        loaded = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise PasdVerifyError(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise PasdVerifyError(f"{path}: not a text file ({e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise PasdVerifyError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(loaded, dict):
+        raise PasdVerifyError(f"{path}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def _source(config: str | os.PathLike | dict) -> str:
+    return "<config dict>" if isinstance(config, dict) else str(config)
+
+
+def choose_model(config: str | os.PathLike | dict, keys: Iterable[str] | None = None, *,
+                 model_class: str | None = None) -> ModelChoice:
+    """The model class a config describes, reading PASD's folders by their weights' names ``keys``.
+
+    ``model_class`` (one of :data:`MODEL_CLASSES`) overrides the class; the PASD ControlNet's ``return_rgbs`` /
+    ``use_rrdb`` still follow the weights where ``keys`` are given, since a checkpoint without those weights
+    cannot load into a model that has them.
+    """
+    cfg = load_config(config)
+    keys = None if keys is None else list(keys)
+    if model_class is not None:
+        if model_class not in MODEL_CLASSES:
+            raise PasdVerifyError(f"model class {model_class!r} is not one of {sorted(MODEL_CLASSES)}")
+        cls, reason = MODEL_CLASSES[model_class], "given explicitly"
+    else:
+        cls, reason = _class_from(cfg, keys, _source(config))
+    if cls is not PASDControlNetModel:
+        return ModelChoice(cls, reason)
+    overrides, notes = _controlnet_flags(cfg, keys)
+    return ModelChoice(cls, "; ".join([reason, *notes]), overrides)
+
+
+def _class_from(cfg: dict, keys: list[str] | None, source: str) -> tuple[type[nn.Module], str]:
+    class_name = cfg.get("_class_name")
+    if class_name not in MODEL_CLASSES:
+        raise PasdVerifyError(f"config {source}: _class_name {class_name!r} is not one of {sorted(MODEL_CLASSES)}; "
+                              f"name the class with --model-class")
+    if class_name == "UNet2DConditionModel" and keys is not None:
+        pixel = sum(_PIXEL_ATTENTION in k for k in keys)
+        if pixel:
+            return PASDUNet2DConditionModel, f"the checkpoint has {pixel} pixel-attention weights (PASD's UNet)"
+    if class_name == "ControlNetModel":
+        pasd_keys = sorted(k for k in _PASD_CONTROLNET_FLAGS if k in cfg)
+        if pasd_keys:
+            return PASDControlNetModel, f"the config has PASD's ControlNet key(s) {', '.join(pasd_keys)}"
+        found = [flag for flag, prefix in _PASD_CONTROLNET_FLAGS.items() if any(k.startswith(prefix) for k in keys or ())]
+        if found:
+            return PASDControlNetModel, f"the checkpoint has PASD's ControlNet weights ({', '.join(found)})"
+    return MODEL_CLASSES[class_name], f"config _class_name {class_name}"
+
+
+def _controlnet_flags(cfg: dict, keys: list[str] | None) -> tuple[dict[str, bool], list[str]]:
+    """``return_rgbs`` / ``use_rrdb`` from the weights when given, else from the config, else PASD's defaults."""
+    flags, notes = {}, []
+    for flag, prefix in _PASD_CONTROLNET_FLAGS.items():
+        if keys is not None:
+            flags[flag] = any(k.startswith(prefix) for k in keys)
+            if flag in cfg and bool(cfg[flag]) != flags[flag]:
+                notes.append(f"config says {flag}={cfg[flag]}, the checkpoint's weights say {flags[flag]}: "
+                             "following the weights")
+        else:
+            flags[flag] = bool(cfg.get(flag, _PASD_CONTROLNET_DEFAULTS[flag]))
+    notes.append(", ".join(f"{k}={v}" for k, v in flags.items()))
+    return flags, notes
+
+
+def build_model(config: str | os.PathLike | dict, choice: ModelChoice, *,
+                device: str | torch.device = "meta") -> nn.Module:
+    """Instantiate ``choice`` from ``config``; on ``meta`` no memory is used."""
+    cfg = {**load_config(config), **choice.overrides}
+    with torch.device(device):
+        return choice.cls.from_config(cfg).eval()
+
+
+def model_from_config(config: str | os.PathLike | dict, *, keys: Iterable[str] | None = None,
+                      model_class: str | None = None, device: str | torch.device = "meta") -> nn.Module:
+    """The model a config (and optionally its checkpoint's ``keys``) describes; see :func:`choose_model`."""
+    return build_model(config, choose_model(config, keys, model_class=model_class), device=device)
+
+
+def name_map_from_config(config: str | os.PathLike | dict, *, keys: Iterable[str] | None = None,
+                         model_class: str | None = None) -> NameMap:
+    """The MHA -> SHA name map of the model a config describes, computed on the meta device (instant, no memory)."""
+    return convert_to_sha(model_from_config(config, keys=keys, model_class=model_class))
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry's shape (works on the meta device)."""
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def find_weights(folder: str | os.PathLike) -> Path:
+    """The weights file of a diffusers model folder."""
+    folder = Path(folder)
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise PasdVerifyError(f"{folder}: no weights file; expected one of {WEIGHT_NAMES}")
+
+
+def load_model(folder: str | os.PathLike, *, model_class: str | None = None,
+               weights: str | os.PathLike | None = None) -> nn.Module:
+    """A model with its weights from a local diffusers folder, like diffusers' ``from_pretrained``, but the class
+    comes from :func:`choose_model`: a PASD folder gives the PASD model, whatever its config's ``_class_name``.
+
+    The weights (``weights``, or the folder's ``diffusion_pytorch_model.*``) must match the model exactly; an
+    error names the file and the first missing, unexpected or mis-shaped key. Returns the model in eval mode on
+    the CPU, with the weights' dtype.
+    """
+    weights = Path(weights) if weights is not None else find_weights(folder)
+    shapes = checkpoint_shapes(weights)
+    choice = choose_model(folder, shapes, model_class=model_class)
+    model = build_model(folder, choice, device="meta")
+    check_checkpoint_matches(shapes, parameter_shapes(model), str(weights))
+    # Built on meta and given the file's tensors: no random init, no second copy of the weights.
+    model.load_state_dict(load_state_dict_file(weights), strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise PasdVerifyError(f"{weights}: {choice.name} has state outside its checkpoint; cannot load it here")
+    logger.info("%s: loaded as %s", folder, choice.describe())
+    return model
