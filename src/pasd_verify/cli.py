@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import PasdVerifyError
@@ -65,6 +66,61 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_bytes(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``1.5e9`` or a plain byte count."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered[: -len(unit)]) * factor)
+    try:
+        return int(float(lowered))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 8GiB, 512MiB, 1e9)") from None
+
+
+def _adaround(args: argparse.Namespace) -> int:
+    from .quant.adaround import AdaroundConfig
+    from .quant.workflow import adaround_files, check_output_folder, load_for_adaround, preset_model
+
+    if (args.preset is None) == (args.model_config is None):
+        raise PasdVerifyError("give either --preset or --model-config with --state-dict")
+    if args.model_config is not None and args.state_dict is None:
+        raise PasdVerifyError("--model-config needs --state-dict")
+    check_output_folder(args.out, [args.state_dict, args.model_config, args.calibration])
+    config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights.replace("-", "_"),
+                            cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
+                            seed=args.seed)
+    controlnet = None
+    if args.preset is not None:
+        model, controlnet = preset_model(args.preset, args.kind, seed=args.seed)
+        source = {"preset": args.preset, "kind": args.kind, "seed": args.seed}
+        if args.form == "sha":
+            from .sha import convert_to_sha
+
+            convert_to_sha(model)
+    else:
+        model = load_for_adaround(args.model_config, args.state_dict, form=args.form, model_class=args.model_class)
+        source = {"model_config": args.model_config, "state_dict": args.state_dict}
+        if args.controlnet is not None:
+            from .loading import load_model
+
+            controlnet = load_model(args.controlnet)
+    report = adaround_files(model, args.out, config, controlnet=controlnet, calibration=args.calibration,
+                            samples=args.samples, latent=tuple(args.latent) if args.latent else None,
+                            encodings_version=args.encodings_version, both_versions=args.both_versions,
+                            source={**source, "form": args.form, "model_class": type(model).__name__})
+    totals = report["totals"]
+    print(f"AdaRounded {totals['layers']} layers of {type(model).__name__} ({args.form.upper()}) on "
+          f"{report['samples']} samples in {totals['seconds_total']:.1f} s")
+    print(f"reconstruction MSE, summed over layers: nearest rounding {totals['mse_nearest_total']:.4g}, "
+          f"AdaRound {totals['mse_after_total']:.4g} ({totals['layers_improved']} of {totals['layers']} layers better)")
+    print(f"peak RSS {totals['peak_rss_bytes'] / 2**30:.2f} GiB")
+    for name in report["outputs"]:
+        print(f"wrote {Path(args.out) / name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pasd-verify",
@@ -95,6 +151,36 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the SHA encodings in this format (default: the input's)")
     convert.add_argument("--out", required=True, help="output folder (created; inputs are never overwritten)")
     convert.set_defaults(func=_convert)
+
+    ada = sub.add_parser("adaround", parents=[verbose],
+                         help="AdaRound a (SHA) UNet or ControlNet with bounded memory; write AIMET parameter encodings")
+    where = ada.add_argument_group("the model: a local checkpoint, or an embedded preset")
+    where.add_argument("--model-config", help="diffusers config.json (or its folder); PASD folders are recognised")
+    where.add_argument("--state-dict", help="checkpoint, MHA or SHA, .safetensors or .pth")
+    where.add_argument("--model-class", choices=MODEL_CLASS_NAMES, help="override the model class")
+    where.add_argument("--controlnet", help="PASD UNet only: the ControlNet folder whose residuals it is calibrated on")
+    where.add_argument("--preset", choices=["tiny", "sd15"], help="an embedded seeded model instead of files")
+    where.add_argument("--kind", choices=["unet", "pasd-unet", "pasd-controlnet"], default="pasd-unet",
+                       help="with --preset: which model (default pasd-unet)")
+    where.add_argument("--form", choices=["sha", "mha"], default="sha",
+                       help="AdaRound the SHA rewrite (default; names follow the SHA name map) or the MHA model")
+    data = ada.add_argument_group("calibration")
+    data.add_argument("--calibration", help="folder of .safetensors samples (see pasd_verify.quant.calibration)")
+    data.add_argument("--samples", type=int, default=8, help="seeded samples when no --calibration (default 8)")
+    data.add_argument("--latent", type=int, nargs=2, metavar=("H", "W"), help="latent size of seeded samples")
+    opt = ada.add_argument_group("optimisation")
+    opt.add_argument("--param-bw", type=int, default=4, help="weight bitwidth (default 4)")
+    opt.add_argument("--iterations", type=int, help="per layer (default AIMET's: 10000, 15000 below 8 bits)")
+    opt.add_argument("--weights", choices=["per-channel", "per-tensor"], default="per-channel")
+    opt.add_argument("--cache-budget", type=_parse_bytes,
+                     help="bytes of activation cache in memory (e.g. 4GiB); the rest goes to files")
+    opt.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32")
+    opt.add_argument("--device", default="cpu", help="cpu or cuda (the cache stays on the host)")
+    opt.add_argument("--seed", type=int, default=0)
+    ada.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"], default="1.0.0")
+    ada.add_argument("--both-versions", action="store_true", help="also write the other encodings format")
+    ada.add_argument("--out", required=True, help="output folder")
+    ada.set_defaults(func=_adaround)
     return parser
 
 

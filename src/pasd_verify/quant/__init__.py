@@ -18,7 +18,7 @@ from aimet_torch.nn import QuantizationMixin
 from diffusers.models.embeddings import Timesteps
 from torch import nn
 
-from .encodings import SUPPORTED_VERSIONS, EncodingsError
+from ..encodings import SUPPORTED_VERSIONS, EncodingsError
 
 # AIMET has no quantized definition of diffusers' sinusoidal Timesteps (it computes an embedding from integer
 # timesteps, which quantizing would only damage); leave it in float, as the QNN reference flow does.

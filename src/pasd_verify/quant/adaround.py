@@ -1,0 +1,663 @@
+"""AdaRound with memory bounded by design: AIMET's optimisation, without AIMET's copies.
+
+aimet-torch's ``Adaround.apply_adaround`` deep-copies the model into a QuantizationSimModel, pickles every
+calibration batch, and for each layer gathers the inputs and outputs of all samples in lists joined by
+``torch.cat`` (REFERENCE section 6). This module runs the same optimisation with:
+
+- one copy of the weights: the float model is the reference; its "quantized" form is the same modules with
+  forward hooks that swap in the weights rounded so far (kept as integer codes, a quarter of float32 or less);
+- activation buffers allocated once per layer and filled in place, in float32 or float16, in memory up to a
+  byte budget and in files beyond it (plain reads and writes, not mmap, whose pages would count as resident);
+- block-wise sampling: the inputs of each top-level block (``down_blocks.1``, ``mid_block``, ...) are captured
+  once per block by a partial forward, and only that block is run to give its layers' inputs and targets.
+
+The maths is AIMET's own: the quantization grid of every weight comes from AIMET's quantizer with AIMET's
+encoding analyzer, the loss is AIMET's ``AdaroundLoss`` (reconstruction + annealed rounding regulariser), the
+soft rounding is AIMET's rectified sigmoid, Adam on 32-sample minibatches, the same warm start and defaults.
+As in AIMET's quantization sim, the quantized path also rounds GroupNorm/LayerNorm weights to nearest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from aimet_torch.adaround.adaround_loss import AdaroundHyperParameters, AdaroundLoss
+from aimet_torch.common.defs import AdaroundConstants
+from aimet_torch.quantization.affine import QuantizeDequantize
+from aimet_torch.quantization.encoding_analyzer import MinMaxEncodingAnalyzer, TfEnhancedEncodingAnalyzer
+from torch import nn
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
+
+from ..errors import PasdVerifyError
+
+logger = logging.getLogger(__name__)
+
+LAYER_TYPES = (nn.Conv2d, nn.Linear)
+# Modules whose weight AIMET's default config quantizes (to nearest) besides the AdaRounded layers.
+NEAREST_TYPES = (nn.GroupNorm, nn.LayerNorm)
+MINIBATCH = 32  # AIMET's AdaroundOptimizer BATCH_SIZE
+_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_ANALYZERS = {"tf_enhanced": TfEnhancedEncodingAnalyzer, "tf": MinMaxEncodingAnalyzer}
+
+
+class AdaroundError(PasdVerifyError):
+    """AdaRound cannot run on this model, configuration or calibration data."""
+
+
+@dataclass(frozen=True)
+class AdaroundConfig:
+    """AdaRound settings; the defaults are aimet-torch 2.42's (``AdaroundParameters`` and ``apply_adaround``).
+
+    ``iterations`` None means AIMET's default: 10,000 per layer, 15,000 below 8 bits. ``cache_budget`` is the
+    number of bytes activation buffers may take in memory; buffers beyond it live in files under ``cache_dir``
+    (a temporary folder by default). ``device`` runs the optimisation and the block forwards; caches stay on
+    the host and only minibatches move.
+    """
+
+    param_bw: int = 4
+    iterations: int | None = None
+    reg_param: float = 0.01
+    beta_range: tuple[float, float] = (20.0, 2.0)
+    warm_start: float = 0.2
+    weights: str = "per_channel"
+    quant_scheme: str = "tf_enhanced"
+    cache_dtype: str = "float32"
+    cache_budget: int | None = None
+    cache_dir: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 2 <= self.param_bw <= 16:
+            raise AdaroundError(f"param_bw must be 2..16, got {self.param_bw}")
+        if self.iterations is not None and self.iterations < 1:
+            raise AdaroundError(f"iterations must be positive, got {self.iterations}")
+        if self.weights not in ("per_channel", "per_tensor"):
+            raise AdaroundError(f"weights must be 'per_channel' or 'per_tensor', got {self.weights!r}")
+        if self.quant_scheme not in _ANALYZERS:
+            raise AdaroundError(f"quant_scheme must be one of {sorted(_ANALYZERS)}, got {self.quant_scheme!r}")
+        if self.cache_dtype not in _CACHE_DTYPES:
+            raise AdaroundError(f"cache_dtype must be one of {sorted(_CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        if self.cache_budget is not None and self.cache_budget < 0:
+            raise AdaroundError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
+        if not 0 <= self.warm_start < 1:
+            raise AdaroundError(f"warm_start must be in [0, 1), got {self.warm_start}")
+
+    @property
+    def num_iterations(self) -> int:
+        if self.iterations is not None:
+            return self.iterations
+        return 15000 if self.param_bw < 8 else 10000
+
+
+# --- the grid: AIMET's quantizer computes it ----------------------------------------------------------------
+
+@dataclass
+class WeightGrid:
+    """A weight's quantization grid as AIMET computed it: dequantized value = (q + offset) * scale, q in
+    [qmin, qmax]; ``encodings`` is AIMET's own 0.6.1 form, one entry per channel."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    qmin: int
+    qmax: int
+    encodings: list[dict[str, Any]]
+
+
+def aimet_quantizer(weight: torch.Tensor, bitwidth: int, per_channel: bool, quant_scheme: str) -> QuantizeDequantize:
+    """AIMET's symmetric weight quantizer for ``weight``, with its encodings computed by AIMET's analyzer."""
+    shape = (weight.shape[0],) + (1,) * (weight.ndim - 1) if per_channel else ()
+    quantizer = QuantizeDequantize(shape, bitwidth, True, _ANALYZERS[quant_scheme](shape)).to(weight.device)
+    with torch.no_grad(), quantizer.compute_encodings():
+        quantizer(weight.detach().float())
+    return quantizer
+
+
+def weight_grid(weight: torch.Tensor, config: AdaroundConfig) -> WeightGrid:
+    quantizer = aimet_quantizer(weight, config.param_bw, config.weights == "per_channel", config.quant_scheme)
+    with torch.no_grad():
+        scale = quantizer.get_scale().detach().expand_as(weight).contiguous()
+        offset = quantizer.get_offset().detach().expand_as(weight).contiguous()
+    return WeightGrid(scale, offset, quantizer.qmin, quantizer.qmax, quantizer.get_legacy_encodings())
+
+
+def _rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    zeta, gamma = AdaroundConstants.ZETA, AdaroundConstants.GAMMA
+    return torch.clamp(torch.sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)
+
+
+def initial_alpha(weight: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """AIMET's warm start: the alpha whose soft rounding reproduces the float weight exactly."""
+    zeta, gamma = AdaroundConstants.ZETA, AdaroundConstants.GAMMA
+    scaled = weight.detach().float() / grid.scale
+    rest = scaled - torch.floor(scaled)
+    return -torch.log((zeta - gamma) / (rest - gamma) - 1)
+
+
+def integer_codes(weight: torch.Tensor, alpha: torch.Tensor | None, grid: WeightGrid) -> torch.Tensor:
+    """The rounded weight's integers q (hard rounding: up where alpha >= 0; nearest when ``alpha`` is None)."""
+    scaled = weight.detach().float() / grid.scale
+    up = (alpha >= 0).float() if alpha is not None else (scaled - torch.floor(scaled) >= 0.5).float()
+    return torch.clamp(torch.floor(scaled) + up - grid.offset, grid.qmin, grid.qmax)
+
+
+def dequantize(codes: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    return (codes.float() + grid.offset) * grid.scale
+
+
+def soft_rounded(weight: torch.Tensor, alpha: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """AIMET's soft-rounded weight, differentiable in ``alpha``."""
+    scaled = torch.floor(weight.detach().float() / grid.scale) + _rectified_sigmoid(alpha)
+    return (torch.clamp(scaled - grid.offset, grid.qmin, grid.qmax) + grid.offset) * grid.scale
+
+
+def _code_dtype(grid: WeightGrid) -> torch.dtype:
+    return torch.int8 if grid.qmin >= -128 and grid.qmax <= 127 else torch.int16 if grid.qmax <= 32767 else torch.int32
+
+
+# --- activation buffers ------------------------------------------------------------------------------------
+
+class ActivationCache:
+    """Buffers of ``rows`` samples, allocated once and filled row by row: in memory while the byte budget
+    allows, else in a file read and written with plain I/O (a memory map's touched pages would count as RSS)."""
+
+    def __init__(self, dtype: torch.dtype, budget: int | None, folder: str | None):
+        self.dtype = dtype
+        self.budget = budget
+        self._folder = folder
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.bytes_in_memory = 0
+        self.bytes_on_disk = 0
+        self.peak_bytes_in_memory = 0
+        self._count = 0
+
+    def buffer(self, rows: int, shape: Sequence[int], dtype: torch.dtype | None = None) -> _Rows:
+        dtype = dtype or self.dtype
+        nbytes = rows * math.prod(shape) * dtype.itemsize
+        if self.budget is None or self.bytes_in_memory + nbytes <= self.budget:
+            self.bytes_in_memory += nbytes
+            self.peak_bytes_in_memory = max(self.peak_bytes_in_memory, self.bytes_in_memory)
+            return _MemoryRows(self, rows, shape, dtype, nbytes)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="pasd-verify-adaround-", dir=self._folder)
+        self._count += 1
+        self.bytes_on_disk += nbytes
+        return _FileRows(self, Path(self._tmp.name) / f"{self._count}.bin", rows, shape, dtype, nbytes)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class _Rows:
+    def __init__(self, cache: ActivationCache, rows: int, shape: Sequence[int], dtype: torch.dtype, nbytes: int):
+        self.cache, self.rows, self.shape, self.dtype, self.nbytes = cache, rows, tuple(shape), dtype, nbytes
+        self.first_batch = 1
+
+    def write(self, index: int, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def read(self, indices: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        pass
+
+
+class _MemoryRows(_Rows):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.data = torch.empty(self.rows, *self.shape, dtype=self.dtype)
+
+    def write(self, index: int, value: torch.Tensor) -> None:
+        self.data[index].copy_(value)
+
+    def read(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.data[torch.as_tensor(list(indices))]
+
+    def release(self) -> None:
+        if self.data is not None:
+            self.data = None
+            self.cache.bytes_in_memory -= self.nbytes
+
+
+class _FileRows(_Rows):
+    def __init__(self, cache, path: Path, *args):
+        super().__init__(cache, *args)
+        self.path = path
+        self.row_bytes = math.prod(self.shape) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, self.rows * self.row_bytes)
+
+    def write(self, index: int, value: torch.Tensor) -> None:
+        data = value.detach().to("cpu", self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        os.pwrite(self.fd, data.tobytes(), index * self.row_bytes)
+
+    def read(self, indices: Sequence[int]) -> torch.Tensor:
+        out = torch.empty(len(indices), *self.shape, dtype=self.dtype)
+        flat = out.view(len(indices), -1).view(torch.uint8)
+        for i, index in enumerate(indices):
+            flat[i].numpy()[:] = memoryview(os.pread(self.fd, self.row_bytes, index * self.row_bytes))
+        return out
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self.path.unlink(missing_ok=True)
+            self.cache.bytes_on_disk -= self.nbytes
+
+
+class _StructureCache:
+    """A cached structure (args, kwargs) per sample: tensors in :class:`ActivationCache` rows, the rest kept once."""
+
+    def __init__(self, cache: ActivationCache, rows: int):
+        self.cache, self.rows = cache, rows
+        self.spec = None
+        self.leaves: list[Any] = []
+        self.dtypes: list[torch.dtype | None] = []
+
+    def write(self, index: int, structure: Any) -> None:
+        leaves, spec = pytree.tree_flatten(structure)
+        if self.spec is None:
+            self.spec = spec
+            self.leaves = [self.cache.buffer(self.rows, leaf.shape, _cache_dtype_for(leaf, self.cache.dtype))
+                           if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            self.dtypes = [leaf.dtype if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
+        elif spec != self.spec:
+            raise AdaroundError(f"calibration sample {index} calls a block with another structure than sample 0")
+        for slot, leaf in zip(self.leaves, leaves):
+            if isinstance(slot, _Rows):
+                if tuple(leaf.shape) != slot.shape:
+                    raise AdaroundError(f"calibration sample {index}: a block input has shape {tuple(leaf.shape)}, "
+                                        f"sample 0 had {slot.shape}; every sample must have the same shapes")
+                slot.write(index, leaf)
+
+    def read(self, index: int, device: torch.device) -> Any:
+        """Sample ``index`` as it was written, each tensor back in its own dtype (a float16 cache is widened)."""
+        leaves = [slot.read([index])[0].to(device, dtype) if isinstance(slot, _Rows) else slot
+                  for slot, dtype in zip(self.leaves, self.dtypes)]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def release(self) -> None:
+        for slot in self.leaves:
+            if isinstance(slot, _Rows):
+                slot.release()
+
+
+def _cache_dtype_for(tensor: torch.Tensor, float_dtype: torch.dtype) -> torch.dtype:
+    return float_dtype if tensor.is_floating_point() else tensor.dtype
+
+
+# --- the model: blocks, layers, quantized mode --------------------------------------------------------------
+
+class _Stop(Exception):
+    """Ends a forward as soon as what it was run for has been captured."""
+
+
+def _block_roots(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules a top-level forward calls directly: the root's children, with ModuleLists expanded."""
+    roots = {}
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            roots.update({f"{name}.{n}": m for n, m in child.named_children()})
+        else:
+            roots[name] = child
+    return roots
+
+
+def _call_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    # PASD's up blocks read their ControlNet residuals from an attribute the UNet sets for the call
+    # (pasd_verify.models.unet); a replay of the block alone needs it too.
+    return args, kwargs, getattr(module, "pixelwise_hidden_states", None)
+
+
+@contextlib.contextmanager
+def _replayed(module: nn.Module, state: tuple) -> Iterator[None]:
+    extra = state[2]
+    if extra is None:
+        yield
+        return
+    module.pixelwise_hidden_states = extra
+    try:
+        yield
+    finally:
+        module.pixelwise_hidden_states = None
+
+
+@dataclass
+class _Plan:
+    """Blocks in call order, each with its AdaRound layers in call order."""
+
+    blocks: list[tuple[str, nn.Module, list[tuple[str, nn.Module]]]]
+
+
+def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any]) -> _Plan:
+    """Trace one forward (``call(model)``) to order the blocks and the Conv2d/Linear layers as they run."""
+    roots = _block_roots(model)
+    names = {m: n for n, m in model.named_modules()}
+    block_order: list[str] = []
+    layer_order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: block_order.append(n)) for n, m in roots.items()]
+    handles += [m.register_forward_pre_hook(lambda m, a: layer_order.append(names[m]))
+                for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    try:
+        with torch.no_grad():
+            call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    repeated = sorted({n for n in layer_order if layer_order.count(n) > 1} | {n for n in block_order if block_order.count(n) > 1})
+    if repeated:
+        raise AdaroundError(f"module(s) called more than once in one forward, e.g. {repeated[0]!r}; "
+                            "AdaRound needs one input per layer and sample")
+    blocks = []
+    for block in block_order:
+        layers = [(n, model.get_submodule(n)) for n in layer_order if n == block or n.startswith(block + ".")]
+        if layers:
+            blocks.append((block, roots[block], layers))
+    outside = set(layer_order) - {n for _, _, layers in blocks for n, _ in layers}
+    if outside:
+        raise AdaroundError(f"layer {sorted(outside)[0]!r} runs outside the model's top-level blocks")
+    return _Plan(blocks)
+
+
+class _QuantizedMode:
+    """The model's quantized form without a second copy: while active, each rounded layer computes with its
+    dequantized integer codes, and each GroupNorm/LayerNorm with its weight rounded to nearest by AIMET's
+    quantizer, swapped in just for its own forward."""
+
+    def __init__(self, model: nn.Module, config: AdaroundConfig):
+        self.codes: dict[str, tuple[torch.Tensor, WeightGrid]] = {}
+        self.nearest = {name: aimet_quantizer(m.weight, config.param_bw, False, config.quant_scheme)
+                        for name, m in model.named_modules() if isinstance(m, NEAREST_TYPES) and m.weight is not None}
+        self.model = model
+
+    def weight_for(self, name: str, module: nn.Module) -> torch.Tensor | None:
+        if name in self.codes:
+            codes, grid = self.codes[name]
+            return dequantize(codes.to(module.weight.device), grid)
+        if name in self.nearest:
+            with torch.no_grad():
+                return self.nearest[name](module.weight).as_subclass(torch.Tensor)
+        return None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        saved: dict[nn.Module, nn.Parameter] = {}
+        handles = []
+        for name in (*self.codes, *self.nearest):
+            module = self.model.get_submodule(name)
+
+            def swap_in(m, args, name=name):
+                saved[m] = m._parameters["weight"]
+                m._parameters["weight"] = nn.Parameter(self.weight_for(name, m).to(saved[m].dtype), requires_grad=False)
+
+            def swap_out(m, args, output):
+                m._parameters["weight"] = saved.pop(m)
+
+            handles += [module.register_forward_pre_hook(swap_in), module.register_forward_hook(swap_out)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module, weight in saved.items():  # a forward stopped inside a module must not keep its swap
+                module._parameters["weight"] = weight
+
+
+# --- per layer ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: list[int]
+    iterations: int
+    mse_nearest: float
+    mse_soft_before: float
+    mse_after: float
+    seconds: float
+    peak_rss_bytes: int
+    cache_bytes_in_memory: int
+    cache_bytes_on_disk: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _layer_output(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight, layer.bias)
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def optimize_layer(layer: nn.Module, grid: WeightGrid, inputs: _Rows, targets: _Rows, config: AdaroundConfig,
+                   act_func: nn.Module | None, device: torch.device, generator: torch.Generator,
+                   progress: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """AIMET's per-layer optimisation on cached inputs (quantized path) and targets (float path).
+
+    Returns the learned alpha and the reconstruction MSEs, computed as AIMET logs them: on the first sample,
+    nearest rounding (hard rounding at the warm start), soft rounding before, hard rounding after.
+    """
+    weight = layer.weight.detach().to(device, torch.float32)
+    grid = WeightGrid(grid.scale.to(device), grid.offset.to(device), grid.qmin, grid.qmax, grid.encodings)
+    alpha = nn.Parameter(initial_alpha(weight, grid))
+    iterations = config.num_iterations
+    params = AdaroundHyperParameters(iterations, config.reg_param, config.beta_range, config.warm_start)
+    act = act_func or (lambda t: t)
+
+    first = list(range(inputs.first_batch))  # AIMET measures on the first calibration batch
+
+    def mses() -> tuple[float, float]:
+        x0 = inputs.read(first).to(device, torch.float32)
+        y0 = act(targets.read(first).to(device, torch.float32))
+        with torch.no_grad():
+            hard = act(_layer_output(layer, x0, dequantize(integer_codes(weight, alpha, grid), grid)))
+            soft = act(_layer_output(layer, x0, soft_rounded(weight, alpha, grid)))
+        return F.mse_loss(hard, y0).item(), F.mse_loss(soft, y0).item()
+
+    nearest, soft_before = mses()
+    optimizer = torch.optim.Adam([alpha])
+    rows = inputs.rows
+    # an inner bar only where a layer takes long enough to watch
+    for iteration in tqdm(range(iterations), desc="iterations", leave=False, unit="it",
+                          disable=not progress or iterations < 500):
+        indices = torch.randperm(rows, generator=generator)[:MINIBATCH].tolist()
+        x = inputs.read(indices).to(device, torch.float32)
+        y = act(targets.read(indices).to(device, torch.float32))
+        optimizer.zero_grad()
+        out = act(_layer_output(layer, x, soft_rounded(weight, alpha, grid)))
+        loss = AdaroundLoss.compute_recon_loss(out, y) + AdaroundLoss.compute_round_loss(alpha, params, iteration)
+        loss.backward()
+        optimizer.step()
+    after, _ = mses()
+    return alpha.detach(), {"mse_nearest": nearest, "mse_soft_before": soft_before, "mse_after": after}
+
+
+# --- the whole model ---------------------------------------------------------------------------------------
+
+@dataclass
+class AdaroundResult:
+    """What :func:`adaround` did: per-layer reports, each layer's grid and AIMET-form encodings."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    grids: dict[str, WeightGrid] = field(default_factory=dict)
+    seconds: float = 0.0
+    samples: int = 0
+
+    def param_encodings(self, prefix: str = "") -> dict[str, list[dict[str, Any]]]:
+        """``{"<prefix><layer>.weight": [AIMET 0.6.1 encoding per channel]}`` for every AdaRounded layer."""
+        return {f"{prefix}{name}.weight": grid.encodings for name, grid in self.grids.items()}
+
+    def summary(self) -> dict[str, Any]:
+        reports = self.layers
+        gain = [r.mse_nearest / r.mse_after for r in reports if r.mse_after > 0]
+        return {
+            "layers": len(reports),
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "mse_nearest_total": sum(r.mse_nearest for r in reports),
+            "mse_after_total": sum(r.mse_after for r in reports),
+            "layers_improved": sum(r.mse_after < r.mse_nearest for r in reports),
+            "median_gain_over_nearest": sorted(gain)[len(gain) // 2] if gain else None,
+            "peak_rss_bytes": max((r.peak_rss_bytes for r in reports), default=0),
+        }
+
+
+def _capture_block_inputs(model: nn.Module, block_name: str, block: nn.Module,
+                          calls: Sequence[Callable[[nn.Module], Any]], store: _StructureCache) -> None:
+    """Run the model on each sample until ``block`` is called; cache what it is called with."""
+    for index, call in enumerate(calls):
+        def hook(m, args, kwargs, index=index):
+            store.write(index, _call_state(m, args, kwargs))
+            raise _Stop
+
+        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                call(model)
+        except _Stop:
+            pass
+        else:
+            raise AdaroundError(f"calibration sample {index} did not reach block {block_name!r}")
+        finally:
+            handle.remove()
+
+
+def _capture_layer(block: nn.Module, layer: nn.Module, store: _StructureCache, rows: int, cache: ActivationCache,
+                   device: torch.device, want: str) -> _Rows:
+    """Run ``block`` on each cached input until ``layer`` has run; cache its input (``want="input"``) or output."""
+    buffer: _Rows | None = None
+    for index in range(rows):
+        captured = {}
+
+        def hook(m, args, output):
+            captured["value"] = args[0] if want == "input" else output
+            raise _Stop
+
+        handle = layer.register_forward_hook(hook)
+        state = store.read(index, device)
+        try:
+            with torch.no_grad(), _replayed(block, state):
+                block(*state[0], **state[1])
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "value" not in captured:
+            raise AdaroundError(f"layer did not run when its block was replayed on sample {index}")
+        value = captured["value"]
+        if buffer is None:  # AIMET concatenates samples along the batch axis: one row per batch element
+            batch = value.shape[0]
+            buffer = cache.buffer(rows * batch, value.shape[1:])
+            buffer.first_batch = batch
+        if value.shape[0] != buffer.first_batch or tuple(value.shape[1:]) != buffer.shape:
+            raise AdaroundError(f"calibration sample {index} gives this layer {tuple(value.shape)}, sample 0 gave "
+                                f"{(buffer.first_batch, *buffer.shape)}; every sample must have the same shapes")
+        for row in range(value.shape[0]):
+            buffer.write(index * value.shape[0] + row, value[row])
+    return buffer
+
+
+def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], config: AdaroundConfig = AdaroundConfig(),
+             *, act_funcs: dict[str, nn.Module | None] | None = None, progress: bool = True,
+             on_layer: Callable[[LayerReport], None] | None = None) -> AdaroundResult:
+    """AdaRound every Conv2d and Linear of ``model`` in place; ``calls`` run the model on one calibration sample
+    each (``lambda m: m(**inputs)``). Layers are optimized in forward order, as AIMET does; on return their
+    weights are the hard-rounded values, exactly on the grids of ``result.grids``.
+
+    ``act_funcs`` maps a layer name to the activation AIMET's connected graph finds right after it (its loss is
+    taken after that activation); see :func:`aimet_act_funcs`.
+    """
+    if not calls:
+        raise AdaroundError("no calibration samples")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdaroundError("device 'cuda' was asked for, but torch sees no CUDA device")
+    started = time.perf_counter()
+    model.eval().to(device)
+    plan = plan_layers(model, calls[0])
+    quantized = _QuantizedMode(model, config)
+    cache = ActivationCache(_CACHE_DTYPES[config.cache_dtype], config.cache_budget, config.cache_dir)
+    generator = torch.Generator().manual_seed(config.seed)
+    result = AdaroundResult(samples=len(calls))
+    act_funcs = act_funcs or {}
+    total = sum(len(layers) for _, _, layers in plan.blocks)
+    bar = tqdm(total=total, desc="adaround", unit="layer", disable=not progress)
+    try:
+        for block_name, block, layers in plan.blocks:
+            float_inputs = _StructureCache(cache, len(calls))
+            _capture_block_inputs(model, block_name, block, calls, float_inputs)
+            quant_inputs = _StructureCache(cache, len(calls))
+            with quantized.active():
+                _capture_block_inputs(model, block_name, block, calls, quant_inputs)
+            for name, layer in layers:
+                start = time.perf_counter()
+                with quantized.active():
+                    inputs = _capture_layer(block, layer, quant_inputs, len(calls), cache, device, "input")
+                targets = _capture_layer(block, layer, float_inputs, len(calls), cache, device, "output")
+                grid = weight_grid(layer.weight, config)
+                alpha, mses = optimize_layer(layer, grid, inputs, targets, config, act_funcs.get(name), device,
+                                             generator, progress)
+                codes = integer_codes(layer.weight.to(device), alpha, _grid_on(grid, device)).to(_code_dtype(grid))
+                quantized.codes[name] = (codes.cpu(), grid)
+                result.grids[name] = grid
+                report = LayerReport(name, list(layer.weight.shape), config.num_iterations, **mses,
+                                     seconds=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes(),
+                                     cache_bytes_in_memory=cache.bytes_in_memory, cache_bytes_on_disk=cache.bytes_on_disk)
+                inputs.release()
+                targets.release()
+                result.layers.append(report)
+                if on_layer:
+                    on_layer(report)
+                bar.update(1)
+                bar.set_postfix_str(f"{name} mse {mses['mse_nearest']:.3g}->{mses['mse_after']:.3g}")
+            float_inputs.release()
+            quant_inputs.release()
+        with torch.no_grad():  # fold: the model's weights become the rounded ones
+            for name, (codes, grid) in quantized.codes.items():
+                layer = model.get_submodule(name)
+                layer.weight.copy_(dequantize(codes.to(layer.weight.device), _grid_on(grid, layer.weight.device)))
+    finally:
+        bar.close()
+        cache.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _grid_on(grid: WeightGrid, device) -> WeightGrid:
+    return WeightGrid(grid.scale.to(device), grid.offset.to(device), grid.qmin, grid.qmax, grid.encodings)
+
+
+def aimet_act_funcs(model: nn.Module, dummy_input: tuple, prefix: str = "") -> dict[str, nn.Module | None]:
+    """AIMET's own pairing of each layer with the activation right after it (``get_module_act_func_pair``),
+    keyed by layer name inside ``model`` (``prefix`` strips a wrapper's name)."""
+    from aimet_torch.meta import connectedgraph_utils
+
+    pairs = connectedgraph_utils.get_module_act_func_pair(model, dummy_input)
+    names = {m: n for n, m in model.named_modules()}
+    return {names[m][len(prefix):]: act for m, act in pairs.items() if isinstance(m, LAYER_TYPES) and act is not None}

@@ -1,0 +1,162 @@
+"""``pasd-verify adaround`` on files: load, check, AdaRound, and write every output or none.
+
+Outputs in ``out_dir``: ``adarounded.safetensors`` (the model with its rounded weights folded in, SHA names by
+default), ``param_encodings.encodings`` (AIMET format 1.0.0, or 0.6.1; optionally both), ``report.json`` (per layer
+and totals) and ``adaround.png`` (memory and loss per layer). Everything is checked before the long work starts,
+the outputs are staged in a hidden folder and moved into place only when all of them exist.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file, save_state_dict_file
+from ..encodings import SUPPORTED_VERSIONS, convert_version, save_encodings
+from ..errors import PasdVerifyError
+from ..io import write_json
+from ..loading import build_model, choose_model, load_model, parameter_shapes
+from ..models import PASDControlNetModel, PASDUNet2DConditionModel
+from ..presets import build_pasd, build_unet
+from ..sha import convert_to_sha
+from .adaround import AdaroundConfig, AdaroundResult, adaround
+from .calibration import load_samples, model_calls, seeded_samples
+
+_SHA_KEY = "_convs."
+
+
+def param_encodings_file(result: AdaroundResult, version: str = "1.0.0", prefix: str = "") -> dict[str, Any]:
+    """The AdaRounded layers' parameter encodings as an AIMET encodings file of ``version``."""
+    encodings = {"version": "0.6.1", "activation_encodings": {}, "param_encodings": result.param_encodings(prefix),
+                 "excluded_layers": [], "quantizer_args": {}}
+    return convert_version(encodings, version)
+
+
+def load_for_adaround(model_config: str | os.PathLike, state_dict: str | os.PathLike, *, form: str = "sha",
+                      model_class: str | None = None) -> nn.Module:
+    """The model a config and an MHA or SHA checkpoint describe, in ``form``: an MHA checkpoint is rewritten
+    to SHA in memory for ``form="sha"``; an SHA checkpoint loads into the SHA model directly."""
+    state_dict = Path(state_dict)
+    shapes = checkpoint_shapes(state_dict)
+    is_sha = any(_SHA_KEY in k for k in shapes)
+    if not is_sha:
+        model = load_model(model_config, model_class=model_class, weights=state_dict)
+        if form == "sha":
+            convert_to_sha(model)
+        return model
+    if form != "sha":
+        raise PasdVerifyError(f"{state_dict}: holds an SHA checkpoint; AdaRound it with --form sha")
+    choice = choose_model(model_config, shapes, model_class=model_class)
+    model = build_model(model_config, choice, device="meta")
+    convert_to_sha(model)
+    check_checkpoint_matches(shapes, parameter_shapes(model), f"{state_dict} (SHA form)")
+    model.load_state_dict(load_state_dict_file(state_dict), strict=True, assign=True)
+    return model.eval()
+
+
+def preset_model(preset: str, kind: str, *, seed: int = 0) -> tuple[nn.Module, PASDControlNetModel | None]:
+    """An embedded seeded model: ``kind`` is ``unet``, ``pasd-unet`` (with its ControlNet) or ``pasd-controlnet``."""
+    if kind == "unet":
+        return build_unet(preset, seed=seed), None
+    unet, controlnet = build_pasd(preset, seed=seed)
+    return (unet, controlnet) if kind == "pasd-unet" else (controlnet, None)
+
+
+def plot_report(layers: list[dict[str, Any]], path: Path) -> None:
+    """Peak memory and reconstruction error per layer, as ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = range(len(layers))
+    fig, (mem, loss) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    mem.plot(x, [r["peak_rss_bytes"] / 2**20 for r in layers], label="peak RSS so far")
+    mem.plot(x, [r["cache_bytes_in_memory"] / 2**20 for r in layers], label="activation cache in memory")
+    mem.plot(x, [r["cache_bytes_on_disk"] / 2**20 for r in layers], label="activation cache on disk")
+    mem.set_ylabel("MiB")
+    mem.legend(loc="upper left")
+    loss.semilogy(x, [max(r["mse_nearest"], 1e-30) for r in layers], ".", label="nearest rounding")
+    loss.semilogy(x, [max(r["mse_after"], 1e-30) for r in layers], ".", label="AdaRound")
+    loss.set_ylabel("reconstruction MSE")
+    loss.set_xlabel("layer (forward order)")
+    loss.legend(loc="upper left")
+    fig.suptitle(f"AdaRound: {len(layers)} layers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def adaround_files(model: nn.Module, out_dir: str | os.PathLike, config: AdaroundConfig, *,
+                   controlnet: PASDControlNetModel | None = None, calibration: str | os.PathLike | None = None,
+                   samples: int = 8, latent: tuple[int, int] | None = None, encodings_version: str = "1.0.0",
+                   both_versions: bool = False, source: dict[str, Any] | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """AdaRound ``model`` (in place) on calibration samples and write the outputs into ``out_dir``, all or none.
+
+    ``calibration`` is a folder of samples (:mod:`pasd_verify.quant.calibration`); without it, ``samples``
+    seeded ones at ``latent`` (default: the config's sample size). A PASD UNet needs its ``controlnet``.
+    Returns the report that is also written as ``report.json``.
+    """
+    if encodings_version not in SUPPORTED_VERSIONS:
+        raise PasdVerifyError(f"encodings version {encodings_version!r} is not one of {SUPPORTED_VERSIONS}")
+    out_dir = Path(out_dir)
+    control = isinstance(model, (PASDUNet2DConditionModel, PASDControlNetModel))
+    if isinstance(model, PASDUNet2DConditionModel) and controlnet is None:
+        raise PasdVerifyError("a PASD UNet is calibrated on its ControlNet's residuals: give the ControlNet too")
+    if calibration is not None:
+        data = load_samples(calibration, model, control=control)
+    else:
+        if samples < 1:
+            raise PasdVerifyError(f"--samples must be at least 1, got {samples}")
+        data = seeded_samples(model, samples, latent=latent, seed=config.seed, control=control)
+    calls = model_calls(model, data, controlnet=controlnet, device=config.device)
+
+    started = time.perf_counter()
+    result = adaround(model, calls, config, progress=progress)
+    layers = [r.as_dict() for r in result.layers]
+    report = {
+        "tool": "pasd-verify", "version": __version__, "command": "adaround", "source": source or {},
+        "config": asdict(config), "calibration": str(calibration) if calibration else f"{len(data)} seeded samples",
+        "samples": len(data), "sample_shapes": {k: list(v.shape) for k, v in data[0].items()},
+        "totals": {**result.summary(), "seconds_total": time.perf_counter() - started}, "layers": layers,
+    }
+    other = [v for v in SUPPORTED_VERSIONS if v != encodings_version]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
+    try:
+        save_state_dict_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                             staging / "adarounded.safetensors")
+        save_encodings(param_encodings_file(result, encodings_version), staging / "param_encodings.encodings")
+        if both_versions:
+            save_encodings(param_encodings_file(result, other[0]), staging / f"param_encodings.{other[0]}.encodings")
+        plot_report(layers, staging / "adaround.png")
+        report["outputs"] = sorted(p.name for p in staging.iterdir()) + ["report.json"]
+        write_json(staging / "report.json", report)
+        for path in staging.iterdir():
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+OUTPUT_NAMES = ("adarounded.safetensors", "param_encodings.encodings", "param_encodings.0.6.1.encodings",
+                "param_encodings.1.0.0.encodings", "report.json", "adaround.png")
+
+
+def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLike | None]) -> None:
+    """Refuse an output folder where an output would replace one of the inputs."""
+    outputs = {(Path(out_dir) / name).resolve() for name in OUTPUT_NAMES}
+    for path in inputs:
+        if path is not None and Path(path).exists() and Path(path).resolve() in outputs:
+            raise PasdVerifyError(f"{path}: an output would overwrite this input; choose another --out")
+
