@@ -28,7 +28,7 @@ from pasd_verify.loading import (
 )
 from pasd_verify.models import PASDControlNetModel, PASDUNet2DConditionModel, pasd_forward
 from pasd_verify.presets import build_pasd, pasd_inputs
-from strategies import as_pasd_writes_it, small_model_configs
+from strategies import as_pasd_writes_it, sha_tolerance, small_model_configs
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -109,10 +109,13 @@ def test_load_model_gives_the_pasd_models_with_their_weights(pasd_folders, pasd_
     for original, loaded in ((unet, loaded_unet), (controlnet, loaded_controlnet)):
         a, b = original.state_dict(), loaded.state_dict()
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # Bit-identical weights are the law of loading; the forward may still differ in the last bits, since the CPU
+    # kernels choose their code path by memory alignment, which differs between the built and the loaded tensors.
     inputs = pasd_inputs(unet, latent=(8, 8), seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(pasd_forward(loaded_unet, loaded_controlnet, **inputs)[0],
-                                   pasd_forward(unet, controlnet, **inputs)[0], rtol=0, atol=0)
+        reference = pasd_forward(unet, controlnet, **inputs)[0]
+        loaded = pasd_forward(loaded_unet, loaded_controlnet, **inputs)[0]
+    assert (loaded - reference).abs().max() <= sha_tolerance(torch.float32) * reference.abs().max()
 
 
 def test_model_class_overrides_and_unknown_names_are_refused(pasd_folders):
