@@ -6,8 +6,11 @@ HYPOTHESIS_PROFILE selects a profile: ``ci`` (the default; bounded so the defaul
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+pytest_plugins = ("pytester",)
 
 # Tests measure numbers, not threads; two threads match CI's two cores and keep timings comparable.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -19,3 +22,64 @@ settings.register_profile("ci", max_examples=50, deadline=None, suppress_health_
 settings.register_profile("dev", max_examples=8, deadline=None, suppress_health_check=_SLOW_DATA)
 settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=_SLOW_DATA, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# --- the memory gate: peak RSS growth of every memory benchmark against a committed baseline -----------------
+
+MEMORY_BASELINE = os.path.join(os.path.dirname(__file__), "tests", "memory_baseline.json")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("memory gate")
+    group.addoption("--memory-gate", action="store_true",
+                    help="fail a memory benchmark whose peak RSS growth exceeds tests/memory_baseline.json by >10%")
+    group.addoption("--memory-baseline", default=MEMORY_BASELINE, help="the baseline file (default: %(default)s)")
+    group.addoption("--memory-baseline-update", action="store_true",
+                    help="write this run's peak RSS growths into the baseline file (on purpose only)")
+
+
+class MemoryRecorder:
+    """What the memory benchmarks measured this session, checked against the baseline as each is recorded."""
+
+    def __init__(self, config):
+        from pasd_verify.memory import load_baseline
+
+        self.gate = config.getoption("--memory-gate")
+        self.update = config.getoption("--memory-baseline-update")
+        self.path = config.getoption("--memory-baseline")
+        self.baseline = load_baseline(self.path) if self.gate else {}
+        self.measured: dict[str, int] = {}
+
+    def record(self, request, benchmark, growth_bytes: int) -> None:
+        """Record one benchmark's peak RSS growth (also into its pytest-benchmark ``extra_info``); under
+        ``--memory-gate`` fail the test, naming the benchmark and by how much, when it regressed."""
+        import pytest
+
+        from pasd_verify.memory import regression
+
+        name = request.node.name
+        benchmark.extra_info["peak_rss_growth_bytes"] = int(growth_bytes)
+        self.measured[name] = int(growth_bytes)
+        if self.gate and not self.update:
+            why = regression(name, int(growth_bytes), self.baseline)
+            if why:
+                pytest.fail(f"memory regression: {why}", pytrace=False)
+
+
+def pytest_configure(config):
+    config._memory_recorder = MemoryRecorder(config)
+
+
+def pytest_sessionfinish(session):
+    recorder = getattr(session.config, "_memory_recorder", None)
+    if recorder and recorder.update and recorder.measured:
+        from pasd_verify.memory import save_baseline
+
+        save_baseline(recorder.path, recorder.measured)
+
+
+@pytest.fixture
+def peak_memory(request):
+    """``peak_memory(benchmark, growth_bytes)`` records a memory benchmark's figure and applies the gate."""
+    recorder = request.config._memory_recorder
+    return lambda benchmark, growth_bytes: recorder.record(request, benchmark, growth_bytes)

@@ -60,7 +60,7 @@ def sd15_checkpoints(tmp_path_factory, sd15_unet):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
-def test_bench_sd15_checkpoint_rewrite_peak_memory(benchmark, sd15_checkpoints, fmt):
+def test_bench_sd15_checkpoint_rewrite_peak_memory(benchmark, peak_memory, sd15_checkpoints, fmt):
     benchmark.group = "sd15-checkpoint-rewrite"
     src, dst = sd15_checkpoints / f"state_dict_mha.{fmt}", sd15_checkpoints / f"state_dict_sha.{fmt}"
     measured = benchmark.pedantic(
@@ -68,9 +68,9 @@ def test_bench_sd15_checkpoint_rewrite_peak_memory(benchmark, sd15_checkpoints, 
         rounds=1,
     )
     checkpoint_bytes = src.stat().st_size
+    peak_memory(benchmark, measured["growth_bytes"])
     benchmark.extra_info.update(
         checkpoint_bytes=checkpoint_bytes,
-        peak_rss_growth_bytes=measured["growth_bytes"],
         peak_rss_growth_over_checkpoint=measured["growth_bytes"] / checkpoint_bytes,
         child_seconds=measured["seconds"],
     )
@@ -114,7 +114,7 @@ def _synthetic_encodings(model, version: str) -> dict:
 
 
 @pytest.mark.parametrize("version", ["0.6.1", "1.0.0"])
-def test_bench_sd15_encodings_rewrite(benchmark, sd15_checkpoints, sd15_unet, version):
+def test_bench_sd15_encodings_rewrite(benchmark, peak_memory, sd15_checkpoints, sd15_unet, version):
     from pasd_verify.encodings import save_encodings
 
     benchmark.group = "sd15-encodings-rewrite"
@@ -124,8 +124,8 @@ def test_bench_sd15_encodings_rewrite(benchmark, sd15_checkpoints, sd15_unet, ve
         peak_rss_of, args=("pasd_verify.convert:convert_encodings_file", str(sd15_checkpoints), str(src), str(dst)),
         rounds=1,
     )
-    benchmark.extra_info.update(encodings_bytes=src.stat().st_size, peak_rss_growth_bytes=measured["growth_bytes"],
-                                child_seconds=measured["seconds"], **measured["result"])
+    peak_memory(benchmark, measured["growth_bytes"])
+    benchmark.extra_info.update(encodings_bytes=src.stat().st_size, child_seconds=measured["seconds"], **measured["result"])
     print(f"\n{version}: {src.stat().st_size / 2**20:.1f} MiB of encodings, rewrite {measured['seconds']:.2f} s, "
           f"peak RSS growth {measured['growth_bytes'] / 2**20:.0f} MiB, {measured['result']}")
     assert measured["result"]["param_encodings_split"] == 96

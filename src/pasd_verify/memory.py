@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .errors import PasdVerifyError
+from .io import write_json
+
+# A memory benchmark regresses when its peak RSS growth exceeds the committed baseline by more than this fraction.
+REGRESSION_TOLERANCE = 0.10
+# Below this many bytes a difference is not a regression: glibc's allocator hands memory out in arenas and the
+# kernel counts RSS in pages, so two runs of the same code differ by a few MiB whatever their size.
+NOISE_FLOOR_BYTES = 16 * 2**20
 
 
 def _status_kib(field: str) -> int:
@@ -55,6 +64,45 @@ def _child(target: str, args_json: str) -> None:
         "baseline_bytes": baseline * 1024, "peak_bytes": peak * 1024, "growth_bytes": (peak - baseline) * 1024,
         "seconds": seconds, "result": result,
     }))
+
+
+def load_baseline(path: str | os.PathLike) -> dict[str, int]:
+    """The committed baseline: ``{benchmark id: peak RSS growth in bytes}`` (empty if the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        body = json.loads(path.read_text())
+        values = body["peak_rss_growth_bytes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PasdVerifyError(f"{path}: not a memory baseline (expected {{'peak_rss_growth_bytes': {{id: bytes}}}}): "
+                              f"{e}") from None
+    bad = [k for k, v in values.items() if not isinstance(v, int) or v < 0]
+    if bad:
+        raise PasdVerifyError(f"{path}: baseline entry {bad[0]!r} is {values[bad[0]]!r}, expected a byte count >= 0")
+    return values
+
+
+def save_baseline(path: str | os.PathLike, measured: dict[str, int]) -> None:
+    """Merge ``measured`` into the baseline at ``path`` (entries not measured this run are kept), atomically."""
+    values = {**load_baseline(path), **measured}
+    write_json(path, {"about": "peak RSS growth of each memory benchmark, bytes; refresh on purpose only "
+                               "(README: Benchmarks)", "peak_rss_growth_bytes": dict(sorted(values.items()))})
+
+
+def regression(name: str, growth: int, baseline: dict[str, int], *,
+               tolerance: float = REGRESSION_TOLERANCE, floor: int = NOISE_FLOOR_BYTES) -> str | None:
+    """Why ``growth`` bytes is a regression for benchmark ``name`` against ``baseline``, or None if it is not.
+
+    A benchmark missing from the baseline is a failure too: every memory benchmark must be gated.
+    """
+    if name not in baseline:
+        return f"{name}: no baseline entry; refresh the baseline on purpose (README: Benchmarks)"
+    allowed = baseline[name] * (1 + tolerance)
+    if growth > allowed and growth - baseline[name] > floor:
+        return (f"{name}: peak RSS growth {growth / 2**20:.1f} MiB is {growth / max(baseline[name], 1) - 1:+.1%} over "
+                f"the baseline {baseline[name] / 2**20:.1f} MiB (allowed: +{tolerance:.0%})")
+    return None
 
 
 if __name__ == "__main__":
