@@ -340,9 +340,15 @@ def _replayed(module: nn.Module, state: tuple) -> Iterator[None]:
 
 @dataclass
 class _Plan:
-    """Blocks in call order, each with its AdaRound layers in call order."""
+    """Blocks in call order, each with its AdaRound layers in call order, grouped: the layers of one group are
+    called one after another on the very same input tensor (an SHA module's per-head q/k/v convs), so nothing
+    one of them does can change another's input, and one capture of that input serves them all."""
 
-    blocks: list[tuple[str, nn.Module, list[tuple[str, nn.Module]]]]
+    blocks: list[tuple[str, nn.Module, list[list[tuple[str, nn.Module]]]]]
+
+    @property
+    def layers(self) -> int:
+        return sum(len(group) for _, _, groups in self.blocks for group in groups)
 
 
 def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any]) -> _Plan:
@@ -351,13 +357,22 @@ def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any]) -> _Plan:
     names = {m: n for n, m in model.named_modules()}
     block_order: list[str] = []
     layer_order: list[str] = []
+    shares_input: set[str] = set()  # layers called on the same tensor object as the layer called before them
+    previous: list[Any] = [None]
+
+    def on_layer(m, args):
+        layer_order.append(names[m])
+        if args and args[0] is previous[0]:
+            shares_input.add(names[m])
+        previous[0] = args[0] if args else None
+
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: block_order.append(n)) for n, m in roots.items()]
-    handles += [m.register_forward_pre_hook(lambda m, a: layer_order.append(names[m]))
-                for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    handles += [m.register_forward_pre_hook(on_layer) for m in model.modules() if isinstance(m, LAYER_TYPES)]
     try:
         with torch.no_grad():
             call(model)
     finally:
+        previous[0] = None
         for h in handles:
             h.remove()
     repeated = sorted({n for n in layer_order if layer_order.count(n) > 1} | {n for n in block_order if block_order.count(n) > 1})
@@ -366,10 +381,16 @@ def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any]) -> _Plan:
                             "AdaRound needs one input per layer and sample")
     blocks = []
     for block in block_order:
-        layers = [(n, model.get_submodule(n)) for n in layer_order if n == block or n.startswith(block + ".")]
-        if layers:
-            blocks.append((block, roots[block], layers))
-    outside = set(layer_order) - {n for _, _, layers in blocks for n, _ in layers}
+        groups: list[list[tuple[str, nn.Module]]] = []
+        for n in layer_order:
+            if n == block or n.startswith(block + "."):
+                if groups and n in shares_input:
+                    groups[-1].append((n, model.get_submodule(n)))
+                else:
+                    groups.append([(n, model.get_submodule(n))])
+        if groups:
+            blocks.append((block, roots[block], groups))
+    outside = set(layer_order) - {n for _, _, groups in blocks for group in groups for n, _ in group}
     if outside:
         raise AdaroundError(f"layer {sorted(outside)[0]!r} runs outside the model's top-level blocks")
     return _Plan(blocks)
@@ -548,18 +569,20 @@ def _capture_block_inputs(model: nn.Module, block_name: str, block: nn.Module,
             handle.remove()
 
 
-def _capture_layer(block: nn.Module, layer: nn.Module, store: _StructureCache, rows: int, cache: ActivationCache,
-                   device: torch.device, want: str) -> _Rows:
-    """Run ``block`` on each cached input until ``layer`` has run; cache its input (``want="input"``) or output."""
-    buffer: _Rows | None = None
+def _capture(block: nn.Module, layers: Sequence[nn.Module], store: _StructureCache, rows: int,
+             cache: ActivationCache, device: torch.device, want: str) -> list[_Rows]:
+    """Run ``block`` on each cached input until every one of ``layers`` has run; cache each one's input
+    (``want="input"``) or output, one buffer per layer."""
+    buffers: list[_Rows | None] = [None] * len(layers)
     for index in range(rows):
-        captured = {}
+        captured: dict[int, torch.Tensor] = {}
 
-        def hook(m, args, output):
-            captured["value"] = args[0] if want == "input" else output
-            raise _Stop
+        def hook(m, args, output, i: int):
+            captured[i] = args[0] if want == "input" else output
+            if len(captured) == len(layers):
+                raise _Stop
 
-        handle = layer.register_forward_hook(hook)
+        handles = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, layer in enumerate(layers)]
         state = store.read(index, device)
         try:
             with torch.no_grad(), _replayed(block, state):
@@ -567,20 +590,21 @@ def _capture_layer(block: nn.Module, layer: nn.Module, store: _StructureCache, r
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if "value" not in captured:
-            raise AdaroundError(f"layer did not run when its block was replayed on sample {index}")
-        value = captured["value"]
-        if buffer is None:  # AIMET concatenates samples along the batch axis: one row per batch element
-            batch = value.shape[0]
-            buffer = cache.buffer(rows * batch, value.shape[1:])
-            buffer.first_batch = batch
-        if value.shape[0] != buffer.first_batch or tuple(value.shape[1:]) != buffer.shape:
-            raise AdaroundError(f"calibration sample {index} gives this layer {tuple(value.shape)}, sample 0 gave "
-                                f"{(buffer.first_batch, *buffer.shape)}; every sample must have the same shapes")
-        for row in range(value.shape[0]):
-            buffer.write(index * value.shape[0] + row, value[row])
-    return buffer
+            for h in handles:
+                h.remove()
+        if len(captured) != len(layers):
+            raise AdaroundError(f"a layer did not run when its block was replayed on sample {index}")
+        for i, value in sorted(captured.items()):
+            if buffers[i] is None:  # AIMET concatenates samples along the batch axis: one row per batch element
+                buffers[i] = cache.buffer(rows * value.shape[0], value.shape[1:])
+                buffers[i].first_batch = value.shape[0]
+            buffer = buffers[i]
+            if value.shape[0] != buffer.first_batch or tuple(value.shape[1:]) != buffer.shape:
+                raise AdaroundError(f"calibration sample {index} gives a layer {tuple(value.shape)}, sample 0 gave "
+                                    f"{(buffer.first_batch, *buffer.shape)}; every sample must have the same shapes")
+            for row in range(value.shape[0]):
+                buffer.write(index * value.shape[0] + row, value[row])
+    return buffers
 
 
 def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], config: AdaroundConfig = AdaroundConfig(),
@@ -606,36 +630,40 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
     generator = torch.Generator().manual_seed(config.seed)
     result = AdaroundResult(samples=len(calls))
     act_funcs = act_funcs or {}
-    total = sum(len(layers) for _, _, layers in plan.blocks)
-    bar = tqdm(total=total, desc="adaround", unit="layer", disable=not progress)
+    bar = tqdm(total=plan.layers, desc="adaround", unit="layer", disable=not progress)
     try:
-        for block_name, block, layers in plan.blocks:
+        for block_name, block, groups in plan.blocks:
             float_inputs = _StructureCache(cache, len(calls))
             _capture_block_inputs(model, block_name, block, calls, float_inputs)
             quant_inputs = _StructureCache(cache, len(calls))
             with quantized.active():
                 _capture_block_inputs(model, block_name, block, calls, quant_inputs)
-            for name, layer in layers:
+            for group in groups:
                 start = time.perf_counter()
+                modules = [layer for _, layer in group]
                 with quantized.active():
-                    inputs = _capture_layer(block, layer, quant_inputs, len(calls), cache, device, "input")
-                targets = _capture_layer(block, layer, float_inputs, len(calls), cache, device, "output")
-                grid = weight_grid(layer.weight, config)
-                alpha, mses = optimize_layer(layer, grid, inputs, targets, config, act_funcs.get(name), device,
-                                             generator, progress)
-                codes = integer_codes(layer.weight.to(device), alpha, _grid_on(grid, device)).to(_code_dtype(grid))
-                quantized.codes[name] = (codes.cpu(), grid)
-                result.grids[name] = grid
-                report = LayerReport(name, list(layer.weight.shape), config.num_iterations, **mses,
-                                     seconds=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes(),
-                                     cache_bytes_in_memory=cache.bytes_in_memory, cache_bytes_on_disk=cache.bytes_on_disk)
+                    [inputs] = _capture(block, modules[:1], quant_inputs, len(calls), cache, device, "input")
+                targets = _capture(block, modules, float_inputs, len(calls), cache, device, "output")
+                capture_seconds = (time.perf_counter() - start) / len(group)
+                for (name, layer), target in zip(group, targets):
+                    start = time.perf_counter()
+                    grid = weight_grid(layer.weight, config)
+                    alpha, mses = optimize_layer(layer, grid, inputs, target, config, act_funcs.get(name), device,
+                                                 generator, progress)
+                    codes = integer_codes(layer.weight.to(device), alpha, _grid_on(grid, device)).to(_code_dtype(grid))
+                    quantized.codes[name] = (codes.cpu(), grid)
+                    result.grids[name] = grid
+                    report = LayerReport(name, list(layer.weight.shape), config.num_iterations, **mses,
+                                         seconds=capture_seconds + time.perf_counter() - start,
+                                         peak_rss_bytes=_peak_rss_bytes(), cache_bytes_in_memory=cache.bytes_in_memory,
+                                         cache_bytes_on_disk=cache.bytes_on_disk)
+                    target.release()
+                    result.layers.append(report)
+                    if on_layer:
+                        on_layer(report)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{name} mse {mses['mse_nearest']:.3g}->{mses['mse_after']:.3g}")
                 inputs.release()
-                targets.release()
-                result.layers.append(report)
-                if on_layer:
-                    on_layer(report)
-                bar.update(1)
-                bar.set_postfix_str(f"{name} mse {mses['mse_nearest']:.3g}->{mses['mse_after']:.3g}")
             float_inputs.release()
             quant_inputs.release()
         with torch.no_grad():  # fold: the model's weights become the rounded ones
