@@ -1,0 +1,75 @@
+"""aimet-torch's own AdaRound, run on the same models, data and settings as :func:`pasd_verify.quant.adaround.adaround`.
+
+It is the reference our AdaRound is checked against (the aimet test tier) and the baseline its memory and time
+are measured against (the bench tier): whatever ours computes or costs is a ratio to this, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Sequence
+
+import torch
+from aimet_torch._base.adaround.adaround_optimizer import AdaroundOptimizer
+from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+from aimet_torch.common.defs import QuantScheme
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..models import PASDControlNetModel
+from . import QUANTSIM_CONFIGS
+from .calibration import Sample
+
+SCHEMES = {"tf_enhanced": QuantScheme.post_training_tf_enhanced, "tf": QuantScheme.post_training_tf}
+
+
+class PASDUNetForQuantization(nn.Module):
+    """The PASD UNet with plain tensor inputs (the ControlNet's down residuals, then its mid residual, last), as
+    AIMET's tracing needs."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=list(residuals[:-1]),
+                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]
+
+
+def pasd_unet_rows(controlnet: PASDControlNetModel, samples: Sequence[Sample]) -> list[tuple[torch.Tensor, ...]]:
+    """Per sample ``(latent, timestep, text, *down residuals, mid residual)`` of the float ControlNet, with the
+    batch axis dropped (AIMET's DataLoader adds it back): the inputs of :class:`PASDUNetForQuantization`."""
+    rows = []
+    with torch.no_grad():
+        for s in samples:
+            _, down, mid = controlnet(s["latent"], s["timestep"], s["encoder_hidden_states"], s["control_image"])
+            rows.append(tuple(t[0] for t in (s["latent"], s["timestep"], s["encoder_hidden_states"], *down, mid)))
+    return rows
+
+
+def aimet_adaround(model: nn.Module, rows: Sequence[tuple[torch.Tensor, ...]], *, iterations: int, param_bw: int = 4,
+                   weights: str = "per_channel", quant_scheme: str = "tf_enhanced", cached: bool = True,
+                   folder: str | os.PathLike | None = None, seed: int = 0) -> tuple[nn.Module, str | None]:
+    """``Adaround.apply_adaround`` on a deep copy of ``model`` (called as ``model(*row)`` per sample, batch 1).
+
+    ``cached=False`` is AIMET's only memory lever (``AdaroundOptimizer.is_activation_caching_enabled``): two
+    partial forwards per optimisation step instead of a cache of every sample. Returns AIMET's rounded model and,
+    when ``folder`` is given, the path of its parameter encodings (``aimet.encodings``, 0.6.1 layout).
+    """
+    params = AdaroundParameters(DataLoader(list(rows), batch_size=1), len(rows), default_num_iterations=iterations,
+                                forward_fn=lambda m, batch: m(*batch))
+    dummy = tuple(t.unsqueeze(0) for t in rows[0])
+    previous = AdaroundOptimizer.is_activation_caching_enabled
+    AdaroundOptimizer.is_activation_caching_enabled = cached
+    torch.manual_seed(seed)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(folder) if folder is not None else tmp
+            rounded = Adaround.apply_adaround(
+                copy.deepcopy(model), dummy, params, out, "aimet", default_param_bw=param_bw,
+                default_quant_scheme=SCHEMES[quant_scheme], default_config_file=str(QUANTSIM_CONFIGS[weights]))
+    finally:
+        AdaroundOptimizer.is_activation_caching_enabled = previous
+    return rounded, (os.path.join(folder, "aimet.encodings") if folder is not None else None)
