@@ -208,3 +208,49 @@ def as_pasd_writes_it(config: dict) -> dict:
     stock = {"PASDUNet2DConditionModel": "UNet2DConditionModel", "PASDControlNetModel": "ControlNetModel"}
     return {**config, "_class_name": stock.get(config["_class_name"], config["_class_name"]),
             "_diffusers_version": "0.29.2"}
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One Conv2d or Linear layer with seeded weights, and seeded inputs for it, for AdaRound properties."""
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    tokens: int
+    samples: int
+    weight_scale: float
+    seed: int
+
+    def build(self) -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.kind == "conv":
+                layer = torch.nn.Conv2d(self.in_channels, self.out_channels, self.kernel, padding=self.kernel // 2)
+            else:
+                layer = torch.nn.Linear(self.in_channels, self.out_channels)
+            with torch.no_grad():
+                layer.weight.mul_(self.weight_scale)
+        return torch.nn.Sequential(layer).eval()
+
+    def inputs(self) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed + 1)
+        shape = (1, self.in_channels, self.tokens, self.tokens) if self.kind == "conv" else (1, self.tokens, self.in_channels)
+        return [torch.randn(*shape, generator=g) for _ in range(self.samples)]
+
+
+@st.composite
+def layer_cases(draw) -> LayerCase:
+    kind = draw(st.sampled_from(["conv", "linear"]))
+    return LayerCase(
+        kind=kind,
+        in_channels=draw(st.integers(1, 16)),
+        out_channels=draw(st.integers(1, 16)),
+        kernel=draw(st.sampled_from([1, 3])) if kind == "conv" else 1,
+        tokens=draw(st.integers(1, 6)),
+        samples=draw(st.integers(1, 3)),
+        # weights over several orders of magnitude: the grid must hold whatever the range
+        weight_scale=draw(st.sampled_from([1e-3, 1.0, 50.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )

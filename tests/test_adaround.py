@@ -1,0 +1,113 @@
+"""AdaRound laws: for any layer the rounded weights lie on the grid the encodings describe, each one step or less
+from its float value, and the activation cache gives the same result in memory and on disk; for the PASD UNet,
+AdaRound on MHA then convert gives the grids of AdaRound on SHA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pasd_verify import convert_to_sha
+from pasd_verify.convert import convert_files
+from pasd_verify.encodings import load_encodings, save_encodings
+from pasd_verify.presets import build_pasd
+from pasd_verify.quant.adaround import AdaroundConfig, adaround
+from pasd_verify.quant.calibration import model_calls, seeded_samples
+from pasd_verify.quant.workflow import param_encodings_file
+
+from strategies import layer_cases
+
+
+def _run(case, config):
+    model = case.build()
+    calls = [lambda m, x=x: m(x) for x in case.inputs()]
+    result = adaround(model, calls, config, progress=False)
+    return model, result
+
+
+@given(case=layer_cases(), bitwidth=st.integers(2, 8), weights=st.sampled_from(["per_channel", "per_tensor"]))
+def test_rounded_weights_lie_on_the_encoded_grid(case, bitwidth, weights):
+    original = case.build()[0].weight.detach().clone()
+    model, result = _run(case, AdaroundConfig(param_bw=bitwidth, iterations=3, weights=weights))
+    weight = model[0].weight.detach().double()
+    # the grid as the written encodings file describes it (AIMET 0.6.1: value = (q + offset) * scale,
+    # q in [0, 2^bw - 1]), read back independently of the tensors AdaRound used
+    entries = param_encodings_file(result, "0.6.1")["param_encodings"]["0.weight"]
+    assert len(entries) == (weight.shape[0] if weights == "per_channel" else 1)
+    for channel in range(weight.shape[0]):
+        e = entries[channel if weights == "per_channel" else 0]
+        assert e["bitwidth"] == bitwidth
+        scale, offset = float(e["scale"]), float(e["offset"])
+        q = weight[channel] / scale - offset
+        assert (q - q.round()).abs().max() < 1e-3, "a rounded weight is off the grid"
+        assert q.round().min() >= 0 and q.round().max() <= 2**bitwidth - 1, "a rounded weight is outside the grid"
+        # AdaRound only chooses between the two grid points around the float weight (or the clamped end)
+        lo, hi = offset * scale, (2**bitwidth - 1 + offset) * scale
+        nearest_ends = original[channel].double().clamp(lo, hi)
+        assert ((weight[channel] - nearest_ends).abs() <= scale * (1 + 1e-4)).all()
+
+
+@given(case=layer_cases())
+def test_cache_on_disk_gives_the_same_rounding_as_in_memory(case):
+    memory, in_memory = _run(case, AdaroundConfig(iterations=5, cache_budget=None))
+    disk, on_disk = _run(case, AdaroundConfig(iterations=5, cache_budget=0))
+    assert in_memory.layers[0].cache_bytes_on_disk == 0 and on_disk.layers[0].cache_bytes_in_memory == 0
+    assert on_disk.layers[0].cache_bytes_on_disk > 0
+    assert torch.equal(memory[0].weight, disk[0].weight)
+
+
+# --- AdaRound on MHA, then convert, against AdaRound on SHA ------------------------------------------------
+#
+# The law: a per-channel weight grid depends on that output channel's weights alone, and the SHA rewrite moves
+# the rows of q/k/v unchanged into the heads' convs, so AIMET's grid of SHA head i, channel c is computed from the
+# very numbers of MHA channel i * dim_head + c: converting the MHA AdaRound encodings must give exactly the SHA
+# AdaRound encodings. A per-tensor grid spans the whole tensor: converting copies the MHA grid to every head, while
+# each head's own min-max grid spans only its rows, so it is never coarser (scale <= the MHA scale) and the head
+# holding the MHA's extreme value gets exactly the MHA grid. (TF-enhanced grids come from an SQNR search over a
+# histogram, not from the extremes, so the per-tensor law is stated for min-max, "tf".)
+
+@pytest.fixture(scope="module")
+def tiny_pasd_folder(tmp_path_factory):
+    unet, controlnet = build_pasd("tiny", seed=0)
+    folder = tmp_path_factory.mktemp("adaround-law") / "unet"
+    unet.save_pretrained(folder)
+    return unet, controlnet, folder
+
+
+def _adaround_encodings(unet, controlnet, form: str, config: AdaroundConfig) -> dict:
+    model = copy.deepcopy(unet)
+    if form == "sha":
+        convert_to_sha(model)
+    samples = seeded_samples(model, 1, latent=(8, 8), control=True)
+    result = adaround(model, model_calls(model, samples, controlnet=controlnet), config, progress=False)
+    return param_encodings_file(result, "1.0.0")
+
+
+@pytest.mark.parametrize("weights,scheme", [("per_channel", "tf_enhanced"), ("per_tensor", "tf")])
+def test_adaround_on_mha_then_convert_gives_the_sha_grids(tiny_pasd_folder, tmp_path, weights, scheme):
+    unet, controlnet, folder = tiny_pasd_folder
+    config = AdaroundConfig(iterations=1, weights=weights, quant_scheme=scheme)
+    save_encodings(_adaround_encodings(unet, controlnet, "mha", config), tmp_path / "mha.encodings")
+    convert_files(folder, folder / "diffusion_pytorch_model.safetensors", tmp_path / "out",
+                  encodings=tmp_path / "mha.encodings")
+    converted = {e["name"]: e for e in load_encodings(tmp_path / "out" / "parameters_sha.encodings")["param_encodings"]}
+    direct = {e["name"]: e for e in _adaround_encodings(unet, controlnet, "sha", config)["param_encodings"]}
+    assert converted.keys() == direct.keys()
+    heads = [n for n in direct if "_convs." in n]
+    assert heads, "the tiny PASD UNet has SHA heads"
+    if weights == "per_channel":
+        assert all(converted[n] == direct[n] for n in direct)
+        return
+    assert all(converted[n] == direct[n] for n in direct if n not in heads)
+    by_module: dict[str, list[str]] = {}
+    for n in heads:
+        by_module.setdefault(n.rsplit(".", 2)[0], []).append(n)
+    for module, names in by_module.items():
+        mha_scale = converted[names[0]]["scale"][0]
+        own = [direct[n]["scale"][0] for n in names]
+        assert max(own) <= mha_scale * (1 + 1e-6), module
+        assert max(own) == pytest.approx(mha_scale, rel=1e-6), module
