@@ -17,10 +17,13 @@ MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DCondi
 # Numbers worth a column in the stage table, in the order shown.
 _SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "tolerance",
           "attention_modules_converted", "parameters_split", "tensors_out", "param_encodings_split",
-          "activation_encodings_copied", "roundtrip_bit_identical", "parameters_identical")
+          "activation_encodings_copied", "roundtrip_bit_identical", "parameters_identical", "reconstruction_gain",
+          "median_layer_gain", "layers_improved", "peak_rss_bytes")
 
 
-def _format(value: Any) -> str:
+def _format(value: Any, key: str = "") -> str:
+    if key.endswith("_bytes"):
+        return f"{value / 2**30:.2f}GiB"
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
@@ -30,7 +33,7 @@ def stage_table(stages: list[dict[str, Any]]) -> str:
     """A plain-text table: one row per stage, its status, time and key numbers."""
     rows = [("stage", "status", "seconds", "numbers")]
     for stage in stages:
-        numbers = ", ".join(f"{k}={_format(stage[k])}" for k in _SHOWN if k in stage)
+        numbers = ", ".join(f"{k}={_format(stage[k], k)}" for k in _SHOWN if k in stage)
         if "error" in stage:
             numbers = stage["error"].splitlines()[0]
         rows.append((stage["name"], stage["status"].upper(), f"{stage['seconds_total']:.2f}", numbers))
