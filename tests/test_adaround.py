@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from aimet_torch.adaround.adaround_loss import AdaroundLoss
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,7 +16,15 @@ from pasd_verify import convert_to_sha
 from pasd_verify.convert import convert_files
 from pasd_verify.encodings import load_encodings, save_encodings
 from pasd_verify.presets import build_pasd
-from pasd_verify.quant.adaround import AdaroundConfig, adaround
+from pasd_verify.quant.adaround import (
+    ActivationCache,
+    AdaroundConfig,
+    adaround,
+    initial_alpha,
+    reconstruction_backward,
+    soft_rounded,
+    weight_grid,
+)
 from pasd_verify.quant.calibration import model_calls, seeded_samples
 from pasd_verify.quant.workflow import param_encodings_file
 
@@ -111,3 +120,32 @@ def test_adaround_on_mha_then_convert_gives_the_sha_grids(tiny_pasd_folder, tmp_
         own = [direct[n]["scale"][0] for n in names]
         assert max(own) <= mha_scale * (1 + 1e-6), module
         assert max(own) == pytest.approx(mha_scale, rel=1e-6), module
+
+
+@given(case=layer_cases(), chunk=st.integers(1, 4))
+def test_chunked_minibatch_gradient_is_aimets_minibatch_gradient(case, chunk):
+    """In float64, where summation order cannot hide a wrong weighting of the chunks."""
+    layer = case.build()[0].double()
+    x = torch.cat(case.inputs() * 2).double()  # more rows than one chunk
+    with torch.no_grad():
+        y = layer(x)
+        y += 0.01 * torch.randn(y.shape, generator=torch.Generator().manual_seed(case.seed), dtype=y.dtype)
+    weight = layer.weight.detach()
+    grid = weight_grid(weight.float(), AdaroundConfig())
+    cache = ActivationCache(torch.float64, None, None)
+    inputs, targets = cache.buffer(len(x), x.shape[1:]), cache.buffer(len(y), y.shape[1:])
+    for i in range(len(x)):
+        inputs.write(i, x[i])
+        targets.write(i, y[i])
+    indices = list(range(len(x)))[::-1]
+
+    chunked = torch.nn.Parameter(initial_alpha(weight, grid).double())
+    reconstruction_backward(layer, weight, chunked, grid, inputs, targets, indices, lambda t: t, chunk,
+                            torch.device("cpu"))
+    # the reference: AIMET's own loss on the whole minibatch at once
+    whole = torch.nn.Parameter(initial_alpha(weight, grid).double())
+    soft = soft_rounded(weight, whole, grid)
+    out = (layer._conv_forward(x.flip(0), soft, layer.bias) if isinstance(layer, torch.nn.Conv2d)
+           else torch.nn.functional.linear(x.flip(0), soft, layer.bias))
+    AdaroundLoss.compute_recon_loss(out, y.flip(0)).backward()
+    torch.testing.assert_close(chunked.grad, whole.grad, rtol=1e-9, atol=1e-12 * whole.grad.abs().max().item())

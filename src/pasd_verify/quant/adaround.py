@@ -62,8 +62,11 @@ class AdaroundConfig:
 
     ``iterations`` None means AIMET's default: 10,000 per layer, 15,000 below 8 bits. ``cache_budget`` is the
     number of bytes activation buffers may take in memory; buffers beyond it live in files under ``cache_dir``
-    (a temporary folder by default). ``device`` runs the optimisation and the block forwards; caches stay on
-    the host and only minibatches move.
+    (a temporary folder by default). ``working_bytes`` bounds the activations one optimisation step holds at a
+    time: a minibatch larger than that is processed in chunks whose gradients add up to the minibatch's.
+    ``device`` runs the optimisation and the block forwards; caches stay on the host and only chunks move.
+    ``only`` restricts AdaRound to the layers under these module names (``("up_blocks.3", "mid_block")``): the
+    rest keep their float weights, as when a long run is split into parts.
     """
 
     param_bw: int = 4
@@ -76,8 +79,10 @@ class AdaroundConfig:
     cache_dtype: str = "float32"
     cache_budget: int | None = None
     cache_dir: str | None = None
+    working_bytes: int = 64 * 2**20
     device: str = "cpu"
     seed: int = 0
+    only: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not 2 <= self.param_bw <= 16:
@@ -90,6 +95,8 @@ class AdaroundConfig:
             raise AdaroundError(f"quant_scheme must be one of {sorted(_ANALYZERS)}, got {self.quant_scheme!r}")
         if self.cache_dtype not in _CACHE_DTYPES:
             raise AdaroundError(f"cache_dtype must be one of {sorted(_CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        if self.working_bytes < 1:
+            raise AdaroundError(f"working_bytes must be positive, got {self.working_bytes}")
         if self.cache_budget is not None and self.cache_budget < 0:
             raise AdaroundError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
         if not 0 <= self.warm_start < 1:
@@ -158,8 +165,9 @@ def dequantize(codes: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
 
 
 def soft_rounded(weight: torch.Tensor, alpha: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
-    """AIMET's soft-rounded weight, differentiable in ``alpha``."""
-    scaled = torch.floor(weight.detach().float() / grid.scale) + _rectified_sigmoid(alpha)
+    """AIMET's soft-rounded weight, differentiable in ``alpha`` (float32, or float64 for a float64 weight)."""
+    scaled = torch.floor(weight.detach().to(torch.promote_types(weight.dtype, torch.float32)) / grid.scale) \
+        + _rectified_sigmoid(alpha)
     return (torch.clamp(scaled - grid.offset, grid.qmin, grid.qmax) + grid.offset) * grid.scale
 
 
@@ -351,8 +359,13 @@ class _Plan:
         return sum(len(group) for _, _, groups in self.blocks for group in groups)
 
 
-def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any]) -> _Plan:
-    """Trace one forward (``call(model)``) to order the blocks and the Conv2d/Linear layers as they run."""
+def _selected(name: str, only: Sequence[str]) -> bool:
+    return not only or any(name == prefix or name.startswith(prefix + ".") for prefix in only)
+
+
+def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any], only: Sequence[str] = ()) -> _Plan:
+    """Trace one forward (``call(model)``) to order the blocks and the Conv2d/Linear layers as they run (those
+    under the module names ``only``, when given)."""
     roots = _block_roots(model)
     names = {m: n for n, m in model.named_modules()}
     block_order: list[str] = []
@@ -383,7 +396,7 @@ def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any]) -> _Plan:
     for block in block_order:
         groups: list[list[tuple[str, nn.Module]]] = []
         for n in layer_order:
-            if n == block or n.startswith(block + "."):
+            if (n == block or n.startswith(block + ".")) and _selected(n, only):
                 if groups and n in shares_input:
                     groups[-1].append((n, model.get_submodule(n)))
                 else:
@@ -476,6 +489,22 @@ def _peak_rss_bytes() -> int:
     return 0
 
 
+def reconstruction_backward(layer: nn.Module, weight: torch.Tensor, alpha: nn.Parameter, grid: WeightGrid,
+                            inputs: _Rows, targets: _Rows, indices: list[int], act: Callable, chunk: int,
+                            device: torch.device) -> None:
+    """Add the gradient of AIMET's reconstruction loss over the rows ``indices`` to ``alpha.grad``.
+
+    AIMET's loss is a mean over the minibatch's rows, so its gradient is the row-weighted sum of the gradients of
+    chunks of rows: the same step, holding the activations of ``chunk`` rows at a time instead of all of them.
+    """
+    for start in range(0, len(indices), chunk):
+        part = indices[start:start + chunk]
+        x = inputs.read(part).to(device, weight.dtype)
+        y = act(targets.read(part).to(device, weight.dtype))
+        out = act(_layer_output(layer, x, soft_rounded(weight, alpha, grid)))
+        (AdaroundLoss.compute_recon_loss(out, y) * (len(part) / len(indices))).backward()
+
+
 def optimize_layer(layer: nn.Module, grid: WeightGrid, inputs: _Rows, targets: _Rows, config: AdaroundConfig,
                    act_func: nn.Module | None, device: torch.device, generator: torch.Generator,
                    progress: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
@@ -504,16 +533,17 @@ def optimize_layer(layer: nn.Module, grid: WeightGrid, inputs: _Rows, targets: _
     nearest, soft_before = mses()
     optimizer = torch.optim.Adam([alpha])
     rows = inputs.rows
+    row_bytes = 4 * (math.prod(inputs.shape) + 3 * math.prod(targets.shape))  # x; y, output and its gradient
+    chunk = max(1, min(MINIBATCH, config.working_bytes // row_bytes))
     # an inner bar only where a layer takes long enough to watch
     for iteration in tqdm(range(iterations), desc="iterations", leave=False, unit="it",
                           disable=not progress or iterations < 500):
         indices = torch.randperm(rows, generator=generator)[:MINIBATCH].tolist()
-        x = inputs.read(indices).to(device, torch.float32)
-        y = act(targets.read(indices).to(device, torch.float32))
         optimizer.zero_grad()
-        out = act(_layer_output(layer, x, soft_rounded(weight, alpha, grid)))
-        loss = AdaroundLoss.compute_recon_loss(out, y) + AdaroundLoss.compute_round_loss(alpha, params, iteration)
-        loss.backward()
+        reconstruction_backward(layer, weight, alpha, grid, inputs, targets, indices, act, chunk, device)
+        round_loss = AdaroundLoss.compute_round_loss(alpha, params, iteration)
+        if isinstance(round_loss, torch.Tensor):  # AIMET returns a plain 0 during its warm start
+            round_loss.backward()
         optimizer.step()
     after, _ = mses()
     return alpha.detach(), {"mse_nearest": nearest, "mse_soft_before": soft_before, "mse_after": after}
@@ -624,7 +654,9 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
         raise AdaroundError("device 'cuda' was asked for, but torch sees no CUDA device")
     started = time.perf_counter()
     model.eval().to(device)
-    plan = plan_layers(model, calls[0])
+    plan = plan_layers(model, calls[0], config.only)
+    if not plan.layers:
+        raise AdaroundError(f"no Conv2d or Linear layer under {list(config.only)} runs in the model's forward")
     quantized = _QuantizedMode(model, config)
     cache = ActivationCache(_CACHE_DTYPES[config.cache_dtype], config.cache_budget, config.cache_dir)
     generator = torch.Generator().manual_seed(config.seed)
