@@ -93,7 +93,7 @@ def _adaround(args: argparse.Namespace) -> int:
     check_output_folder(args.out, [args.state_dict, args.model_config, args.calibration])
     config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights.replace("-", "_"),
                             cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
-                            seed=args.seed)
+                            seed=args.seed, only=tuple(args.only or ()))
     controlnet = None
     if args.preset is not None:
         model, controlnet = preset_model(args.preset, args.kind, seed=args.seed)
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bytes of activation cache in memory (e.g. 4GiB); the rest goes to files")
     opt.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32")
     opt.add_argument("--device", default="cpu", help="cpu or cuda (the cache stays on the host)")
+    opt.add_argument("--only", nargs="+", metavar="MODULE",
+                     help="AdaRound only the layers under these module names (e.g. up_blocks.3 mid_block)")
     opt.add_argument("--seed", type=int, default=0)
     ada.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"], default="1.0.0")
     ada.add_argument("--both-versions", action="store_true", help="also write the other encodings format")
