@@ -1,0 +1,81 @@
+"""The AdaRound workloads the memory benchmarks run in child processes (:func:`pasd_verify.memory.peak_rss_of`).
+
+Each builds its model and seeded calibration data, then AdaRounds it with one implementation: aimet-torch's own
+``apply_adaround`` in its cached or its uncached mode (the baseline), or ours with the activation cache in memory or
+on disk. Model, data, seeds and iterations are the same for every implementation, so their costs compare.
+
+Targets:
+- ``sd15_ff_layer``: one SD1.5 feed-forward layer, ``Linear(320, 2560)`` over 4096 tokens (a 64x64 latent), the
+  layer REFERENCE section 6 measured AIMET on (45 MiB of input and output activations per sample);
+- ``tiny_pasd_unet``: the tiny PASD UNet in SHA form, calibrated on its ControlNet's residuals;
+- ``sd15_pasd_unet``: the SD1.5-size PASD UNet in SHA form (random weights), ours only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..presets import build_pasd
+from ..sha import convert_to_sha
+from .adaround import AdaroundConfig, _peak_rss_bytes, adaround, aimet_act_funcs
+from .calibration import model_calls, seeded_samples
+from .reference import PASDUNetForQuantization, aimet_adaround, pasd_unet_rows
+
+IMPLEMENTATIONS = ("aimet_cached", "aimet_uncached", "ours", "ours_disk")
+TARGETS = ("sd15_ff_layer", "tiny_pasd_unet", "sd15_pasd_unet")
+FF_TOKENS, FF_IN, FF_OUT = 4096, 320, 2560
+
+
+def _ff_layer(samples: int, seed: int) -> tuple[nn.Module, list[tuple[torch.Tensor, ...]], dict]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(FF_IN, FF_OUT)).eval()
+    g = torch.Generator().manual_seed(seed)
+    rows = [(torch.randn(FF_TOKENS, FF_IN, generator=g),) for _ in range(samples)]
+    return model, rows, {}
+
+
+def _pasd_unet(preset: str, samples: int, seed: int, latent: tuple[int, int]):
+    unet, controlnet = build_pasd(preset, seed=seed)
+    convert_to_sha(unet)
+    data = seeded_samples(unet, samples, latent=latent, seed=seed, control=True)
+    return unet.eval(), controlnet.eval(), data
+
+
+def adaround_run(target: str, implementation: str, samples: int, iterations: int, param_bw: int = 4,
+                 latent: list[int] | None = None, cache_budget: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """AdaRound ``target`` with ``implementation`` on ``samples`` seeded samples; return layers and seconds.
+
+    ``ours`` keeps its activation cache in memory unless ``cache_budget`` bounds it; ``ours_disk`` keeps all of it
+    in files (budget 0), which is what makes its memory flat in the number of samples.
+    """
+    if target not in TARGETS or implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"target must be one of {TARGETS} and implementation one of {IMPLEMENTATIONS}")
+    np.random.seed(seed)  # AIMET's uncached mode draws its samples with numpy
+    if target == "sd15_ff_layer":
+        model, rows, acts = _ff_layer(samples, seed)
+        wrapped, prefix = model, ""
+        calls = [lambda m, row=row: m(*(t.unsqueeze(0) for t in row)) for row in rows]
+    else:
+        preset = "tiny" if target == "tiny_pasd_unet" else "sd15"
+        model, controlnet, data = _pasd_unet(preset, samples, seed, tuple(latent or (8, 8)))
+        rows = pasd_unet_rows(controlnet, data)
+        wrapped, prefix = PASDUNetForQuantization(model), "unet."
+        acts = aimet_act_funcs(wrapped, tuple(t.unsqueeze(0) for t in rows[0]), prefix=prefix)
+        calls = model_calls(model, data, controlnet=controlnet)
+    start = time.perf_counter()
+    if implementation.startswith("aimet"):
+        aimet_adaround(wrapped, rows, iterations=iterations, param_bw=param_bw,
+                       cached=implementation == "aimet_cached", seed=seed)
+        layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    else:
+        budget = 0 if implementation == "ours_disk" else cache_budget
+        config = AdaroundConfig(param_bw=param_bw, iterations=iterations, cache_budget=budget, seed=seed)
+        layers = len(adaround(model, calls, config, act_funcs=acts, progress=False).layers)
+    seconds = time.perf_counter() - start
+    return {"layers": layers, "seconds": seconds, "seconds_per_layer": seconds / layers,
+            "peak_rss_bytes": _peak_rss_bytes()}
