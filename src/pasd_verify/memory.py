@@ -19,6 +19,11 @@ from typing import Any
 from .errors import PasdVerifyError
 from .io import write_json
 
+# glibc serves allocations below a threshold it raises as the program frees (up to 32 MiB) from its heaps and keeps
+# freed heap memory resident, so the same work peaked 400 MiB apart from run to run depending on when that
+# happened. A fixed threshold makes every tensor-sized block its own mapping, returned at once when freed: the
+# peak then measures what the code holds, which is what a regression gate must compare.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 2**10), "MALLOC_TRIM_THRESHOLD_": str(128 * 2**10)}
 # A memory benchmark regresses when its peak RSS growth exceeds the committed baseline by more than this fraction.
 REGRESSION_TOLERANCE = 0.10
 # Below this many bytes a difference is not a regression: glibc's allocator hands memory out in arenas and the
@@ -42,7 +47,7 @@ def peak_rss_of(target: str, *args: Any, timeout: float | None = None) -> dict[s
     """
     proc = subprocess.run(
         [sys.executable, "-m", __name__, target, json.dumps(args)],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, **ALLOCATOR_ENV},
     )
     if proc.returncode != 0:
         raise PasdVerifyError(f"child process running {target} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
