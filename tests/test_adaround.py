@@ -18,6 +18,7 @@ from pasd_verify.encodings import load_encodings, save_encodings
 from pasd_verify.presets import build_pasd
 from pasd_verify.quant.adaround import (
     ActivationCache,
+    AdaroundError,
     AdaroundConfig,
     adaround,
     initial_alpha,
@@ -149,3 +150,22 @@ def test_chunked_minibatch_gradient_is_aimets_minibatch_gradient(case, chunk):
            else torch.nn.functional.linear(x.flip(0), soft, layer.bias))
     AdaroundLoss.compute_recon_loss(out, y.flip(0)).backward()
     torch.testing.assert_close(chunked.grad, whole.grad, rtol=1e-9, atol=1e-12 * whole.grad.abs().max().item())
+
+
+def test_only_rounds_the_named_modules_and_leaves_the_rest_float():
+    unet, controlnet = build_pasd("tiny", seed=0)
+    convert_to_sha(unet)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    samples = seeded_samples(unet, 1, latent=(8, 8), control=True)
+    result = adaround(unet, model_calls(unet, samples, controlnet=controlnet),
+                      AdaroundConfig(iterations=1, only=("up_blocks.1", "conv_out")), progress=False)
+    rounded = {r.name for r in result.layers}
+    assert rounded and all(n == "conv_out" or n.startswith("up_blocks.1.") for n in rounded)
+    assert "conv_out" in rounded
+    for key, value in unet.state_dict().items():
+        layer = key.rsplit(".", 1)[0]
+        if layer not in rounded or not key.endswith(".weight"):
+            assert torch.equal(value, before[key]), key
+    with pytest.raises(AdaroundError, match="no Conv2d or Linear layer under"):
+        adaround(unet, model_calls(unet, samples, controlnet=controlnet),
+                 AdaroundConfig(iterations=1, only=("no_such_block",)), progress=False)

@@ -403,7 +403,7 @@ def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any], only: Sequen
                     groups.append([(n, model.get_submodule(n))])
         if groups:
             blocks.append((block, roots[block], groups))
-    outside = set(layer_order) - {n for _, _, groups in blocks for group in groups for n, _ in group}
+    outside = {n for n in layer_order if _selected(n, only)} - {n for _, _, gs in blocks for g in gs for n, _ in g}
     if outside:
         raise AdaroundError(f"layer {sorted(outside)[0]!r} runs outside the model's top-level blocks")
     return _Plan(blocks)
