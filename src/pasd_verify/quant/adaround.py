@@ -670,12 +670,15 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
             quant_inputs = _StructureCache(cache, len(calls))
             with quantized.active():
                 _capture_block_inputs(model, block_name, block, calls, quant_inputs)
-            for group in groups:
+            for position, group in enumerate(groups, 1):
                 start = time.perf_counter()
                 modules = [layer for _, layer in group]
                 with quantized.active():
                     [inputs] = _capture(block, modules[:1], quant_inputs, len(calls), cache, device, "input")
                 targets = _capture(block, modules, float_inputs, len(calls), cache, device, "output")
+                if position == len(groups):  # the block's inputs are needed no longer: free them before optimising
+                    float_inputs.release()
+                    quant_inputs.release()
                 capture_seconds = (time.perf_counter() - start) / len(group)
                 for (name, layer), target in zip(group, targets):
                     start = time.perf_counter()
@@ -696,8 +699,6 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
                     bar.update(1)
                     bar.set_postfix_str(f"{name} mse {mses['mse_nearest']:.3g}->{mses['mse_after']:.3g}")
                 inputs.release()
-            float_inputs.release()
-            quant_inputs.release()
         with torch.no_grad():  # fold: the model's weights become the rounded ones
             for name, (codes, grid) in quantized.codes.items():
                 layer = model.get_submodule(name)
