@@ -82,22 +82,23 @@ def _parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 8GiB, 512MiB, 1e9)") from None
 
 
-def _adaround(args: argparse.Namespace) -> int:
-    from .quant.adaround import AdaroundConfig
-    from .quant.workflow import adaround_files, check_output_folder, load_for_adaround, preset_model
+def _model_from_args(args: argparse.Namespace, outputs_check) -> tuple[Any, Any, dict[str, Any]]:
+    """The model (in ``--form``), its ControlNet when a PASD UNet needs one, and where they came from."""
+    from .quant.workflow import load_for_adaround, preset_model
 
     if (args.preset is None) == (args.model_config is None):
         raise PasdVerifyError("give either --preset or --model-config with --state-dict")
     if args.model_config is not None and args.state_dict is None:
         raise PasdVerifyError("--model-config needs --state-dict")
-    check_output_folder(args.out, [args.state_dict, args.model_config, args.calibration])
-    config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights.replace("-", "_"),
-                            cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
-                            seed=args.seed, only=tuple(args.only or ()))
+    outputs_check(args.out, [args.state_dict, args.model_config, args.calibration])
     controlnet = None
     if args.preset is not None:
         model, controlnet = preset_model(args.preset, args.kind, seed=args.seed)
         source = {"preset": args.preset, "kind": args.kind, "seed": args.seed}
+        if args.latent is None:  # a ControlNet's config has no sample_size; the preset's UNet has
+            from .presets import UNET_PRESETS
+
+            args.latent = [UNET_PRESETS[args.preset]["sample_size"]] * 2
         if args.form == "sha":
             from .sha import convert_to_sha
 
@@ -109,10 +110,21 @@ def _adaround(args: argparse.Namespace) -> int:
             from .loading import load_model
 
             controlnet = load_model(args.controlnet)
+    return model, controlnet, {**source, "form": args.form, "model_class": type(model).__name__}
+
+
+def _adaround(args: argparse.Namespace) -> int:
+    from .quant.adaround import AdaroundConfig
+    from .quant.workflow import adaround_files, check_output_folder
+
+    config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights.replace("-", "_"),
+                            cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
+                            seed=args.seed, only=tuple(args.only or ()))
+    model, controlnet, source = _model_from_args(args, check_output_folder)
     report = adaround_files(model, args.out, config, controlnet=controlnet, calibration=args.calibration,
                             samples=args.samples, latent=tuple(args.latent) if args.latent else None,
                             encodings_version=args.encodings_version, both_versions=args.both_versions,
-                            source={**source, "form": args.form, "model_class": type(model).__name__})
+                            source=source)
     totals = report["totals"]
     print(f"AdaRounded {totals['layers']} layers of {type(model).__name__} ({args.form.upper()}) on "
           f"{report['samples']} samples in {totals['seconds_total']:.1f} s")
@@ -122,6 +134,54 @@ def _adaround(args: argparse.Namespace) -> int:
     for name in report["outputs"]:
         print(f"wrote {Path(args.out) / name}")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export.pipeline import check_output_folder, export_files
+
+    from .logs import library_warnings
+
+    model, controlnet, source = _model_from_args(args, check_output_folder)
+    with library_warnings("export", logging.getLogger("pasd_verify.export")) as caught:
+        report = export_files(model, args.out, controlnet=controlnet, calibration=args.calibration,
+                              samples=args.samples, latent=tuple(args.latent) if args.latent else None,
+                              weights=args.weights, param_bw=args.param_bw, act_bw=args.act_bw,
+                              soc_model=args.soc_model, threshold_db=args.htp_threshold_db,
+                              localize_divergence=not args.no_localize, rewrites=tuple(args.rewrite or ()),
+                              seed=args.seed, source=source,
+                              log=lambda line: print(line, flush=True))
+    if caught and not args.verbose:
+        print(f"({len(caught)} warnings from torch, diffusers and AIMET went to the log; -v shows them)")
+    htp = report["stages"]["htp"]
+    if htp["htp"]["status"] == "skipped":
+        print(f"HTP steps SKIPPED: {htp['htp']['error']}")
+    elif "divergence" in htp:
+        found = htp["divergence"]
+        where = found if isinstance(found, str) else (
+            f"first at {found['module']} ({' -> '.join(found['op_pattern'])}), reproducer {found['reproducer']}")
+        print(f"the HTP disagrees with the CPU: {where}")
+    for name in report["outputs"]:
+        print(f"wrote {Path(args.out) / name}")
+    print("export PASSED" if report["passed"] and not report["htp_skipped"] else
+          "export passed except the skipped HTP steps" if report["passed"] else "export did NOT pass: see report.json")
+    return 0 if report["passed"] else 1
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    where = parser.add_argument_group("the model: a local checkpoint, or an embedded preset")
+    where.add_argument("--model-config", help="diffusers config.json (or its folder); PASD folders are recognised")
+    where.add_argument("--state-dict", help="checkpoint, MHA or SHA, .safetensors or .pth")
+    where.add_argument("--model-class", choices=MODEL_CLASS_NAMES, help="override the model class")
+    where.add_argument("--controlnet", help="PASD UNet only: the ControlNet folder whose residuals it is calibrated on")
+    where.add_argument("--preset", choices=["tiny", "sd15"], help="an embedded seeded model instead of files")
+    where.add_argument("--kind", choices=["unet", "pasd-unet", "pasd-controlnet"], default="pasd-unet",
+                       help="with --preset: which model (default pasd-unet)")
+    where.add_argument("--form", choices=["sha", "mha"], default="sha",
+                       help=f"{verb} the SHA rewrite (default; names follow the SHA name map) or the MHA model")
+    data = parser.add_argument_group("calibration")
+    data.add_argument("--calibration", help="folder of .safetensors samples (see pasd_verify.quant.calibration)")
+    data.add_argument("--samples", type=int, default=8, help="seeded samples when no --calibration (default 8)")
+    data.add_argument("--latent", type=int, nargs=2, metavar=("H", "W"), help="latent size of seeded samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,20 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ada = sub.add_parser("adaround", parents=[verbose],
                          help="AdaRound a (SHA) UNet or ControlNet with bounded memory; write AIMET parameter encodings")
-    where = ada.add_argument_group("the model: a local checkpoint, or an embedded preset")
-    where.add_argument("--model-config", help="diffusers config.json (or its folder); PASD folders are recognised")
-    where.add_argument("--state-dict", help="checkpoint, MHA or SHA, .safetensors or .pth")
-    where.add_argument("--model-class", choices=MODEL_CLASS_NAMES, help="override the model class")
-    where.add_argument("--controlnet", help="PASD UNet only: the ControlNet folder whose residuals it is calibrated on")
-    where.add_argument("--preset", choices=["tiny", "sd15"], help="an embedded seeded model instead of files")
-    where.add_argument("--kind", choices=["unet", "pasd-unet", "pasd-controlnet"], default="pasd-unet",
-                       help="with --preset: which model (default pasd-unet)")
-    where.add_argument("--form", choices=["sha", "mha"], default="sha",
-                       help="AdaRound the SHA rewrite (default; names follow the SHA name map) or the MHA model")
-    data = ada.add_argument_group("calibration")
-    data.add_argument("--calibration", help="folder of .safetensors samples (see pasd_verify.quant.calibration)")
-    data.add_argument("--samples", type=int, default=8, help="seeded samples when no --calibration (default 8)")
-    data.add_argument("--latent", type=int, nargs=2, metavar=("H", "W"), help="latent size of seeded samples")
+    _add_model_arguments(ada, "AdaRound")
     opt = ada.add_argument_group("optimisation")
     opt.add_argument("--param-bw", type=int, default=4, help="weight bitwidth (default 4)")
     opt.add_argument("--iterations", type=int, help="per layer (default AIMET's: 10000, 15000 below 8 bits)")
@@ -186,6 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     ada.add_argument("--both-versions", action="store_true", help="also write the other encodings format")
     ada.add_argument("--out", required=True, help="output folder")
     ada.set_defaults(func=_adaround)
+
+    exp = sub.add_parser("export", parents=[verbose],
+                         help="quantize with aimet-onnx, export ONNX + encodings + QDQ, compile for the HTP, check each step")
+    _add_model_arguments(exp, "export")
+    q = exp.add_argument_group("quantization and the HTP")
+    q.add_argument("--weights", choices=["per-channel", "per-tensor"], default="per-channel")
+    q.add_argument("--param-bw", type=int, default=8, help="weight bitwidth (default 8)")
+    q.add_argument("--act-bw", type=int, default=16, help="activation bitwidth (default 16)")
+    q.add_argument("--soc-model", default="57", help="QNN soc_model to compile for (default 57)")
+    q.add_argument("--htp-threshold-db", type=float, default=30.0,
+                   help="least SQNR of the HTP against the CPU on the same QDQ graph (default 30)")
+    q.add_argument("--no-localize", action="store_true", help="on a disagreement, do not search for its first op")
+    q.add_argument("--rewrite", action="append", choices=["silu-as-division"],
+                   help="an exact rewrite before export; silu-as-division avoids the HTP's GroupNorm -> SiLU -> Conv "
+                        "divergence at 16-bit activations (see README)")
+    q.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.set_defaults(func=_export)
     return parser
 
 

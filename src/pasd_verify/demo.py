@@ -11,9 +11,7 @@ import copy
 import logging
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import convert_checkpoint_file, load_state_dict_file, save_state_dict_file
 from .io import write_json
+from .logs import library_warnings
 from .models import pasd_forward
 from .presets import build_pasd, build_unet, unet_inputs
 from .ranges import check_control_image, latent_size, prepare_control_image
@@ -228,17 +227,6 @@ class _Demo:
         return {"passed": same_params and numbers["max_abs_error"] == 0.0, "parameters_identical": same_params, **numbers}
 
 
-@contextmanager
-def _library_warnings(stage: str) -> Iterator[list[warnings.WarningMessage]]:
-    """Keep the libraries' warnings (torch.jit's tracer notes, AIMET's deprecations) out of the user's terminal:
-    they go to this module's log at INFO, shown by ``pasd-verify --verbose``, and are counted in the report."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
-    for w in caught:
-        logger.info("%s: %s from %s:%d: %s", stage, w.category.__name__, w.filename, w.lineno, w.message)
-
-
 def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Run every stage on the tiny seeded UNet; write ``out_dir/report.json`` and return the report.
 
@@ -261,7 +249,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True) -> di
     results = []
     for name, stage in tqdm(stages, desc="pasd-verify demo", unit="stage", disable=not progress):
         start = time.perf_counter()
-        with _library_warnings(name) as caught:
+        with library_warnings(name, logger) as caught:
             try:
                 numbers = stage()
                 status = "passed" if numbers.pop("passed") else "failed"

@@ -37,3 +37,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: tuple[str, ...],
+                              inputs: list[str | os.PathLike | None]) -> None:
+    """Raise before any work when one of the outputs ``out_dir/<name>`` would replace one of ``inputs``."""
+    from .errors import PasdVerifyError
+
+    outputs = {(Path(out_dir) / name).resolve() for name in output_names}
+    for path in inputs:
+        if path is not None and Path(path).exists() and Path(path).resolve() in outputs:
+            raise PasdVerifyError(f"{path}: an output would overwrite this input; choose another --out")

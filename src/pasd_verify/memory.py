@@ -39,6 +39,14 @@ def _status_kib(field: str) -> int:
     raise PasdVerifyError(f"/proc/self/status has no {field}; peak RSS is measured on Linux only")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS so far (VmHWM), or 0 where /proc does not tell it (reports only, never gates)."""
+    try:
+        return _status_kib("VmHWM") * 1024
+    except (OSError, PasdVerifyError):
+        return 0
+
+
 def peak_rss_of(target: str, *args: Any, timeout: float | None = None) -> dict[str, float]:
     """Run ``module:function(*args)`` (JSON-able args) in a child; return its memory and time.
 

@@ -41,6 +41,7 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..errors import PasdVerifyError
+from ..memory import peak_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -478,17 +479,6 @@ def _layer_output(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
     return F.linear(x, weight, layer.bias)
 
 
-def _peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def reconstruction_backward(layer: nn.Module, weight: torch.Tensor, alpha: nn.Parameter, grid: WeightGrid,
                             inputs: _Rows, targets: _Rows, indices: list[int], act: Callable, chunk: int,
                             device: torch.device) -> None:
@@ -690,7 +680,7 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
                     result.grids[name] = grid
                     report = LayerReport(name, list(layer.weight.shape), config.num_iterations, **mses,
                                          seconds=capture_seconds + time.perf_counter() - start,
-                                         peak_rss_bytes=_peak_rss_bytes(), cache_bytes_in_memory=cache.bytes_in_memory,
+                                         peak_rss_bytes=peak_rss_bytes(), cache_bytes_in_memory=cache.bytes_in_memory,
                                          cache_bytes_on_disk=cache.bytes_on_disk)
                     target.release()
                     result.layers.append(report)

@@ -44,6 +44,9 @@ def seeded_samples(model: nn.Module, count: int, *, latent: tuple[int, int] | No
                    control: bool = False) -> list[Sample]:
     """``count`` seeded samples of batch 1 for ``model``'s config (latent size defaults to its sample_size)."""
     config = model.config
+    if latent is None and config.get("sample_size") is None:
+        raise CalibrationError(f"{type(model).__name__} has no sample_size in its config: give the latent size "
+                               "(--latent H W)")
     height, width = latent or (config.sample_size, config.sample_size)
     samples = []
     for i in range(count):
@@ -57,6 +60,23 @@ def seeded_samples(model: nn.Module, count: int, *, latent: tuple[int, int] | No
             sample[CONTROL_KEY] = torch.rand(1, 3, height * LATENT_FACTOR, width * LATENT_FACTOR, generator=g)
         samples.append(sample)
     return samples
+
+
+def calibration_samples(model: nn.Module, *, folder: str | os.PathLike | None = None, count: int = 8,
+                        latent: tuple[int, int] | None = None, seed: int = 0,
+                        controlnet: nn.Module | None = None) -> list[Sample]:
+    """The samples a command calibrates ``model`` on: those in ``folder``, else ``count`` seeded ones.
+
+    PASD models need control images; a PASD UNet also needs its ``controlnet`` to make its residuals.
+    """
+    control = isinstance(model, (PASDUNet2DConditionModel, PASDControlNetModel))
+    if isinstance(model, PASDUNet2DConditionModel) and controlnet is None:
+        raise CalibrationError("a PASD UNet is calibrated on its ControlNet's residuals: give the ControlNet too")
+    if folder is not None:
+        return load_samples(folder, model, control=control)
+    if count < 1:
+        raise CalibrationError(f"--samples must be at least 1, got {count}")
+    return seeded_samples(model, count, latent=latent, seed=seed, control=control)
 
 
 def save_samples(samples: list[Sample], folder: str | os.PathLike) -> list[Path]:

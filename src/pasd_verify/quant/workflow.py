@@ -16,20 +16,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import __version__
 from ..checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file, save_state_dict_file
 from ..encodings import SUPPORTED_VERSIONS, convert_version, save_encodings
 from ..errors import PasdVerifyError
-from ..io import write_json
+from ..io import refuse_overwriting_inputs, write_json
 from ..loading import build_model, choose_model, load_model, parameter_shapes
-from ..models import PASDControlNetModel, PASDUNet2DConditionModel
+from ..models import PASDControlNetModel
 from ..presets import build_pasd, build_unet
 from ..sha import convert_to_sha
 from .adaround import AdaroundConfig, AdaroundResult, adaround
-from .calibration import load_samples, model_calls, seeded_samples
+from .calibration import calibration_samples, model_calls
 
 _SHA_KEY = "_convs."
 
@@ -110,15 +109,8 @@ def adaround_files(model: nn.Module, out_dir: str | os.PathLike, config: Adaroun
     if encodings_version not in SUPPORTED_VERSIONS:
         raise PasdVerifyError(f"encodings version {encodings_version!r} is not one of {SUPPORTED_VERSIONS}")
     out_dir = Path(out_dir)
-    control = isinstance(model, (PASDUNet2DConditionModel, PASDControlNetModel))
-    if isinstance(model, PASDUNet2DConditionModel) and controlnet is None:
-        raise PasdVerifyError("a PASD UNet is calibrated on its ControlNet's residuals: give the ControlNet too")
-    if calibration is not None:
-        data = load_samples(calibration, model, control=control)
-    else:
-        if samples < 1:
-            raise PasdVerifyError(f"--samples must be at least 1, got {samples}")
-        data = seeded_samples(model, samples, latent=latent, seed=config.seed, control=control)
+    data = calibration_samples(model, folder=calibration, count=samples, latent=latent, seed=config.seed,
+                               controlnet=controlnet)
     calls = model_calls(model, data, controlnet=controlnet, device=config.device)
 
     started = time.perf_counter()
@@ -155,8 +147,5 @@ OUTPUT_NAMES = ("adarounded.safetensors", "param_encodings.encodings", "param_en
 
 def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLike | None]) -> None:
     """Refuse an output folder where an output would replace one of the inputs."""
-    outputs = {(Path(out_dir) / name).resolve() for name in OUTPUT_NAMES}
-    for path in inputs:
-        if path is not None and Path(path).exists() and Path(path).resolve() in outputs:
-            raise PasdVerifyError(f"{path}: an output would overwrite this input; choose another --out")
+    refuse_overwriting_inputs(out_dir, OUTPUT_NAMES, inputs)
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..presets import build_pasd
 from ..sha import convert_to_sha
-from .adaround import AdaroundConfig, _peak_rss_bytes, adaround, aimet_act_funcs
+from ..memory import peak_rss_bytes
+from .adaround import AdaroundConfig, adaround, aimet_act_funcs
 from .calibration import model_calls, seeded_samples
 from .reference import PASDUNetForQuantization, aimet_adaround, pasd_unet_rows
 
@@ -78,4 +79,4 @@ def adaround_run(target: str, implementation: str, samples: int, iterations: int
         layers = len(adaround(model, calls, config, act_funcs=acts, progress=False).layers)
     seconds = time.perf_counter() - start
     return {"layers": layers, "seconds": seconds, "seconds_per_layer": seconds / layers,
-            "peak_rss_bytes": _peak_rss_bytes()}
+            "peak_rss_bytes": peak_rss_bytes()}

@@ -1,0 +1,117 @@
+"""Compile a QDQ graph for Qualcomm's HTP and run it there (emulated on x86_64), in a child process.
+
+onnxruntime-qnn ships the QNN HTP backend as an onnxruntime plugin execution provider (REFERENCE section 8). The
+compile is the same graph prepare + finalize that makes the context binary a phone loads; running it executes the
+HTP's fixed-point arithmetic in emulation, which is not phone latency. The backend can kill its process (a
+segmentation fault creating or running some graphs), so every compile and run happens in a child whose crash is a
+result (which graph, which signal), never the caller's death. ``session.disable_cpu_ep_fallback`` makes a node the
+HTP cannot take an error, so a graph that runs here ran wholly on the HTP.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SOC_MODEL = "57"  # Snapdragon 8 Gen 3 (HTP v75); without a soc_model the first finalize fails (1002)
+
+
+def htp_available() -> str | None:
+    """None when the HTP backend can be used here, else why not (the steps are then reported as skipped)."""
+    try:
+        importlib.import_module("onnxruntime_qnn")
+    except ImportError as e:
+        return f"onnxruntime-qnn is not installed on this platform ({e})"
+    return None
+
+
+@dataclass
+class HtpResult:
+    """What one child did: ``status`` is passed, failed (an error from onnxruntime), crashed (a signal),
+    timeout or skipped; outputs are present only when it passed."""
+
+    status: str
+    compile_seconds: float | None = None
+    run_seconds: float | None = None
+    error: str | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("outputs")
+        return d
+
+
+def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_model: str = DEFAULT_SOC_MODEL,
+               context_path: str | os.PathLike | None = None, timeout: float = 3600.0) -> HtpResult:
+    """Compile ``graph`` for the HTP (writing the context model at ``context_path`` when given) and run ``feeds``."""
+    missing = htp_available()
+    if missing:
+        return HtpResult("skipped", error=missing)
+    with tempfile.TemporaryDirectory(prefix="pasd-verify-htp-") as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / "feeds.npz", **feeds)
+        command = [sys.executable, "-m", "pasd_verify.export.htp", str(graph), str(tmp / "feeds.npz"), str(tmp),
+                   soc_model, str(context_path or "")]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return HtpResult("timeout", error=f"no result after {timeout:.0f} s")
+        times = json.loads((tmp / "times.json").read_text()) if (tmp / "times.json").exists() else {}
+        if done.returncode < 0:
+            name = signal.Signals(-done.returncode).name
+            stage = "running" if "compile_seconds" in times else "compiling"
+            return HtpResult("crashed", times.get("compile_seconds"), error=f"{name} while {stage} {Path(graph).name}")
+        if done.returncode != 0:
+            return HtpResult("failed", times.get("compile_seconds"), error=_last_error(done.stderr))
+        with np.load(tmp / "outputs.npz") as outputs:
+            return HtpResult("passed", times["compile_seconds"], times["run_seconds"],
+                             outputs={k: outputs[k] for k in outputs.files})
+
+
+def _last_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and "[W:onnxruntime" not in line]
+    return "\n".join(lines[-3:]) or "the child exited without a message"
+
+
+def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str) -> None:
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if context_path:
+        options.add_session_config_entry("ep.context_enable", "1")
+        options.add_session_config_entry("ep.context_file_path", context_path)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(),
+                                               "soc_model": soc_model})
+    times = {}
+    started = time.perf_counter()
+    session = ort.InferenceSession(graph, options)
+    times["compile_seconds"] = time.perf_counter() - started
+    Path(out, "times.json").write_text(json.dumps(times))  # a crash while running still tells the compile time
+    with np.load(feeds_path) as f:
+        wanted = {i.name for i in session.get_inputs()}
+        feeds = {k: f[k] for k in f.files if k in wanted}
+    names = [o.name for o in session.get_outputs()]
+    started = time.perf_counter()
+    outputs = session.run(names, feeds)
+    times["run_seconds"] = time.perf_counter() - started
+    np.savez(Path(out, "outputs.npz"), **dict(zip(names, outputs)))
+    Path(out, "times.json").write_text(json.dumps(times))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:6])

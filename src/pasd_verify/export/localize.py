@@ -1,0 +1,165 @@
+"""Find where the HTP first disagrees with onnxruntime's CPU on a QDQ graph, and keep a reproducer.
+
+A prefix of the graph (from its inputs to one quantized activation) is compiled and run on the HTP and on the CPU;
+it is *bad* when the HTP crashes or fails on it, or agrees below the threshold. Activations are taken in
+topological order and a bad prefix near the first is found by bisection (log2 of the activation count compiles);
+since a graph is not a chain, the search then walks upstream while one of the bad tensor's own quantized inputs is
+bad, so that the answer is a tensor whose inputs all agree and whose own op does not. The answer names the tensor,
+the module that makes it, the op pattern leading to it, and writes the bad prefix graph and its inputs as the
+reproducer: the whole prefix, because a crash or divergence of the HTP compile may depend on context that a lone
+op does not have (found here: an SHA value conv that crashes in its prefix runs alone).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.utils
+
+from .htp import DEFAULT_SOC_MODEL, run_on_htp
+from .onnx_io import run_onnx, sqnr_db
+
+_QDQ = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def activation_points(model: onnx.ModelProto) -> list[str]:
+    """Outputs of DequantizeLinear nodes on activations (not weights), in topological order."""
+    initializers = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    points = []
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        source = producer.get(node.input[0])
+        if node.input[0] in initializers or (source is not None and source.op_type == "QuantizeLinear"
+                                             and source.input[0] in initializers):
+            continue
+        points.append(node.output[0])
+    return points
+
+
+def upstream_points(model: onnx.ModelProto, tensor: str, points: set[str]) -> list[str]:
+    """The activation points that feed the compute node behind ``tensor`` (through its Q/DQ pair)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(tensor)
+    while node is not None and node.op_type in _QDQ:
+        node = producer.get(node.input[0])
+    return [] if node is None else [i for i in node.input if i in points]
+
+
+def op_pattern(model: onnx.ModelProto, tensor: str, length: int = 5) -> list[str]:
+    """The compute ops (Q/DQ skipped) that lead to ``tensor``, following first inputs upstream, oldest first."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    pattern: list[str] = []
+    node = producer.get(tensor)
+    while node is not None and len(pattern) < length:
+        if node.op_type not in _QDQ:
+            pattern.insert(0, node.op_type)
+        node = producer.get(node.input[0]) if node.input else None
+    return pattern
+
+
+def module_of(model: onnx.ModelProto, tensor: str) -> str:
+    """The module path (dotted) of the compute node behind ``tensor``, from the exporter's node name."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(tensor)
+    while node is not None and node.op_type in _QDQ:
+        node = producer.get(node.input[0])
+    if node is None:
+        return tensor
+    parts = [p for p in node.name.split("/") if p]
+    return ".".join(parts[1:-1]) or node.name  # drop the wrapper's attribute and the op's own name
+
+
+@dataclass
+class Divergence:
+    """The first bad prefix: where it ends, what makes it, and how the HTP disagreed."""
+
+    tensor: str
+    module: str
+    op_pattern: list[str]
+    htp_status: str
+    sqnr_db: float | None
+    reproducer: str
+    probes: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def extract_prefix(model_path: str | os.PathLike, output: str, path: str | os.PathLike) -> Path:
+    model = onnx.load(str(model_path))
+    inputs = [i.name for i in model.graph.input]
+    onnx.utils.extract_model(str(model_path), str(path), inputs, [output], check_model=False)
+    return Path(path)
+
+
+def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir: str | os.PathLike, *,
+             output: str, threshold_db: float, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 3600.0,
+             log=lambda line: None) -> Divergence | None:
+    """Bisect the activations of the QDQ graph at ``qdq_path`` up to the graph ``output`` that disagrees, for the
+    first prefix the HTP gets wrong.
+
+    Returns None when the prefix ending at ``output`` alone is good (the disagreement then needs the rest of the
+    graph, which the caller reports). The reproducer goes to ``out_dir/divergences/``.
+    """
+    model = onnx.load(str(qdq_path))
+    points = activation_points(model)
+    if output not in points:
+        raise ValueError(f"{output!r} is not a quantized activation of {qdq_path}")
+    points = points[:points.index(output) + 1]
+    work = Path(out_dir) / "divergences"
+    work.mkdir(parents=True, exist_ok=True)
+    probes: list[dict] = []
+
+    def probe(k: int) -> tuple[bool, str, float | None]:
+        prefix = extract_prefix(qdq_path, points[k], work / "probe.onnx")
+        cpu = run_onnx(prefix, feeds)[points[k]]
+        htp = run_on_htp(prefix, _used_feeds(prefix, feeds), soc_model=soc_model, timeout=timeout)
+        sqnr = sqnr_db(cpu, htp.outputs[points[k]]) if htp.status == "passed" else None
+        bad = htp.status != "passed" or sqnr < threshold_db
+        probes.append({"index": k, "tensor": points[k], "htp": htp.status, "sqnr_db": sqnr, "bad": bad})
+        log(f"localize: probe {len(probes)}: activation {k} of {len(points)} {points[k]}: HTP {htp.status}"
+            + (f", {sqnr:.1f} dB" if sqnr is not None else f" ({htp.error})"))
+        return bad, htp.status, sqnr
+
+    lo, hi = 0, len(points) - 1
+    bad, status, sqnr = probe(hi)
+    if not bad:
+        (work / "probe.onnx").unlink(missing_ok=True)
+        return None
+    last = (status, sqnr)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        bad, status, sqnr = probe(mid)
+        if bad:
+            hi, last = mid, (status, sqnr)
+        else:
+            lo = mid + 1
+    # Topological order is not a chain: a good prefix at k-1 may not contain k's inputs. Walk upstream while one
+    # of the bad tensor's own quantized inputs is bad, so the answer's inputs are all known good.
+    index = {name: i for i, name in enumerate(points)}
+    walked = True
+    while walked:
+        walked = False
+        for upstream in upstream_points(model, points[lo], set(index)):
+            bad, status, sqnr = probe(index[upstream])
+            if bad:
+                lo, last, walked = index[upstream], (status, sqnr), True
+                break
+    tensor = points[lo]
+    name = module_of(model, tensor).replace(".", "_") or "graph"
+    reproducer = extract_prefix(qdq_path, tensor, work / f"{name}.qdq.onnx")
+    np.savez(work / f"{name}.inputs.npz", **_used_feeds(reproducer, feeds))
+    (work / "probe.onnx").unlink(missing_ok=True)
+    return Divergence(tensor, module_of(model, tensor), op_pattern(model, tensor), last[0], last[1],
+                      str(reproducer.relative_to(Path(out_dir))), probes)
+
+
+def _used_feeds(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    inputs = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    return {k: v for k, v in feeds.items() if k in inputs}

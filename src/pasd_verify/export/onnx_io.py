@@ -1,0 +1,107 @@
+"""Float ONNX export with static shapes, and the graph facts every later step relies on.
+
+torch's exporter (``dynamo=False``, opset 20 for a native ``Gelu``: at 17 GELU becomes ``Erf``, which the HTP does
+not take) writes shape arithmetic (Shape/Gather/Where ...) even for fixed input sizes; onnxruntime's basic
+optimisation level folds it into constants, leaving only standard ONNX compute ops. Weights over the protobuf limit
+go to ONE external-data file beside the graph (``model.data``), not one file per tensor as torch and aimet-torch
+write them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from .graphs import ExportGraph
+
+OPSET = 20
+# Below protobuf's 2 GiB limit with room for the graph itself.
+EXTERNAL_DATA_BYTES = 1 << 30
+# A non-weight constant this large is almost always a trace artefact: e.g. an attention bias of [heads, HW, HW]
+# materialised at export time (REFERENCE section 1), which no phone wants in its binary.
+LARGE_CONSTANT_BYTES = 1 << 20
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, *, large: bool) -> None:
+    """Save ``model`` at ``path``; with ``large``, all initializers in one ``<stem>.data`` file beside it."""
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.with_suffix(".data").name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def export_float(graph: ExportGraph, feeds: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Export ``graph`` at the shapes of ``feeds`` to ``path`` as a static-shape float ONNX graph."""
+    path = Path(path)
+    large = parameter_bytes(graph.module) > EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        traced = Path(tmp) / "traced.onnx"
+        with torch.no_grad():
+            torch.onnx.export(graph.module, tuple(feeds[n] for n in graph.input_names), str(traced),
+                              input_names=graph.input_names, output_names=graph.output_names,
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        folded = Path(tmp) / "folded.onnx"
+        options.optimized_model_filepath = str(folded)
+        if large:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "folded.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(traced), options, providers=["CPUExecutionProvider"])
+        save_onnx(onnx.load(str(folded)), path, large=large)
+    return path
+
+
+def run_onnx(path: str | os.PathLike, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+             ) -> dict[str, np.ndarray]:
+    """Run a graph on onnxruntime's CPU provider (optimisations off: the graph as written is what is checked)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def large_constants(model: onnx.ModelProto, parameters: set[str]) -> list[tuple[str, int]]:
+    """Initializers and Constant nodes over :data:`LARGE_CONSTANT_BYTES` that are not quantized parameters."""
+    found = []
+    for init in model.graph.initializer:
+        size = int(np.prod(init.dims)) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        if size > LARGE_CONSTANT_BYTES and init.name not in parameters:
+            found.append((init.name, size))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    size = int(np.prod(attr.t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(attr.t.data_type).itemsize
+                    if size > LARGE_CONSTANT_BYTES:
+                        found.append((node.output[0], size))
+    return found
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal to quantization-noise ratio of ``test`` against ``reference``, in dB (inf when equal)."""
+    reference = reference.astype(np.float64)
+    noise = float(((reference - test.astype(np.float64)) ** 2).sum())
+    signal = float((reference ** 2).sum())
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+def relative_error(reference: np.ndarray, test: np.ndarray) -> float:
+    """max |test - reference| / max |reference|."""
+    scale = float(np.abs(reference).max())
+    return float(np.abs(test.astype(np.float64) - reference).max()) / (scale if scale > 0 else 1.0)

@@ -1,0 +1,131 @@
+"""Quantize the exported ONNX graph itself with aimet-onnx: the route that gives the HTP a wholly quantized graph.
+
+Why aimet-onnx and not aimet-torch's QDQ export (REFERENCE section 8, and checked by this package's tests):
+aimet-torch quantizes module boundaries only, so the ops a module decomposes into when exported (GroupNorm's
+InstanceNormalization/Mul/Add, SiLU's Sigmoid/Mul) stay float and the HTP refuses their weight DequantizeLinear
+nodes. aimet-onnx's ``QuantizationSimModel`` puts a quantizer on every tensor of the ONNX graph, which is also
+Qualcomm's own SD1.5 route (quic/ai-hub-models). Its encodings (format 1.0.0, keyed by ONNX tensor and initializer
+names, parameters and activations in their own sections) are the one source of quantization parameters: the QDQ
+graph, the QNN converter's ``--quantization_overrides`` and the HTP binary all come from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import PasdVerifyError
+from ..io import write_json
+
+WEIGHT_GRANULARITY = ("per-channel", "per-tensor")
+
+
+def _config_file(weights: str, folder: Path) -> str:
+    """aimet-onnx's default config, with per-channel weights switched off for ``per-tensor``."""
+    if weights not in WEIGHT_GRANULARITY:
+        raise PasdVerifyError(f"weights must be one of {WEIGHT_GRANULARITY}, got {weights!r}")
+    source = resources.files("aimet_onnx.common.quantsim_config") / "default_config_per_channel.json"
+    config = json.loads(source.read_text())
+    if weights == "per-tensor":
+        for op in config.get("op_type", {}).values():
+            if "per_channel_quantization" in op:
+                op["per_channel_quantization"] = "False"
+    path = folder / f"aimet_onnx_{weights}.json"
+    path.write_text(json.dumps(config, indent=2))
+    return str(path)
+
+
+def quantization_sim(model_path: str | os.PathLike, calibration: list[dict[str, np.ndarray]], *, param_bw: int = 8,
+                     act_bw: int = 16, weights: str = "per-channel", workdir: str | os.PathLike):
+    """An aimet-onnx sim of the graph at ``model_path``, calibrated (min-max) on ``calibration`` feeds."""
+    from aimet_onnx.common.defs import qtype
+    from aimet_onnx.quantsim import QuantizationSimModel
+
+    for name, bw in (("param_bw", param_bw), ("act_bw", act_bw)):
+        if not 2 <= bw <= 16:
+            raise PasdVerifyError(f"{name} must be between 2 and 16 bits, got {bw}")
+    workdir = Path(workdir)
+    model = onnx.load(str(model_path))
+    with _quiet_aimet():
+        sim = QuantizationSimModel(model, param_type=qtype.int(param_bw), activation_type=qtype.int(act_bw),
+                                   quant_scheme="min_max", config_file=_config_file(weights, workdir),
+                                   path=str(workdir))
+        sim.compute_encodings(calibration)
+    return sim
+
+
+def export_quantized(sim, folder: str | os.PathLike, *, large: bool) -> dict[str, Path]:
+    """Write ``model.onnx`` (the float graph the encodings name), ``model.encodings`` (1.0.0) and
+    ``model.qdq.onnx`` (QuantizeLinear/DequantizeLinear on every quantized tensor) into ``folder``."""
+    from .onnx_io import save_onnx
+
+    folder = Path(folder)
+    with _quiet_aimet():
+        sim.export(str(folder), "model", encoding_version="1.0.0")
+        qdq = sim.to_onnx_qdq()
+    path = folder / "model.encodings"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    encodings, _ = place_static_encodings(json.loads(path.read_text()), model)
+    write_json(path, encodings)
+    save_onnx(qdq, folder / "model.qdq.onnx", large=large)
+    return {"model": folder / "model.onnx", "encodings": folder / "model.encodings", "qdq": folder / "model.qdq.onnx"}
+
+
+def place_static_encodings(encodings: dict[str, Any], model: onnx.ModelProto) -> tuple[dict[str, Any], list[str]]:
+    """Move encodings of constant tensors (initializers) from the activation section to the parameter section.
+
+    aimet-onnx lists a quantized constant operand (an attention scale, a folded GroupNorm constant) among the
+    activations; the QNN converter reads static tensors' encodings from ``param_encodings`` and silently
+    recalibrates what it does not find there. Returns a new dict (the input is not changed) and the moved names.
+    """
+    initializers = {i.name for i in model.graph.initializer}
+    moved = [e for e in encodings["activation_encodings"] if e["name"] in initializers]
+    placed = {**encodings,
+              "activation_encodings": [e for e in encodings["activation_encodings"] if e["name"] not in initializers],
+              "param_encodings": [*encodings["param_encodings"], *moved]}
+    return placed, [e["name"] for e in moved]
+
+
+def sim_outputs(sim, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The sim's own outputs for ``feeds`` (onnxruntime with AIMET's quantize-dequantize custom op), under the
+    graph's output ``names``: the sim renames its outputs (``noise_updated``) but keeps their order."""
+    return dict(zip(names, sim.session.run(None, feeds)))
+
+
+def check_encoding_names(encodings: dict[str, Any], model: onnx.ModelProto) -> list[str]:
+    """Every parameter encoding names an initializer; every activation encoding names a graph input or a node
+    output that is not an initializer. Returns the problems found (empty when consistent)."""
+    initializers = {i.name for i in model.graph.initializer}
+    tensors = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    problems = []
+    for entry in encodings.get("param_encodings", []):
+        if entry["name"] not in initializers:
+            where = "an activation" if entry["name"] in tensors else "nothing in the graph"
+            problems.append(f"param encoding {entry['name']!r} names {where}, not an initializer")
+    for entry in encodings.get("activation_encodings", []):
+        if entry["name"] not in tensors - initializers:
+            where = "an initializer" if entry["name"] in initializers else "nothing in the graph"
+            problems.append(f"activation encoding {entry['name']!r} names {where}")
+    return problems
+
+
+@contextlib.contextmanager
+def _quiet_aimet():
+    """aimet-onnx logs every adjusted weight scale at INFO and prints progress; keep the user's terminal clean."""
+    logger = logging.getLogger("Quant")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)

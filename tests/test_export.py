@@ -1,0 +1,181 @@
+"""Export: float ONNX agrees with torch, the exact rewrites are exact, AIMET's encodings fit the graph they name.
+
+The HTP checks (compile, run, localize a divergence) are in ``test_export_htp.py`` under the ``htp`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pasd_verify.export.graphs import export_graph
+from pasd_verify.export.onnx_io import export_float, large_constants, relative_error, run_onnx, sqnr_db
+from pasd_verify.export.quantize import (check_encoding_names, export_quantized, place_static_encodings,
+                                         quantization_sim, sim_outputs)
+from pasd_verify.export.rewrites import SiLUAsDivision, apply_rewrites
+from pasd_verify.quant.calibration import seeded_samples
+from pasd_verify.quant.workflow import preset_model
+from pasd_verify.sha import convert_to_sha
+
+KINDS = ("unet", "pasd-unet", "pasd-controlnet")
+
+
+def _numpy(feeds):
+    return {k: v.numpy() for k, v in feeds.items()}
+
+
+def _graph_and_feeds(kind: str, form: str, latent: tuple[int, int], seed: int = 0):
+    model, controlnet = preset_model("tiny", kind)
+    if form == "sha":
+        convert_to_sha(model)
+    graph = export_graph(model)
+    sample = seeded_samples(model, 1, latent=latent, seed=seed, control=kind != "unet")[0]
+    return model, graph, graph.feeds(sample, controlnet)
+
+
+@settings(max_examples=6)
+@given(kind=st.sampled_from(KINDS), form=st.sampled_from(("mha", "sha")),
+       latent=st.tuples(st.sampled_from((8, 16, 24)), st.sampled_from((8, 16, 24))), seed=st.integers(0, 100))
+def test_float_onnx_matches_the_torch_model(tmp_path_factory, kind, form, latent, seed):
+    """The folded static-shape ONNX graph computes what the torch model computes, at any latent size it takes."""
+    _, graph, feeds = _graph_and_feeds(kind, form, latent, seed)
+    path = export_float(graph, feeds, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    reference = {k: v.numpy() for k, v in graph(feeds).items()}
+    got = run_onnx(path, _numpy(feeds))
+    assert list(got) == graph.output_names
+    for name in graph.output_names:
+        assert got[name].shape == reference[name].shape, name
+        assert relative_error(reference[name], got[name]) <= 1e-4, name
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input if i.name in feeds] == [n for n in graph.input_names if n in feeds]
+    # static shapes: the shape arithmetic torch writes is folded away
+    assert not {n.op_type for n in model.graph.node} & {"Shape", "Gather", "Where", "ConstantOfShape"}
+
+
+def test_pasd_graphs_name_every_residual_and_side_output():
+    unet, controlnet = preset_model("tiny", "pasd-unet")
+    unet_graph, cn_graph = export_graph(unet), export_graph(controlnet)
+    skips = sum(len(b.resnets) for b in unet.up_blocks)
+    assert unet_graph.input_names[3:] == [f"down_residual_{i}" for i in range(skips)] + ["mid_residual"]
+    assert cn_graph.output_names == [f"rgb_{i}" for i in range(3)] + [f"down_residual_{i}" for i in range(skips)] + [
+        "mid_residual"]
+    # the ControlNet graph's outputs are the PASD UNet graph's inputs, shape for shape
+    sample = seeded_samples(unet, 1, control=True)[0]
+    produced = cn_graph(cn_graph.feeds(sample))
+    consumed = unet_graph.feeds(sample, controlnet)
+    for name in unet_graph.input_names[3:]:
+        assert torch.equal(produced[name], consumed[name]), name
+
+
+@settings(max_examples=50)
+@given(values=st.lists(st.floats(-90.0, 90.0, width=32), min_size=1, max_size=64))
+def test_silu_as_division_is_silu(values):
+    """x / (1 + exp(-x)) against SiLU computed in float64: fp32 rounding apart, for any finite input.
+
+    Below x = -88.7, exp(-x) overflows fp32 and the division gives -0 where SiLU is about -1e-37: the absolute
+    floor of 1e-30 covers that, and is far below any quantization step."""
+    x = torch.tensor(values, dtype=torch.float32)
+    exact = F.silu(x.double())
+    got = SiLUAsDivision()(x).double()
+    assert torch.all((got - exact).abs() <= 4 * torch.finfo(torch.float32).eps * exact.abs() + 1e-30)
+    assert torch.equal(SiLUAsDivision()(x.double()), x.double() / (1 + torch.exp(-x.double())))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_silu_rewrite_keeps_the_model_output(kind):
+    model, graph, feeds = _graph_and_feeds(kind, "sha", (8, 8))
+    before = graph(feeds)
+    counts = apply_rewrites(model, ["silu-as-division"])
+    assert counts["silu-as-division"] > 0
+    assert not any(isinstance(m, torch.nn.SiLU) for m in model.modules())
+    after = graph(feeds)
+    for name, value in before.items():
+        assert relative_error(value.numpy(), after[name].numpy()) <= 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny_sha(tmp_path_factory):
+    """The tiny SHA UNet exported, calibrated by aimet-onnx (W8A16) and written as encodings + QDQ."""
+    folder = tmp_path_factory.mktemp("quantized")
+    model, graph, feeds = _graph_and_feeds("unet", "sha", (8, 8))
+    calibration = [_numpy(graph.feeds(s)) for s in seeded_samples(model, 2, seed=3)]
+    export_float(graph, feeds, folder / "float.onnx")
+    (folder / "aimet").mkdir()
+    sim = quantization_sim(folder / "float.onnx", calibration, workdir=folder / "aimet")
+    paths = export_quantized(sim, folder, large=False)
+    return {"sim_out": sim_outputs(sim, _numpy(feeds), graph.output_names), "paths": paths, "feeds": feeds,
+            "reference": {k: v.numpy() for k, v in graph(feeds).items()}, "graph": graph}
+
+
+def test_qdq_graph_on_the_cpu_is_the_aimet_sim(quantized_tiny_sha):
+    """The QDQ graph holds the sim's quantizers: only float rounding apart (>= 40 dB), and both carry the
+    quantization error of W8A16 against fp32 (well below the sim-vs-QDQ agreement)."""
+    q = quantized_tiny_sha
+    qdq = run_onnx(q["paths"]["qdq"], _numpy(q["feeds"]))["noise"]
+    assert sqnr_db(q["sim_out"]["noise"], qdq) >= 40.0
+    fp32_vs_qdq = sqnr_db(q["reference"]["noise"], qdq)
+    assert 10.0 < fp32_vs_qdq < sqnr_db(q["sim_out"]["noise"], qdq)
+    types = {n.op_type for n in onnx.load(str(q["paths"]["qdq"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= types
+
+
+def test_encodings_name_the_graph_in_the_right_sections(quantized_tiny_sha):
+    paths = quantized_tiny_sha["paths"]
+    encodings = json.loads(paths["encodings"].read_text())
+    model = onnx.load(str(paths["model"]))
+    assert encodings["version"] == "1.0.0"
+    assert check_encoding_names(encodings, model) == []
+    assert large_constants(model, {e["name"] for e in encodings["param_encodings"]}) == []
+    params = {e["name"] for e in encodings["param_encodings"]}
+    # every SHA head's q/k/v conv weight has its own encoding, 8 bits, one scale per output channel
+    heads = [n for n in params if "_convs." in n and n.endswith(".weight")]
+    assert heads and all(n.replace("to_q_convs", "to_k_convs") in params for n in heads if "to_q_convs" in n)
+    initializers = {i.name: i for i in model.graph.initializer}
+    for entry in encodings["param_encodings"]:
+        if entry["name"] in heads:
+            assert entry["bw"] == 8 and len(entry["scale"]) == initializers[entry["name"]].dims[0]
+
+
+def test_encoding_name_check_finds_planted_defects(quantized_tiny_sha):
+    """The check is not vacuous: a wrong name, and an activation listed as a parameter, are both reported."""
+    paths = quantized_tiny_sha["paths"]
+    encodings = json.loads(paths["encodings"].read_text())
+    model = onnx.load(str(paths["model"]))
+    activation = dict(encodings["activation_encodings"][5])
+    encodings["param_encodings"].append(activation)
+    encodings["activation_encodings"].append({**activation, "name": "no.such.tensor"})
+    problems = check_encoding_names(encodings, model)
+    assert any(activation["name"] in p and "not an initializer" in p for p in problems)
+    assert any("no.such.tensor" in p for p in problems)
+
+
+def test_static_encodings_move_to_the_parameter_section_without_touching_the_input(quantized_tiny_sha):
+    paths = quantized_tiny_sha["paths"]
+    model = onnx.load(str(paths["model"]))
+    constant = next(i.name for i in model.graph.initializer)
+    entry = {"name": constant, "bw": 16, "dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": False,
+             "offset": [0], "scale": [1.0]}
+    original = {"version": "1.0.0", "activation_encodings": [entry], "param_encodings": []}
+    snapshot = json.dumps(original)
+    placed, moved = place_static_encodings(original, model)
+    assert moved == [constant]
+    assert placed["param_encodings"] == [entry] and placed["activation_encodings"] == []
+    assert json.dumps(original) == snapshot
+
+
+def test_sqnr_and_relative_error_are_what_they_say():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(1000)
+    noise = rng.standard_normal(1000) * 0.01
+    assert sqnr_db(a, a) == float("inf")
+    expected = 10 * np.log10((a ** 2).sum() / (noise ** 2).sum())
+    assert sqnr_db(a, a + noise) == pytest.approx(expected)
+    assert relative_error(a, a + noise) == pytest.approx(np.abs(noise).max() / np.abs(a).max())
