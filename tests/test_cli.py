@@ -3,7 +3,7 @@ import logging
 import warnings
 
 from pasd_verify.cli import main
-from pasd_verify.demo import _library_warnings
+from pasd_verify.logs import library_warnings
 
 
 def test_demo_writes_a_passing_report(tmp_path, capsys):
@@ -23,7 +23,8 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
 
 
 def test_library_warnings_go_to_the_log_not_the_terminal(caplog, capsys):
-    with caplog.at_level(logging.INFO, logger="pasd_verify.demo"), _library_warnings("stage") as caught:
+    logger = logging.getLogger("pasd_verify.demo")
+    with caplog.at_level(logging.INFO, logger=logger.name), library_warnings("stage", logger) as caught:
         warnings.warn("tracer noise", FutureWarning)
     assert len(caught) == 1
     assert capsys.readouterr().err == ""
