@@ -245,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--htp-threshold-db", type=float, default=30.0,
                    help="least SQNR of the HTP against the CPU on the same QDQ graph (default 30)")
     q.add_argument("--no-localize", action="store_true", help="on a disagreement, do not search for its first op")
-    q.add_argument("--rewrite", action="append", choices=["silu-as-division"],
-                   help="an exact rewrite before export; silu-as-division avoids the HTP's GroupNorm -> SiLU -> Conv "
-                        "divergence at 16-bit activations (see README)")
+    q.add_argument("--rewrite", action="append", choices=["silu-as-division", "layernorm-identity-mul"],
+                   help="an exact rewrite before export (repeatable): silu-as-division avoids the HTP's GroupNorm -> "
+                        "SiLU -> Conv divergence, layernorm-identity-mul its LayerNorm -> per-channel MatMul one at "
+                        "16 tokens (see README)")
     q.add_argument("--seed", type=int, default=0)
     exp.add_argument("--out", required=True, help="output folder")
     exp.set_defaults(func=_export)

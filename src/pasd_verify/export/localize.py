@@ -1,10 +1,11 @@
 """Find where the HTP first disagrees with onnxruntime's CPU on a QDQ graph, and keep a reproducer.
 
 A prefix of the graph (from its inputs to one quantized activation) is compiled and run on the HTP and on the CPU;
-it is *bad* when the HTP crashes or fails on it, or agrees below the threshold. Activations are taken in
-topological order and a bad prefix near the first is found by bisection (log2 of the activation count compiles);
-since a graph is not a chain, the search then walks upstream while one of the bad tensor's own quantized inputs is
-bad, so that the answer is a tensor whose inputs all agree and whose own op does not. The answer names the tensor,
+it is *bad* when the HTP crashes or fails on it, or agrees below the threshold. A graph is not a chain, so
+bisecting activations in topological order misleads (a good tensor on a side branch, such as the text keys, says
+nothing about the trunk): the search bisects the deepest chain of activations leading to the bad output, then
+checks the other inputs of the op it lands on and starts again from any bad one, so that the answer is a tensor
+whose inputs all agree and whose own op does not. The answer names the tensor,
 the module that makes it, the op pattern leading to it, and writes the bad prefix graph and its inputs as the
 reproducer: the whole prefix, because a crash or divergence of the HTP compile may depend on context that a lone
 op does not have (found here: an SHA value conv that crashes in its prefix runs alone).
@@ -43,12 +44,24 @@ def activation_points(model: onnx.ModelProto) -> list[str]:
 
 
 def upstream_points(model: onnx.ModelProto, tensor: str, points: set[str]) -> list[str]:
-    """The activation points that feed the compute node behind ``tensor`` (through its Q/DQ pair)."""
+    """The nearest activation points that feed the compute node behind ``tensor``: its inputs, through Q/DQ
+    pairs and through any op whose output is not quantized."""
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(tensor)
     while node is not None and node.op_type in _QDQ:
         node = producer.get(node.input[0])
-    return [] if node is None else [i for i in node.input if i in points]
+    found: list[str] = []
+    pending, seen = list(node.input) if node is not None else [], set()
+    while pending:
+        name = pending.pop()
+        if name in seen or not name:
+            continue
+        seen.add(name)
+        if name in points:
+            found.append(name)
+        elif name in producer:
+            pending.extend(producer[name].input)
+    return found
 
 
 def op_pattern(model: onnx.ModelProto, tensor: str, length: int = 5) -> list[str]:
@@ -101,8 +114,7 @@ def extract_prefix(model_path: str | os.PathLike, output: str, path: str | os.Pa
 def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir: str | os.PathLike, *,
              output: str, threshold_db: float, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 3600.0,
              log=lambda line: None) -> Divergence | None:
-    """Bisect the activations of the QDQ graph at ``qdq_path`` up to the graph ``output`` that disagrees, for the
-    first prefix the HTP gets wrong.
+    """Find the first op on the way to the graph ``output`` whose result the HTP gets wrong.
 
     Returns None when the prefix ending at ``output`` alone is good (the disagreement then needs the rest of the
     graph, which the caller reports). The reproducer goes to ``out_dir/divergences/``.
@@ -111,53 +123,64 @@ def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir:
     points = activation_points(model)
     if output not in points:
         raise ValueError(f"{output!r} is not a quantized activation of {qdq_path}")
-    points = points[:points.index(output) + 1]
+    point_set, depth = set(points), _depths(model)
     work = Path(out_dir) / "divergences"
     work.mkdir(parents=True, exist_ok=True)
-    probes: list[dict] = []
+    probes: dict[str, dict] = {}
 
-    def probe(k: int) -> tuple[bool, str, float | None]:
-        prefix = extract_prefix(qdq_path, points[k], work / "probe.onnx")
-        cpu = run_onnx(prefix, feeds)[points[k]]
-        htp = run_on_htp(prefix, _used_feeds(prefix, feeds), soc_model=soc_model, timeout=timeout)
-        sqnr = sqnr_db(cpu, htp.outputs[points[k]]) if htp.status == "passed" else None
-        bad = htp.status != "passed" or sqnr < threshold_db
-        probes.append({"index": k, "tensor": points[k], "htp": htp.status, "sqnr_db": sqnr, "bad": bad})
-        log(f"localize: probe {len(probes)}: activation {k} of {len(points)} {points[k]}: HTP {htp.status}"
-            + (f", {sqnr:.1f} dB" if sqnr is not None else f" ({htp.error})"))
-        return bad, htp.status, sqnr
+    def bad(tensor: str) -> bool:
+        if tensor not in probes:
+            prefix = extract_prefix(qdq_path, tensor, work / "probe.onnx")
+            cpu = run_onnx(prefix, feeds)[tensor]
+            htp = run_on_htp(prefix, _used_feeds(prefix, feeds), soc_model=soc_model, timeout=timeout)
+            sqnr = sqnr_db(cpu, htp.outputs[tensor]) if htp.status == "passed" else None
+            probes[tensor] = {"tensor": tensor, "htp": htp.status, "sqnr_db": sqnr,
+                              "bad": htp.status != "passed" or sqnr < threshold_db}
+            log(f"localize: probe {len(probes)}: {tensor}: HTP {htp.status}"
+                + (f", {sqnr:.1f} dB" if sqnr is not None else f" ({htp.error})"))
+        return probes[tensor]["bad"]
 
-    lo, hi = 0, len(points) - 1
-    bad, status, sqnr = probe(hi)
-    if not bad:
+    def first_bad(tensor: str) -> str:
+        # Bisect the deepest chain of activations leading to a bad tensor (along one chain, a bad tensor's
+        # descendants are bad and a good one's ancestors good), then check the other inputs of the op found:
+        # a bad one there starts the search again from it.
+        chain = [tensor]
+        while inputs := upstream_points(model, chain[-1], point_set):
+            chain.append(max(inputs, key=depth.get))
+        chain.reverse()
+        lo, hi = 0, len(chain) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if bad(chain[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        found = chain[lo]
+        for other in upstream_points(model, found, point_set):
+            if bad(other):
+                return first_bad(other)
+        return found
+
+    if not bad(output):
         (work / "probe.onnx").unlink(missing_ok=True)
         return None
-    last = (status, sqnr)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        bad, status, sqnr = probe(mid)
-        if bad:
-            hi, last = mid, (status, sqnr)
-        else:
-            lo = mid + 1
-    # Topological order is not a chain: a good prefix at k-1 may not contain k's inputs. Walk upstream while one
-    # of the bad tensor's own quantized inputs is bad, so the answer's inputs are all known good.
-    index = {name: i for i, name in enumerate(points)}
-    walked = True
-    while walked:
-        walked = False
-        for upstream in upstream_points(model, points[lo], set(index)):
-            bad, status, sqnr = probe(index[upstream])
-            if bad:
-                lo, last, walked = index[upstream], (status, sqnr), True
-                break
-    tensor = points[lo]
+    tensor = first_bad(output)
     name = module_of(model, tensor).replace(".", "_") or "graph"
     reproducer = extract_prefix(qdq_path, tensor, work / f"{name}.qdq.onnx")
     np.savez(work / f"{name}.inputs.npz", **_used_feeds(reproducer, feeds))
     (work / "probe.onnx").unlink(missing_ok=True)
-    return Divergence(tensor, module_of(model, tensor), op_pattern(model, tensor), last[0], last[1],
-                      str(reproducer.relative_to(Path(out_dir))), probes)
+    return Divergence(tensor, module_of(model, tensor), op_pattern(model, tensor), probes[tensor]["htp"],
+                      probes[tensor]["sqnr_db"], str(reproducer.relative_to(Path(out_dir))), list(probes.values()))
+
+
+def _depths(model: onnx.ModelProto) -> dict[str, int]:
+    """Longest path, in nodes, from the graph inputs to every tensor (the trunk of a UNet is its deepest chain)."""
+    depth: dict[str, int] = {}
+    for node in model.graph.node:  # ONNX graphs are stored in topological order
+        d = 1 + max((depth.get(i, 0) for i in node.input), default=0)
+        for out in node.output:
+            depth[out] = d
+    return depth
 
 
 def _used_feeds(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

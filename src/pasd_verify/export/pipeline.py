@@ -40,8 +40,9 @@ from ..quant.calibration import calibration_samples, seeded_samples
 from .graphs import export_graph
 from .htp import DEFAULT_SOC_MODEL, run_on_htp
 from .localize import localize
-from .onnx_io import EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, relative_error, run_onnx, sqnr_db
-from .rewrites import apply_rewrites
+from .onnx_io import (EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, relative_error, run_onnx,
+                      save_onnx, sqnr_db)
+from .rewrites import ONNX_REWRITES, apply_onnx_rewrites, apply_rewrites
 from .quantize import check_encoding_names, export_quantized, quantization_sim, sim_outputs
 
 FLOAT_TOLERANCE = 1e-4
@@ -118,6 +119,10 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
             reference = _numpy(graph(check_feeds))
             rewritten["rewrite_relative_error"] = max(relative_error(original[k], reference[k]) for k in original)
         export_float(graph, check_feeds, staging / "float.onnx")
+        if set(rewrites) & set(ONNX_REWRITES):
+            float_model = onnx.load(str(staging / "float.onnx"))
+            rewritten["rewrites"].update(apply_onnx_rewrites(float_model, rewrites))
+            save_onnx(float_model, staging / "float.onnx", large=large)
         onnx_out = run_onnx(staging / "float.onnx", _numpy(check_feeds))
         errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
         worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])

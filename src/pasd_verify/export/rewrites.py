@@ -1,5 +1,9 @@
 """Rewrites of the float model that are equal in exact arithmetic and change what the HTP compiler sees.
 
+Each one answers a divergence of the QNN HTP backend (onnxruntime-qnn 2.7.0) from onnxruntime's CPU on the same
+W8A16 QDQ graph, found by :mod:`pasd_verify.export.localize`; the HTP tier shows each divergence on the bare
+pattern and gone after the rewrite.
+
 ``silu-as-division``: SiLU written as ``x / (1 + exp(-x))`` instead of ``x * sigmoid(x)``. Why: the QNN HTP
 compile of ``GroupNorm -> SiLU -> Conv2d`` with 16-bit activations (every diffusers resnet block) returns output
 uncorrelated with onnxruntime's CPU on the same QDQ graph (about 0 dB SQNR), while each piece alone agrees at
@@ -12,10 +16,15 @@ fp32 comparisons report what that costs on the model at hand.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
+from onnx import helper, numpy_helper
 from torch import nn
 
-REWRITES = ("silu-as-division",)
+TORCH_REWRITES = ("silu-as-division",)
+ONNX_REWRITES = ("layernorm-identity-mul",)
+REWRITES = TORCH_REWRITES + ONNX_REWRITES
 
 
 class SiLUAsDivision(nn.Module):
@@ -40,12 +49,52 @@ def silu_as_division(model: nn.Module) -> int:
     return replaced
 
 
+def layernorm_identity_mul(model: onnx.ModelProto) -> int:
+    """Follow every LayerNormalization output that feeds another op with ``Mul(x, 1.0)``, in place.
+
+    ``layernorm-identity-mul``. Why: a 16-bit LayerNormalization output feeding an op with a per-channel weight
+    (the MHA attention's ``to_q/to_k/to_v`` MatMul, or a Gemm or 1x1 Conv) comes back from the HTP with its rows
+    written at the wrong stride when the sequence has 16 tokens (the 4x4 mid block of a 32x32 latent's UNet at
+    1/8, or any 4x4 map): -1 dB against the CPU, while per-tensor weights, 8-bit activations, other sequence
+    lengths or any other producer agree at 70 dB. An exact ``Mul`` by one between them, quantized by AIMET like
+    any activation (its range is the LayerNorm's), restores agreement. ``x * 1.0 == x`` in IEEE arithmetic, so
+    the float graph's outputs are bit-identical (a test checks it). Returns the number of Muls inserted.
+    """
+    graph = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inserted = 0
+    for position, node in reversed(list(enumerate(graph.node))):
+        if node.op_type != "LayerNormalization" or not consumers.get(node.output[0]):
+            continue
+        source, one = node.output[0], f"{node.name or node.output[0]}/identity_one"
+        result = f"{source}/identity_mul"
+        graph.initializer.append(numpy_helper.from_array(np.array(1.0, dtype=np.float32), one))
+        for consumer in consumers[source]:
+            consumer.input[:] = [result if name == source else name for name in consumer.input]
+        graph.node.insert(position + 1, helper.make_node("Mul", [source, one], [result],
+                                                         name=f"{node.name or source}/identity_mul"))
+        inserted += 1
+    return inserted
+
+
 def apply_rewrites(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """Apply the named rewrites in place; returns the number of modules each one replaced."""
+    """Apply the named torch-level rewrites in place; returns the number of modules each one replaced.
+    ONNX-level names are checked here and applied to the exported graph by :func:`apply_onnx_rewrites`."""
     unknown = sorted(set(names) - set(REWRITES))
     if unknown:
         raise ValueError(f"unknown rewrite(s) {unknown}; known: {list(REWRITES)}")
     counts = {}
     if "silu-as-division" in names:
         counts["silu-as-division"] = silu_as_division(model)
+    return counts
+
+
+def apply_onnx_rewrites(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """Apply the named ONNX-level rewrites to ``model`` in place; returns what each one inserted."""
+    counts = {}
+    if "layernorm-identity-mul" in names:
+        counts["layernorm-identity-mul"] = layernorm_identity_mul(model)
     return counts
