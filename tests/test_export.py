@@ -19,7 +19,7 @@ from pasd_verify.export.graphs import export_graph
 from pasd_verify.export.onnx_io import export_float, large_constants, relative_error, run_onnx, sqnr_db
 from pasd_verify.export.quantize import (check_encoding_names, export_quantized, place_static_encodings,
                                          quantization_sim, sim_outputs)
-from pasd_verify.export.rewrites import SiLUAsDivision, apply_rewrites
+from pasd_verify.export.rewrites import SiLUAsDivision, apply_onnx_rewrites, apply_rewrites
 from pasd_verify.quant.calibration import seeded_samples
 from pasd_verify.quant.workflow import preset_model
 from pasd_verify.sha import convert_to_sha
@@ -99,6 +99,27 @@ def test_silu_rewrite_keeps_the_model_output(kind):
     after = graph(feeds)
     for name, value in before.items():
         assert relative_error(value.numpy(), after[name].numpy()) <= 1e-5, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layernorm_identity_mul_leaves_the_float_graph_bit_identical(tmp_path, kind):
+    """x * 1.0 == x in IEEE arithmetic: every output of the rewritten graph equals the original's bit for bit."""
+    _, graph, feeds = _graph_and_feeds(kind, "mha", (8, 8))
+    path = export_float(graph, feeds, tmp_path / "model.onnx")
+    model = onnx.load(str(path))
+    norms = sum(n.op_type == "LayerNormalization" for n in model.graph.node)
+    assert apply_onnx_rewrites(model, ["layernorm-identity-mul"]) == {"layernorm-identity-mul": norms} and norms
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "rewritten.onnx"))
+    before, after = run_onnx(path, _numpy(feeds)), run_onnx(tmp_path / "rewritten.onnx", _numpy(feeds))
+    for name in graph.output_names:
+        assert np.array_equal(before[name], after[name]), name
+    # every LayerNorm output now reaches its consumers only through the Mul
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in producers and producers[name].op_type == "LayerNormalization":
+                assert node.op_type == "Mul" and node.name.endswith("identity_mul"), node.name
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pasd_verify.export.htp import htp_available, run_on_htp
 from pasd_verify.export.onnx_io import export_float, run_onnx, sqnr_db
 from pasd_verify.export.pipeline import HTP_SQNR_DB, export_files
 from pasd_verify.export.quantize import export_quantized, quantization_sim
-from pasd_verify.export.rewrites import apply_rewrites
+from pasd_verify.export.rewrites import apply_onnx_rewrites, apply_rewrites
 from pasd_verify.quant.workflow import preset_model
 from pasd_verify.sha import convert_to_sha
 
@@ -85,12 +85,28 @@ class _NormSiLUConv(torch.nn.Module):
         return self.conv(self.act(self.norm(x)))
 
 
-def _cpu_vs_htp(module, folder):
+class _NormLinear(torch.nn.Module):
+    """An MHA attention's key projection: LayerNorm -> Linear without bias, over 16 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm, self.to_k = torch.nn.LayerNorm(64), torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        return self.to_k(self.norm(x))
+
+
+def _cpu_vs_htp(module, folder, shape=(1, 32, 8, 8), onnx_rewrites=()):
     """Export ``module`` as this package exports a model (float ONNX, aimet-onnx W8A16, QDQ) and compare the HTP
     with the CPU on the QDQ graph."""
     graph = ExportGraph(module.eval(), ["x"], ["y"], "module")
-    feeds = {"x": torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(1))}
+    feeds = {"x": torch.randn(*shape, generator=torch.Generator().manual_seed(1))}
     export_float(graph, feeds, folder / "float.onnx")
+    if onnx_rewrites:
+        model = onnx.load(str(folder / "float.onnx"))
+        assert apply_onnx_rewrites(model, onnx_rewrites)
+        onnx.save(model, str(folder / "float.onnx"))
     (folder / "aimet").mkdir()
     sim = quantization_sim(folder / "float.onnx", [{"x": feeds["x"].numpy()}], workdir=folder / "aimet")
     qdq = export_quantized(sim, folder, large=False)["qdq"]
@@ -107,6 +123,13 @@ def test_silu_as_division_restores_htp_agreement_on_groupnorm_silu_conv(tmp_path
     before = _cpu_vs_htp(module, tmp_path / "before")
     assert apply_rewrites(module, ["silu-as-division"]) == {"silu-as-division": 1}
     after = _cpu_vs_htp(module, tmp_path / "after")
+    assert before < HTP_SQNR_DB <= after, (before, after)
+
+
+def test_layernorm_identity_mul_restores_htp_agreement_on_layernorm_matmul(tmp_path):
+    (tmp_path / "before").mkdir(), (tmp_path / "after").mkdir()
+    before = _cpu_vs_htp(_NormLinear(), tmp_path / "before", shape=(1, 16, 64))
+    after = _cpu_vs_htp(_NormLinear(), tmp_path / "after", shape=(1, 16, 64), onnx_rewrites=["layernorm-identity-mul"])
     assert before < HTP_SQNR_DB <= after, (before, after)
 
 
