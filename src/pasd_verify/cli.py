@@ -18,7 +18,8 @@ MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DCondi
 _SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "tolerance",
           "attention_modules_converted", "parameters_split", "tensors_out", "param_encodings_split",
           "activation_encodings_copied", "roundtrip_bit_identical", "parameters_identical", "reconstruction_gain",
-          "median_layer_gain", "layers_improved", "peak_rss_bytes")
+          "median_layer_gain", "layers_improved", "peak_rss_bytes", "controlnet_cpu_vs_htp_sqnr_db",
+          "unet_cpu_vs_htp_sqnr_db", "unet_fp32_vs_htp_sqnr_db")
 
 
 def _format(value: Any, key: str = "") -> str:
