@@ -11,7 +11,8 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is True
     assert [s["name"] for s in report["stages"]] == [
-        "sha_rewrite", "equivalence_fp32", "equivalence_fp64", "checkpoint", "encodings", "undo", "pasd", "adaround"
+        "sha_rewrite", "equivalence_fp32", "equivalence_fp64", "checkpoint", "encodings", "undo", "pasd", "adaround",
+        "export",
     ]
     assert all(s["status"] == "passed" for s in report["stages"])
     printed = capsys.readouterr()
