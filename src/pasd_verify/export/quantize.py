@@ -120,12 +120,15 @@ def check_encoding_names(encodings: dict[str, Any], model: onnx.ModelProto) -> l
 
 @contextlib.contextmanager
 def _quiet_aimet():
-    """aimet-onnx logs every adjusted weight scale at INFO and prints progress; keep the user's terminal clean."""
-    logger = logging.getLogger("Quant")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
+    """aimet-onnx logs every adjusted weight scale and opset change at INFO and prints progress; keep the user's
+    terminal clean."""
+    loggers = [logging.getLogger(name) for name in ("Quant", "Utils")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.WARNING))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
