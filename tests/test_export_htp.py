@@ -13,12 +13,13 @@ import onnx
 import pytest
 import torch
 
-from pasd_verify.export.graphs import ExportGraph
+from pasd_verify.export.graphs import ExportGraph, export_graph
 from pasd_verify.export.htp import htp_available, run_on_htp
 from pasd_verify.export.onnx_io import export_float, run_onnx, sqnr_db
 from pasd_verify.export.pipeline import HTP_SQNR_DB, export_files
 from pasd_verify.export.quantize import export_quantized, quantization_sim
 from pasd_verify.export.rewrites import apply_onnx_rewrites, apply_rewrites
+from pasd_verify.quant.calibration import seeded_samples
 from pasd_verify.quant.workflow import preset_model
 from pasd_verify.sha import convert_to_sha
 
@@ -155,3 +156,26 @@ def test_without_the_backend_the_htp_steps_are_skipped_not_passed(tmp_path, monk
     assert htp["htp"]["status"] == "skipped" and htp["passed"] is None
     assert report["htp_skipped"] is True
     assert not (tmp_path / "model_ctx_qnn.bin").exists()
+
+
+def test_mha_and_sha_agree_on_the_htp_and_their_context_binaries_load(tmp_path):
+    """Both forms of the tiny UNet, compiled: their context binaries load without compiling and agree with each
+    other and with the CPU; the profile counts the SHA's per-head ops."""
+    rewrites = ("silu-as-division", "layernorm-identity-mul")
+    reports, outputs = {}, {}
+    model, _ = preset_model("tiny", "unet")
+    graph = export_graph(model)
+    # the export's own held-out check input (seed + 7919), rebuilt here
+    feeds = {k: v.numpy() for k, v in graph.feeds(seeded_samples(model, 1, seed=7919)[0]).items()}
+    for form in ("mha", "sha"):
+        (tmp_path / form).mkdir()
+        reports[form] = _export(tmp_path / form, form=form, rewrites=rewrites)
+        loaded = run_on_htp(tmp_path / form / "model_ctx.onnx", feeds)
+        assert loaded.status == "passed", loaded
+        cpu = run_onnx(tmp_path / form / "model.qdq.onnx", feeds)["noise"]
+        assert sqnr_db(cpu, loaded.outputs["noise"]) >= HTP_SQNR_DB
+        outputs[form] = loaded.outputs["noise"]
+    assert sqnr_db(outputs["mha"], outputs["sha"]) >= HTP_SQNR_DB
+    profiles = {form: r["stages"]["htp"]["htp"]["profile"] for form, r in reports.items()}
+    assert all(p["htp_ops"] > 0 and p["execute_cycles"] > 0 and p["finalize_ms"] > 0 for p in profiles.values())
+    assert profiles["sha"]["htp_ops"] > profiles["mha"]["htp_ops"]

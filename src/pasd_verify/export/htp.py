@@ -10,9 +10,11 @@ HTP cannot take an error, so a graph that runs here ran wholly on the HTP.
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +46,7 @@ class HtpResult:
     compile_seconds: float | None = None
     run_seconds: float | None = None
     error: str | None = None
+    profile: dict | None = None
     outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
@@ -52,9 +55,32 @@ class HtpResult:
         return d
 
 
+def parse_profile(path: str | os.PathLike) -> dict:
+    """The HTP backend's own profile (provider option ``profiling_level: detailed``): graph finalize time, the
+    emulated accelerator cycles of one execution, the number of HTP ops, and the cycles of attention's matmuls and
+    softmaxes (ops named ``.../attn1/...`` or ``.../attn2/...``). Emulated estimates, not phone latency."""
+    finalize_us = cycles = 0
+    ops = attention = 0
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            event, value = row["Event Identifier"], int(row["Time"])
+            if event == "QNN (finalize) time":
+                finalize_us = value
+            elif event == "Accelerator (execute) time (cycles)":
+                cycles = value
+            elif row["Message"] == "NODE":
+                ops += 1
+                if re.search(r"/attn[12]/", event) and re.search(r"MatMul|Softmax|matmul|softmax", event):
+                    attention += value
+    return {"finalize_ms": finalize_us / 1000, "execute_cycles": cycles, "htp_ops": ops,
+            "attention_matmul_softmax_cycles": attention}
+
+
 def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_model: str = DEFAULT_SOC_MODEL,
-               context_path: str | os.PathLike | None = None, timeout: float = 3600.0) -> HtpResult:
-    """Compile ``graph`` for the HTP (writing the context model at ``context_path`` when given) and run ``feeds``."""
+               context_path: str | os.PathLike | None = None, timeout: float = 3600.0,
+               profile: bool = False) -> HtpResult:
+    """Compile ``graph`` for the HTP (writing the context model at ``context_path`` when given) and run ``feeds``;
+    with ``profile``, the result carries :func:`parse_profile`'s numbers."""
     missing = htp_available()
     if missing:
         return HtpResult("skipped", error=missing)
@@ -62,7 +88,7 @@ def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_mo
         tmp = Path(tmp)
         np.savez(tmp / "feeds.npz", **feeds)
         command = [sys.executable, "-m", "pasd_verify.export.htp", str(graph), str(tmp / "feeds.npz"), str(tmp),
-                   soc_model, str(context_path or "")]
+                   soc_model, str(context_path or ""), str(tmp / "profile.csv") if profile else ""]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -74,8 +100,9 @@ def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_mo
             return HtpResult("crashed", times.get("compile_seconds"), error=f"{name} while {stage} {Path(graph).name}")
         if done.returncode != 0:
             return HtpResult("failed", times.get("compile_seconds"), error=_last_error(done.stderr))
+        profiled = parse_profile(tmp / "profile.csv") if profile and (tmp / "profile.csv").exists() else None
         with np.load(tmp / "outputs.npz") as outputs:
-            return HtpResult("passed", times["compile_seconds"], times["run_seconds"],
+            return HtpResult("passed", times["compile_seconds"], times["run_seconds"], profile=profiled,
                              outputs={k: outputs[k] for k in outputs.files})
 
 
@@ -84,7 +111,7 @@ def _last_error(stderr: str) -> str:
     return "\n".join(lines[-3:]) or "the child exited without a message"
 
 
-def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str) -> None:
+def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str, profile_path: str) -> None:
     import onnxruntime as ort
     import onnxruntime_qnn
 
@@ -95,8 +122,10 @@ def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: 
         options.add_session_config_entry("ep.context_enable", "1")
         options.add_session_config_entry("ep.context_file_path", context_path)
     devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
-    options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(),
-                                               "soc_model": soc_model})
+    provider = {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": soc_model}
+    if profile_path:
+        provider.update(profiling_level="detailed", profiling_file_path=profile_path)
+    options.add_provider_for_devices(devices, provider)
     times = {}
     started = time.perf_counter()
     session = ort.InferenceSession(graph, options)
@@ -114,4 +143,4 @@ def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: 
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:6])
+    _child(*sys.argv[1:7])

@@ -158,7 +158,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
 
         started = time.perf_counter()
         htp = run_on_htp(paths["qdq"], _numpy(check_feeds), soc_model=soc_model,
-                         context_path=staging / "model_ctx.onnx")
+                         context_path=staging / "model_ctx.onnx", profile=True)
         numbers: dict[str, Any] = {"htp": htp.as_dict()}
         if htp.status == "passed":
             cpu_htp = {k: sqnr_db(qdq_out[k], htp.outputs[k]) for k in graph.output_names}
