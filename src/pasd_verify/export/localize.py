@@ -27,10 +27,17 @@ from .onnx_io import run_onnx, sqnr_db
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def activation_points(model: onnx.ModelProto) -> list[str]:
+Producers = dict[str, onnx.NodeProto]
+
+
+def producers(model: onnx.ModelProto) -> Producers:
+    """Each tensor's producing node (built once per graph: every helper below walks it)."""
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def activation_points(model: onnx.ModelProto, producer: Producers) -> list[str]:
     """Outputs of DequantizeLinear nodes on activations (not weights), in topological order."""
     initializers = {i.name for i in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
     points = []
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear":
@@ -43,13 +50,18 @@ def activation_points(model: onnx.ModelProto) -> list[str]:
     return points
 
 
-def upstream_points(model: onnx.ModelProto, tensor: str, points: set[str]) -> list[str]:
-    """The nearest activation points that feed the compute node behind ``tensor``: its inputs, through Q/DQ
-    pairs and through any op whose output is not quantized."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+def _compute_node(producer: Producers, tensor: str) -> onnx.NodeProto | None:
+    """The op behind ``tensor``, past its Q/DQ pair."""
     node = producer.get(tensor)
     while node is not None and node.op_type in _QDQ:
         node = producer.get(node.input[0])
+    return node
+
+
+def upstream_points(producer: Producers, tensor: str, points: set[str]) -> list[str]:
+    """The nearest activation points that feed the compute node behind ``tensor``: its inputs, through Q/DQ
+    pairs and through any op whose output is not quantized."""
+    node = _compute_node(producer, tensor)
     found: list[str] = []
     pending, seen = list(node.input) if node is not None else [], set()
     while pending:
@@ -64,9 +76,8 @@ def upstream_points(model: onnx.ModelProto, tensor: str, points: set[str]) -> li
     return found
 
 
-def op_pattern(model: onnx.ModelProto, tensor: str, length: int = 5) -> list[str]:
+def op_pattern(producer: Producers, tensor: str, length: int = 5) -> list[str]:
     """The compute ops (Q/DQ skipped) that lead to ``tensor``, following first inputs upstream, oldest first."""
-    producer = {o: n for n in model.graph.node for o in n.output}
     pattern: list[str] = []
     node = producer.get(tensor)
     while node is not None and len(pattern) < length:
@@ -76,12 +87,9 @@ def op_pattern(model: onnx.ModelProto, tensor: str, length: int = 5) -> list[str
     return pattern
 
 
-def module_of(model: onnx.ModelProto, tensor: str) -> str:
+def module_of(producer: Producers, tensor: str) -> str:
     """The module path (dotted) of the compute node behind ``tensor``, from the exporter's node name."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(tensor)
-    while node is not None and node.op_type in _QDQ:
-        node = producer.get(node.input[0])
+    node = _compute_node(producer, tensor)
     if node is None:
         return tensor
     parts = [p for p in node.name.split("/") if p]
@@ -104,9 +112,8 @@ class Divergence:
         return asdict(self)
 
 
-def extract_prefix(model_path: str | os.PathLike, output: str, path: str | os.PathLike) -> Path:
-    model = onnx.load(str(model_path))
-    inputs = [i.name for i in model.graph.input]
+def extract_prefix(model_path: str | os.PathLike, inputs: list[str], output: str, path: str | os.PathLike) -> Path:
+    """The part of the graph at ``model_path`` that computes ``output`` from the graph ``inputs``, saved at ``path``."""
     onnx.utils.extract_model(str(model_path), str(path), inputs, [output], check_model=False)
     return Path(path)
 
@@ -120,7 +127,8 @@ def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir:
     graph, which the caller reports). The reproducer goes to ``out_dir/divergences/``.
     """
     model = onnx.load(str(qdq_path))
-    points = activation_points(model)
+    producer, inputs = producers(model), [i.name for i in model.graph.input]
+    points = activation_points(model, producer)
     if output not in points:
         raise ValueError(f"{output!r} is not a quantized activation of {qdq_path}")
     point_set, depth = set(points), _depths(model)
@@ -130,7 +138,7 @@ def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir:
 
     def bad(tensor: str) -> bool:
         if tensor not in probes:
-            prefix = extract_prefix(qdq_path, tensor, work / "probe.onnx")
+            prefix = extract_prefix(qdq_path, inputs, tensor, work / "probe.onnx")
             cpu = run_onnx(prefix, feeds)[tensor]
             htp = run_on_htp(prefix, _used_feeds(prefix, feeds), soc_model=soc_model, timeout=timeout)
             sqnr = sqnr_db(cpu, htp.outputs[tensor]) if htp.status == "passed" else None
@@ -145,8 +153,8 @@ def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir:
         # descendants are bad and a good one's ancestors good), then check the other inputs of the op found:
         # a bad one there starts the search again from it.
         chain = [tensor]
-        while inputs := upstream_points(model, chain[-1], point_set):
-            chain.append(max(inputs, key=depth.get))
+        while feeding := upstream_points(producer, chain[-1], point_set):
+            chain.append(max(feeding, key=depth.get))
         chain.reverse()
         lo, hi = 0, len(chain) - 1
         while lo < hi:
@@ -156,7 +164,7 @@ def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir:
             else:
                 lo = mid + 1
         found = chain[lo]
-        for other in upstream_points(model, found, point_set):
+        for other in upstream_points(producer, found, point_set):
             if bad(other):
                 return first_bad(other)
         return found
@@ -165,11 +173,12 @@ def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir:
         (work / "probe.onnx").unlink(missing_ok=True)
         return None
     tensor = first_bad(output)
-    name = module_of(model, tensor).replace(".", "_") or "graph"
-    reproducer = extract_prefix(qdq_path, tensor, work / f"{name}.qdq.onnx")
+    module = module_of(producer, tensor)
+    name = module.replace(".", "_") or "graph"
+    reproducer = extract_prefix(qdq_path, inputs, tensor, work / f"{name}.qdq.onnx")
     np.savez(work / f"{name}.inputs.npz", **_used_feeds(reproducer, feeds))
     (work / "probe.onnx").unlink(missing_ok=True)
-    return Divergence(tensor, module_of(model, tensor), op_pattern(model, tensor), probes[tensor]["htp"],
+    return Divergence(tensor, module, op_pattern(producer, tensor), probes[tensor]["htp"],
                       probes[tensor]["sqnr_db"], str(reproducer.relative_to(Path(out_dir))), list(probes.values()))
 
 

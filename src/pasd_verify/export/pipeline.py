@@ -64,10 +64,6 @@ def _numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in feeds.items()}
 
 
-def _worst(per_output: dict[str, float], worst=min) -> float:
-    return worst(per_output.values())
-
-
 def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PASDControlNetModel | None = None,
                  calibration: str | os.PathLike | None = None, samples: int = 4,
                  latent: tuple[int, int] | None = None, weights: str = "per-channel", param_bw: int = 8,
@@ -87,6 +83,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
     check = seeded_samples(model, 1, latent=tuple(shape), seed=seed + 7919, control=control)[0]
     graph = export_graph(model)
     check_feeds = graph.feeds(check, controlnet)
+    check_arrays = _numpy(check_feeds)  # what every onnxruntime and HTP run of the check input takes
     calibration_feeds = [_numpy(graph.feeds(s, controlnet)) for s in data]
     large = parameter_bytes(model) > EXTERNAL_DATA_BYTES
 
@@ -123,7 +120,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
             float_model = onnx.load(str(staging / "float.onnx"))
             rewritten["rewrites"].update(apply_onnx_rewrites(float_model, rewrites))
             save_onnx(float_model, staging / "float.onnx", large=large)
-        onnx_out = run_onnx(staging / "float.onnx", _numpy(check_feeds))
+        onnx_out = run_onnx(staging / "float.onnx", check_arrays)
         errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
         worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])
         stage("float_export", started, relative_error=max(errors.values()), per_output=errors, **rewritten,
@@ -137,10 +134,10 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
 
         started = time.perf_counter()
         paths = export_quantized(sim, staging, large=large)
-        sim_out = sim_outputs(sim, _numpy(check_feeds), graph.output_names)
+        sim_out = sim_outputs(sim, check_arrays, graph.output_names)
         del sim
         (staging / "float.onnx").unlink()
-        qdq_out = run_onnx(paths["qdq"], _numpy(check_feeds))
+        qdq_out = run_onnx(paths["qdq"], check_arrays)
         encodings = json.loads(paths["encodings"].read_text())
         graph_model = onnx.load(str(paths["model"]), load_external_data=False)
         onnx.checker.check_model(str(paths["model"]))
@@ -149,22 +146,21 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
         sim_qdq = {k: sqnr_db(sim_out[k], qdq_out[k]) for k in graph.output_names}
         problems = check_encoding_names(encodings, graph_model) + [
             f"constant {name!r} of {size} bytes is not a weight" for name, size in large_constants(graph_model, parameters)]
-        stage("encodings_and_qdq", started, sim_vs_qdq_sqnr_db=_worst(sim_qdq),
-              fp32_vs_qdq_sqnr_db=_worst({k: sqnr_db(reference[k], qdq_out[k]) for k in graph.output_names}),
+        stage("encodings_and_qdq", started, sim_vs_qdq_sqnr_db=min(sim_qdq.values()),
+              fp32_vs_qdq_sqnr_db=min(sqnr_db(reference[k], qdq_out[k]) for k in graph.output_names),
               param_encodings=len(encodings["param_encodings"]),
               activation_encodings=len(encodings["activation_encodings"]),
               qdq_nodes=len(onnx.load(str(paths["qdq"]), load_external_data=False).graph.node), problems=problems,
-              passed=_worst(sim_qdq) >= QDQ_SQNR_DB and not problems)
+              passed=min(sim_qdq.values()) >= QDQ_SQNR_DB and not problems)
 
         started = time.perf_counter()
-        htp = run_on_htp(paths["qdq"], _numpy(check_feeds), soc_model=soc_model,
+        htp = run_on_htp(paths["qdq"], check_arrays, soc_model=soc_model,
                          context_path=staging / "model_ctx.onnx", profile=True)
         numbers: dict[str, Any] = {"htp": htp.as_dict()}
         if htp.status == "passed":
             cpu_htp = {k: sqnr_db(qdq_out[k], htp.outputs[k]) for k in graph.output_names}
-            numbers.update(cpu_vs_htp_sqnr_db=_worst(cpu_htp), per_output=cpu_htp,
-                           fp32_vs_htp_sqnr_db=_worst({k: sqnr_db(reference[k], htp.outputs[k])
-                                                       for k in graph.output_names}),
+            numbers.update(cpu_vs_htp_sqnr_db=min(cpu_htp.values()), per_output=cpu_htp,
+                           fp32_vs_htp_sqnr_db=min(sqnr_db(reference[k], htp.outputs[k]) for k in graph.output_names),
                            all_nodes_on_htp=True, context_binary_bytes=(staging / "model_ctx_qnn.bin").stat().st_size)
             numbers["passed"] = numbers["cpu_vs_htp_sqnr_db"] >= threshold_db
         else:
@@ -174,7 +170,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
                 graph.output_names[0]
             # a prefix compiles and runs in less time than the whole graph; a probe far beyond that has hung
             whole = (htp.compile_seconds or 0.0) + (htp.run_seconds or 0.0)
-            found = localize(paths["qdq"], _numpy(check_feeds), staging, output=worst, threshold_db=threshold_db,
+            found = localize(paths["qdq"], check_arrays, staging, output=worst, threshold_db=threshold_db,
                              soc_model=soc_model, timeout=max(60.0, 5 * whole), log=log)
             numbers["divergence"] = found.as_dict() if found else (
                 f"the prefix ending at {worst} agrees alone; the disagreement needs the rest of the graph")

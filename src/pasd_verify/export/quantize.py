@@ -25,6 +25,7 @@ import onnx
 
 from ..errors import PasdVerifyError
 from ..io import write_json
+from .onnx_io import save_onnx
 
 WEIGHT_GRANULARITY = ("per-channel", "per-tensor")
 
@@ -66,8 +67,6 @@ def quantization_sim(model_path: str | os.PathLike, calibration: list[dict[str, 
 def export_quantized(sim, folder: str | os.PathLike, *, large: bool) -> dict[str, Path]:
     """Write ``model.onnx`` (the float graph the encodings name), ``model.encodings`` (1.0.0) and
     ``model.qdq.onnx`` (QuantizeLinear/DequantizeLinear on every quantized tensor) into ``folder``."""
-    from .onnx_io import save_onnx
-
     folder = Path(folder)
     with _quiet_aimet():
         sim.export(str(folder), "model", encoding_version="1.0.0")
