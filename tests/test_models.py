@@ -7,20 +7,22 @@ REFERENCE.md section 3 tabulates it, and hand computation of the time-embedding 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from hypothesis import given
+from hypothesis import strategies as st
 
 from pasd_verify import PasdVerifyError, convert_to_sha
 from pasd_verify.models import pasd_forward
 from pasd_verify.loading import model_from_config
 from pasd_verify.presets import UNET_PRESETS, build_pasd, pasd_inputs
-from strategies import pasd_shapes
+from strategies import latent_shapes, pasd_shapes
 from test_sha import DTYPES, assert_within_tolerance
 
 
@@ -203,3 +205,82 @@ def test_sha_pasd_pair_matches_mha(tiny_pasd, shape, dtype):
     assert_within_tolerance(reference, candidate, dtype)
     for a, b in zip(reference_rgbs, candidate_rgbs):
         assert torch.equal(a, b)  # the RGB branch has no attention: SHA must not touch it
+
+
+# The next two laws take diffusers' own forwards as the reference: PASD's forwards re-state them to hand per-call
+# data through arguments (the up blocks' pixelwise_hidden_states, the ControlNet's RGB side outputs), and must
+# compute exactly what diffusers computes apart from that.
+
+@given(shape=latent_shapes(multiple=1, max_side=13, max_batch=2))
+def test_pasd_unet_with_zeroed_pixel_attentions_is_diffusers_unet(tiny_pasd, shape):
+    """Each pixel attention is a residual block: with its output projection zeroed it adds exactly 0, and what is
+    left is diffusers' UNet with ControlNet residuals, bit for bit (odd latents exercise the upsample sizes)."""
+    unet, controlnet = tiny_pasd
+    pasd = copy.deepcopy(unet)
+    with torch.no_grad():
+        for block in pasd.up_blocks:
+            for attention in block.pixel_attentions:
+                attention.proj_out.weight.zero_()
+                attention.proj_out.bias.zero_()
+    stock = UNet2DConditionModel(**UNET_PRESETS["tiny"]).eval()
+    missing, unexpected = stock.load_state_dict(pasd.state_dict(), strict=False)
+    assert not missing and all(".pixel_attentions." in k for k in unexpected)
+    inputs = _inputs(unet, shape)
+    with torch.no_grad():
+        _, down, mid = controlnet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                                  inputs["controlnet_cond"])
+        ours = pasd(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        reference = stock(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                          down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    assert torch.equal(ours, reference)
+
+
+@pytest.fixture(scope="module")
+def plain_controlnets():
+    """PASD's ControlNet without RRDB (diffusers has none) and diffusers' own with the same weights."""
+    _, pasd = build_pasd("tiny", seed=0, use_rrdb=False)
+    accepted = inspect.signature(ControlNetModel.__init__).parameters
+    stock = ControlNetModel(**{k: v for k, v in pasd.config.items() if k in accepted}).eval()
+    missing, unexpected = stock.load_state_dict(pasd.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("controlnet_cond_embedding.to_rgbs.") for k in unexpected)
+    return pasd, stock
+
+
+@given(shape=pasd_shapes(max_latent=16), guess_mode=st.booleans(), scale=st.sampled_from([1.0, 0.5, 1.75]))
+def test_pasd_controlnet_is_diffusers_controlnet_plus_rgb_side_outputs(plain_controlnets, shape, guess_mode, scale):
+    """Residuals bit-identical to diffusers' ControlNet (conditioning scale and guess mode included); each RGB
+    output is PASD's to_rgbs conv applied to the activated output of a stride-2 conv of diffusers' embedding."""
+    pasd, stock = plain_controlnets
+    inputs = _inputs(pasd, shape)
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["controlnet_cond"])
+    stride_two = [stock.controlnet_cond_embedding.blocks[i] for i in range(1, len(stock.controlnet_cond_embedding.blocks), 2)]
+    activated = []
+    hooks = [b.register_forward_hook(lambda m, a, o: activated.append(torch.nn.functional.silu(o))) for b in stride_two]
+    try:
+        with torch.no_grad():
+            down_ref, mid_ref = stock(*args, conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
+            rgbs, down, mid = pasd(*args, conditioning_scale=scale, guess_mode=guess_mode)
+            rgbs_ref = [conv(a) for conv, a in zip(pasd.controlnet_cond_embedding.to_rgbs, activated)]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(down) == len(down_ref) and all(torch.equal(a, b) for a, b in zip(down, down_ref))
+    assert torch.equal(mid, mid_ref)
+    assert len(rgbs) == len(stride_two) == 3
+    assert all(torch.equal(a, b) for a, b in zip(rgbs, rgbs_ref))
+
+
+def test_forward_arguments_pasd_does_not_implement_are_refused_by_name(tiny_pasd):
+    unet, controlnet = tiny_pasd
+    inputs = pasd_inputs(unet)
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    with torch.no_grad():
+        _, down, mid = controlnet(*args, inputs["controlnet_cond"])
+        with pytest.raises(PasdVerifyError, match="PASDUNet2DConditionModel.forward does not support class_labels"):
+            unet(*args, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                 class_labels=torch.zeros(1))
+        with pytest.raises(PasdVerifyError, match="PASDControlNetModel.forward does not support attention_mask"):
+            controlnet(*args, inputs["controlnet_cond"], attention_mask=torch.ones(1, 77))
+        # None is what diffusers' pipelines pass for an unused argument: accepted
+        unet(*args, down_block_additional_residuals=down, mid_block_additional_residual=mid, class_labels=None)

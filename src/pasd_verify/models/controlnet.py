@@ -19,6 +19,7 @@ from torch import nn
 
 from ..compat import rrdb_class
 from ..ranges import check_image
+from .unet import down_and_mid, refuse_unsupported
 
 RRDB_BLOCKS = 2
 
@@ -39,9 +40,9 @@ class PASDConditioningEmbedding(ControlNetConditioningEmbedding):
         self.to_rgbs = nn.ModuleList(
             nn.Conv2d(c, 3, kernel_size=3, padding=1) for c in block_out_channels[1:]
         ) if return_rgbs else nn.ModuleList()
-        self.rgbs: list[torch.Tensor] | None = None
 
-    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+    def forward(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """``(embedding, rgbs or None)``: unlike diffusers' embedding, the RGB side outputs are returned."""
         embedding = F.silu(self.conv_in(conditioning))
         if self.use_rrdb:
             embedding = self.preprocesser(embedding)
@@ -50,10 +51,7 @@ class PASDConditioningEmbedding(ControlNetConditioningEmbedding):
             embedding = F.silu(block(embedding))
             if i % 2 and self.return_rgbs:  # after each stride-2 conv
                 rgbs.append(self.to_rgbs[i // 2](embedding))
-        # diffusers' ControlNet forward takes only the embedding from this module; the RGBs wait here for
-        # PASDControlNetModel.forward to collect them in the same call.
-        self.rgbs = rgbs if self.return_rgbs else None
-        return self.conv_out(embedding)
+        return self.conv_out(embedding), rgbs if self.return_rgbs else None
 
 
 class PASDControlNetModel(ControlNetModel):
@@ -79,11 +77,46 @@ class PASDControlNetModel(ControlNetModel):
             return set(inspect.signature(ControlNetModel.__init__).parameters) | {"return_rgbs", "use_rrdb"}
         return set(inspect.signature(input_class.__init__).parameters)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, **kwargs: Any):
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, *,
+                cross_attention_kwargs: dict[str, Any] | None = None, guess_mode: bool = False,
+                return_dict: bool = False, **unsupported: Any):
+        """diffusers' ControlNet forward for the configuration PASD uses, with the conditioning embedding's RGB side
+        outputs returned through the call: ``(rgbs or None, down_residuals, mid_residual)`` as PASD's ControlNet
+        returns them (``return_dict`` is accepted and ignored: PASD's callers unpack the triple)."""
         check_image(controlnet_cond, "controlnet_cond", value_range=(0.0, 1.0))
-        kwargs.pop("return_dict", None)
-        down, mid = super().forward(sample, timestep, encoder_hidden_states, controlnet_cond,
-                                    conditioning_scale=conditioning_scale, return_dict=False, **kwargs)
-        rgbs, self.controlnet_cond_embedding.rgbs = self.controlnet_cond_embedding.rgbs, None
-        return rgbs, list(down), mid
+        config = self.config
+        refuse_unsupported(self, unsupported, {  # PASD's ControlNet is SD1.5's: no class or addition embeddings
+            "class_embed_type": config.class_embed_type, "num_class_embeds": config.num_class_embeds,
+            "addition_embed_type": config.addition_embed_type})
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+        emb = self.time_embedding(_time_features(self, sample, timestep), None)
+        text = dict(encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
+
+        embedding, rgbs = self.controlnet_cond_embedding(controlnet_cond)
+        sample, skips = down_and_mid(self, self.conv_in(sample) + embedding, emb, text)
+
+        down = [zero_conv(skip) for skip, zero_conv in zip(skips, self.controlnet_down_blocks)]
+        mid = self.controlnet_mid_block(sample)
+        if guess_mode and not self.config.global_pool_conditions:  # diffusers' scales: 0.1 to 1.0, deepest last
+            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
+        else:
+            scales = [conditioning_scale] * (len(down) + 1)
+        down = [residual * scale for residual, scale in zip(down, scales)]
+        mid = mid * scales[-1]
+        if self.config.global_pool_conditions:
+            down = [torch.mean(residual, dim=(2, 3), keepdim=True) for residual in down]
+            mid = torch.mean(mid, dim=(2, 3), keepdim=True)
+        return rgbs, down, mid
+
+
+def _time_features(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
+    """diffusers' sinusoidal timestep features, one row per sample, in the sample's dtype."""
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+        timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
+    elif timesteps.ndim == 0:
+        timesteps = timesteps[None].to(sample.device)
+    return model.time_proj(timesteps.expand(sample.shape[0])).to(dtype=sample.dtype)
