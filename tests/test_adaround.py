@@ -22,6 +22,7 @@ from pasd_verify.quant.adaround import (
     AdaroundConfig,
     adaround,
     initial_alpha,
+    plan_layers,
     reconstruction_backward,
     soft_rounded,
     weight_grid,
@@ -169,3 +170,26 @@ def test_only_rounds_the_named_modules_and_leaves_the_rest_float():
     with pytest.raises(AdaroundError, match="no Conv2d or Linear layer under"):
         adaround(unet, model_calls(unet, samples, controlnet=controlnet),
                  AdaroundConfig(iterations=1, only=("no_such_block",)), progress=False)
+
+
+def test_layers_sharing_an_input_capture_it_once_and_round_exactly_as_alone():
+    """The law behind grouping: layers called on the same tensor (every SHA head's q/k/v conv, the k/v convs of
+    all heads reading the text embedding) cannot change each other's input, so capturing it once and optimising
+    them together rounds every weight bit-identically to capturing it per layer."""
+    unet, controlnet = build_pasd("tiny", seed=0)
+    convert_to_sha(unet)
+    samples = seeded_samples(unet, 2, latent=(8, 8), control=True)
+    rounded = {}
+    for share in (True, False):
+        model = copy.deepcopy(unet)
+        calls = model_calls(model, samples, controlnet=controlnet)
+        plan = plan_layers(model, calls[0], share_inputs=share)
+        adaround(model, calls, AdaroundConfig(iterations=3, share_inputs=share), progress=False)
+        rounded[share] = (plan, model.state_dict())
+    shared, alone = rounded[True][0], rounded[False][0]
+    assert shared.layers == alone.layers == alone.groups
+    assert shared.groups < alone.groups / 2  # SHA heads do share their inputs
+    kv = [[n for n, _ in g] for _, _, gs in shared.blocks for g in gs if any(".attn2.to_k_convs." in n for n, _ in g)]
+    assert kv and all(any(".to_k_convs." in n for n in g) and any(".to_v_convs." in n for n in g) for g in kv)
+    for key, value in rounded[False][1].items():
+        assert torch.equal(rounded[True][1][key], value), key

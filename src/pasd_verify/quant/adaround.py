@@ -25,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,10 @@ class AdaroundConfig:
     time: a minibatch larger than that is processed in chunks whose gradients add up to the minibatch's.
     ``device`` runs the optimisation and the block forwards; caches stay on the host and only chunks move.
     ``only`` restricts AdaRound to the layers under these module names (``("up_blocks.3", "mid_block")``): the
-    rest keep their float weights, as when a long run is split into parts.
+    rest keep their float weights, as when a long run is split into parts. ``share_inputs`` captures once the
+    input several layers read (exact; False captures it per layer, to check that it changes nothing). Each layer
+    draws its minibatches from its own generator, seeded with ``seed`` plus its position in forward order, so
+    the order in which layers are optimised does not change their result.
     """
 
     param_bw: int = 4
@@ -84,6 +88,7 @@ class AdaroundConfig:
     device: str = "cpu"
     seed: int = 0
     only: tuple[str, ...] = ()
+    share_inputs: bool = True
 
     def __post_init__(self):
         if not 2 <= self.param_bw <= 16:
@@ -328,57 +333,61 @@ def _block_roots(model: nn.Module) -> dict[str, nn.Module]:
     return roots
 
 
-def _call_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-    # PASD's up blocks read their ControlNet residuals from an attribute the UNet sets for the call
-    # (pasd_verify.models.unet); a replay of the block alone needs it too.
-    return args, kwargs, getattr(module, "pixelwise_hidden_states", None)
-
-
-@contextlib.contextmanager
-def _replayed(module: nn.Module, state: tuple) -> Iterator[None]:
-    extra = state[2]
-    if extra is None:
-        yield
-        return
-    module.pixelwise_hidden_states = extra
-    try:
-        yield
-    finally:
-        module.pixelwise_hidden_states = None
-
-
 @dataclass
 class _Plan:
-    """Blocks in call order, each with its AdaRound layers in call order, grouped: the layers of one group are
-    called one after another on the very same input tensor (an SHA module's per-head q/k/v convs), so nothing
-    one of them does can change another's input, and one capture of that input serves them all."""
+    """Blocks in call order, each with its AdaRound layers grouped: the layers of one group are called on the very
+    same input tensor (an SHA module's per-head q/k/v convs, the per-head k/v convs that all read the text
+    embedding), which exists before any of them runs, so nothing one of them does can change another's input, and
+    one capture of that input serves them all. ``index`` is each layer's position in forward order."""
 
     blocks: list[tuple[str, nn.Module, list[list[tuple[str, nn.Module]]]]]
+    index: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers(self) -> int:
         return sum(len(group) for _, _, groups in self.blocks for group in groups)
+
+    @property
+    def groups(self) -> int:
+        return sum(len(groups) for _, _, groups in self.blocks)
 
 
 def _selected(name: str, only: Sequence[str]) -> bool:
     return not only or any(name == prefix or name.startswith(prefix + ".") for prefix in only)
 
 
-def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any], only: Sequence[str] = ()) -> _Plan:
+class _InputIdentity:
+    """Names the tensor each layer is called on: two calls get the same key only when they receive the same
+    tensor object, still alive and not modified in place in between (its version counter unchanged)."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[weakref.ref, int, str]] = {}
+
+    def key(self, name: str, tensor: Any) -> str:
+        if not isinstance(tensor, torch.Tensor):
+            return name
+        seen = self._seen.get(id(tensor))
+        if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
+            return seen[2]
+        self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version, name)
+        return name
+
+
+def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any], only: Sequence[str] = (),
+                share_inputs: bool = True) -> _Plan:
     """Trace one forward (``call(model)``) to order the blocks and the Conv2d/Linear layers as they run (those
-    under the module names ``only``, when given)."""
+    under the module names ``only``, when given) and to group the layers that read the same input tensor
+    (each layer alone when ``share_inputs`` is False)."""
     roots = _block_roots(model)
     names = {m: n for n, m in model.named_modules()}
     block_order: list[str] = []
     layer_order: list[str] = []
-    shares_input: set[str] = set()  # layers called on the same tensor object as the layer called before them
-    previous: list[Any] = [None]
+    input_of: dict[str, str] = {}  # layer -> the first layer called on the same input tensor
+    identity = _InputIdentity()
 
     def on_layer(m, args):
         layer_order.append(names[m])
-        if args and args[0] is previous[0]:
-            shares_input.add(names[m])
-        previous[0] = args[0] if args else None
+        input_of[names[m]] = identity.key(names[m], args[0] if args else None) if share_inputs else names[m]
 
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: block_order.append(n)) for n, m in roots.items()]
     handles += [m.register_forward_pre_hook(on_layer) for m in model.modules() if isinstance(m, LAYER_TYPES)]
@@ -386,7 +395,7 @@ def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any], only: Sequen
         with torch.no_grad():
             call(model)
     finally:
-        previous[0] = None
+        identity = None
         for h in handles:
             h.remove()
     repeated = sorted({n for n in layer_order if layer_order.count(n) > 1} | {n for n in block_order if block_order.count(n) > 1})
@@ -395,19 +404,16 @@ def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any], only: Sequen
                             "AdaRound needs one input per layer and sample")
     blocks = []
     for block in block_order:
-        groups: list[list[tuple[str, nn.Module]]] = []
+        groups: dict[str, list[tuple[str, nn.Module]]] = {}
         for n in layer_order:
             if (n == block or n.startswith(block + ".")) and _selected(n, only):
-                if groups and n in shares_input:
-                    groups[-1].append((n, model.get_submodule(n)))
-                else:
-                    groups.append([(n, model.get_submodule(n))])
+                groups.setdefault(input_of[n], []).append((n, model.get_submodule(n)))
         if groups:
-            blocks.append((block, roots[block], groups))
+            blocks.append((block, roots[block], list(groups.values())))
     outside = {n for n in layer_order if _selected(n, only)} - {n for _, _, gs in blocks for g in gs for n, _ in g}
     if outside:
         raise AdaroundError(f"layer {sorted(outside)[0]!r} runs outside the model's top-level blocks")
-    return _Plan(blocks)
+    return _Plan(blocks, {n: i for i, n in enumerate(layer_order)})
 
 
 class _QuantizedMode:
@@ -574,7 +580,7 @@ def _capture_block_inputs(model: nn.Module, block_name: str, block: nn.Module,
     """Run the model on each sample until ``block`` is called; cache what it is called with."""
     for index, call in enumerate(calls):
         def hook(m, args, kwargs, index=index):
-            store.write(index, _call_state(m, args, kwargs))
+            store.write(index, (args, kwargs))
             raise _Stop
 
         handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -605,7 +611,7 @@ def _capture(block: nn.Module, layers: Sequence[nn.Module], store: _StructureCac
         handles = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, layer in enumerate(layers)]
         state = store.read(index, device)
         try:
-            with torch.no_grad(), _replayed(block, state):
+            with torch.no_grad():
                 block(*state[0], **state[1])
         except _Stop:
             pass
@@ -644,12 +650,11 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
         raise AdaroundError("device 'cuda' was asked for, but torch sees no CUDA device")
     started = time.perf_counter()
     model.eval().to(device)
-    plan = plan_layers(model, calls[0], config.only)
+    plan = plan_layers(model, calls[0], config.only, config.share_inputs)
     if not plan.layers:
         raise AdaroundError(f"no Conv2d or Linear layer under {list(config.only)} runs in the model's forward")
     quantized = _QuantizedMode(model, config)
     cache = ActivationCache(_CACHE_DTYPES[config.cache_dtype], config.cache_budget, config.cache_dir)
-    generator = torch.Generator().manual_seed(config.seed)
     result = AdaroundResult(samples=len(calls))
     act_funcs = act_funcs or {}
     bar = tqdm(total=plan.layers, desc="adaround", unit="layer", disable=not progress)
@@ -673,6 +678,7 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
                 for (name, layer), target in zip(group, targets):
                     start = time.perf_counter()
                     grid = weight_grid(layer.weight, config)
+                    generator = torch.Generator().manual_seed(config.seed + plan.index[name])
                     alpha, mses = optimize_layer(layer, grid, inputs, target, config, act_funcs.get(name), device,
                                                  generator, progress)
                     codes = integer_codes(layer.weight.to(device), alpha, _grid_on(grid, device)).to(_code_dtype(grid))
