@@ -63,12 +63,13 @@ def _randomize_zero_parameters(model: nn.Module) -> None:
                 p.normal_(std=0.02)
 
 
-def build_unet(preset: str = "tiny", *, seed: int = 0) -> UNet2DConditionModel:
-    """A ``UNet2DConditionModel`` of the named preset, with weights drawn from ``torch.manual_seed(seed)``."""
+def build_unet(preset: str = "tiny", *, seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
+    """A ``UNet2DConditionModel`` of the named preset, with weights drawn from ``torch.manual_seed(seed)``;
+    ``overrides`` replace config entries (``attention_head_dim=8``: more heads at the same width)."""
     _check_preset(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DConditionModel(**UNET_PRESETS[preset]).eval()
+        return UNet2DConditionModel(**{**UNET_PRESETS[preset], **overrides}).eval()
 
 
 def build_pasd(preset: str = "tiny", *, seed: int = 0, use_rrdb: bool = True,

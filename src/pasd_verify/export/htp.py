@@ -47,6 +47,7 @@ class HtpResult:
     run_seconds: float | None = None
     error: str | None = None
     profile: dict | None = None
+    peak_rss_bytes: int | None = None  # the child's own high-water mark: compile and run happen there
     outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
@@ -103,7 +104,7 @@ def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_mo
         profiled = parse_profile(tmp / "profile.csv") if profile and (tmp / "profile.csv").exists() else None
         with np.load(tmp / "outputs.npz") as outputs:
             return HtpResult("passed", times["compile_seconds"], times["run_seconds"], profile=profiled,
-                             outputs={k: outputs[k] for k in outputs.files})
+                             peak_rss_bytes=times.get("peak_rss_bytes"), outputs={k: outputs[k] for k in outputs.files})
 
 
 def _last_error(stderr: str) -> str:
@@ -114,6 +115,8 @@ def _last_error(stderr: str) -> str:
 def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str, profile_path: str) -> None:
     import onnxruntime as ort
     import onnxruntime_qnn
+
+    from ..memory import peak_rss_bytes
 
     ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
     options = ort.SessionOptions()
@@ -138,6 +141,7 @@ def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: 
     started = time.perf_counter()
     outputs = session.run(names, feeds)
     times["run_seconds"] = time.perf_counter() - started
+    times["peak_rss_bytes"] = peak_rss_bytes()
     np.savez(Path(out, "outputs.npz"), **dict(zip(names, outputs)))
     Path(out, "times.json").write_text(json.dumps(times))
 

@@ -1,0 +1,66 @@
+"""The export workloads the benchmarks run in child processes (:func:`pasd_verify.memory.peak_rss_of`).
+
+Each builds a seeded model, converts it to SHA when asked, and runs the whole ``pasd-verify export`` pipeline on it
+(both exact rewrites, so that the HTP agrees and the run measures a passing export) into a temporary folder. The
+result carries each stage's time and the peak RSS after it, the HTP child's own peak (compile and run happen in a
+grandchild, which the caller's RSS does not see), and the figures that compare MHA with SHA on the HTP.
+
+Targets: ``unet`` (the tiny UNet; ``heads`` overrides its number of heads at the same width), ``pasd_unet`` and
+``pasd_controlnet`` (the tiny PASD pair, calibrated on the ControlNet's residuals).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from torch import nn
+
+from ..presets import build_pasd, build_unet
+from ..sha import convert_to_sha
+from .pipeline import export_files
+from .rewrites import ONNX_REWRITES, TORCH_REWRITES
+
+TARGETS = ("unet", "pasd_unet", "pasd_controlnet")
+FORMS = ("mha", "sha")
+REWRITES = (*TORCH_REWRITES, *ONNX_REWRITES)
+
+
+def _model(target: str, heads: int | None, seed: int) -> tuple[nn.Module, nn.Module | None]:
+    if target == "unet":
+        return build_unet("tiny", seed=seed, **({"attention_head_dim": heads} if heads else {})), None
+    if heads:
+        raise ValueError("heads can be set for the plain UNet only")
+    unet, controlnet = build_pasd("tiny", seed=seed)
+    return (unet, controlnet) if target == "pasd_unet" else (controlnet, None)
+
+
+def export_run(target: str, form: str, heads: int | None = None, samples: int = 4, latent: list[int] | None = None,
+               seed: int = 0) -> dict[str, Any]:
+    """Export ``target`` in ``form`` (latent 8x8 unless ``latent``) to a temporary folder; return its stages' times
+    and memory and the HTP's figures (status, op count, compile time, context binary size, agreement)."""
+    if target not in TARGETS or form not in FORMS:
+        raise ValueError(f"target must be one of {TARGETS} and form one of {FORMS}")
+    model, controlnet = _model(target, heads, seed)
+    if form == "sha":
+        convert_to_sha(model)
+    with tempfile.TemporaryDirectory(prefix="pasd-verify-export-bench-") as out:
+        report = export_files(model, out, controlnet=controlnet, samples=samples, latent=tuple(latent or (8, 8)),
+                              rewrites=REWRITES,
+                              localize_divergence=False, seed=seed, log=lambda *_: None)
+    stages = report["stages"]
+    htp = stages["htp"]["htp"]
+    return {
+        "passed": report["passed"],
+        "stages": {name: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"]} for name, s in stages.items()},
+        "seconds": sum(s["seconds"] for s in stages.values()),
+        "htp_status": htp["status"],
+        "htp_compile_seconds": htp["compile_seconds"],
+        "htp_run_seconds": htp["run_seconds"],
+        "htp_child_peak_rss_bytes": htp["peak_rss_bytes"],
+        "htp_ops": (htp["profile"] or {}).get("htp_ops"),
+        "context_binary_bytes": stages["htp"].get("context_binary_bytes"),
+        "cpu_vs_htp_sqnr_db": stages["htp"].get("cpu_vs_htp_sqnr_db"),
+        "fp32_vs_htp_sqnr_db": stages["htp"].get("fp32_vs_htp_sqnr_db"),
+        "qdq_nodes": stages["encodings_and_qdq"]["qdq_nodes"],
+    }
