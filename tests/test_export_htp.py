@@ -158,6 +158,24 @@ def test_without_the_backend_the_htp_steps_are_skipped_not_passed(tmp_path, monk
     assert not (tmp_path / "model_ctx_qnn.bin").exists()
 
 
+def test_release_model_frees_the_weights_and_changes_no_output(tmp_path, monkeypatch):
+    """``release_model`` (what the command uses, for SD1.5-size calibration to have the memory) moves both models'
+    weights to the meta device after the float stage, and every file the export writes is the same as without."""
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # the HTP steps are not what this is about
+    written = {}
+    for release in (False, True):
+        model, controlnet = preset_model("tiny", "pasd-unet")
+        export_files(model, tmp_path / str(release), controlnet=controlnet, samples=2, localize_divergence=False,
+                     release_model=release, log=lambda line: None)
+        on_meta = [p.is_meta for m in (model, controlnet) for p in m.parameters()]
+        assert all(on_meta) if release else not any(on_meta)
+        folder = tmp_path / str(release)
+        # the graphs, not the model headers: aimet lists its custom opset domains in no fixed order
+        written[release] = [onnx.load(str(folder / name)).graph.SerializeToString()
+                            for name in ("model.onnx", "model.qdq.onnx")] + [(folder / "model.encodings").read_bytes()]
+    assert written[True] == written[False]
+
+
 def test_mha_and_sha_agree_on_the_htp_and_their_context_binaries_load(tmp_path):
     """Both forms of the tiny UNet, compiled: their context binaries load without compiling and agree with each
     other and with the CPU; the profile counts the SHA's per-head ops."""

@@ -149,7 +149,7 @@ def _export(args: argparse.Namespace) -> int:
                               weights=args.weights, param_bw=args.param_bw, act_bw=args.act_bw,
                               soc_model=args.soc_model, threshold_db=args.htp_threshold_db,
                               localize_divergence=not args.no_localize, rewrites=tuple(args.rewrite or ()),
-                              seed=args.seed, source=source,
+                              seed=args.seed, release_model=True, source=source,
                               log=lambda line: print(line, flush=True))
     if caught and not args.verbose:
         print(f"({len(caught)} warnings from torch, diffusers and AIMET went to the log; -v shows them)")

@@ -39,6 +39,19 @@ def _status_kib(field: str) -> int:
     raise PasdVerifyError(f"/proc/self/status has no {field}; peak RSS is measured on Linux only")
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the kernel (glibc's ``malloc_trim``; nothing elsewhere): after a large model
+    is dropped, the next stage then has its memory instead of the allocator keeping it resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_bytes() -> int:
     """This process's peak RSS so far (VmHWM), or 0 where /proc does not tell it (reports only, never gates)."""
     try:

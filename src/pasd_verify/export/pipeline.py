@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import __version__
 from ..io import refuse_overwriting_inputs, write_json
-from ..memory import peak_rss_bytes
+from ..memory import peak_rss_bytes, trim_heap
 from ..models import PASDControlNetModel, PASDUNet2DConditionModel
 from ..quant.calibration import calibration_samples, seeded_samples
 from .graphs import export_graph
@@ -69,11 +69,14 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
                  latent: tuple[int, int] | None = None, weights: str = "per-channel", param_bw: int = 8,
                  act_bw: int = 16, soc_model: str = DEFAULT_SOC_MODEL, threshold_db: float = HTP_SQNR_DB,
                  localize_divergence: bool = True, rewrites: tuple[str, ...] = (), seed: int = 0,
-                 source: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+                 release_model: bool = False, source: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
     """Export ``model`` (a UNet, PASD UNet or PASD ControlNet, in the form it is in) into ``out_dir``.
 
     ``rewrites`` (:mod:`pasd_verify.export.rewrites`) are applied to ``model`` in place before export; the
-    float stage reports how far the rewritten model is from the original on the check input.
+    float stage reports how far the rewritten model is from the original on the check input. ``release_model``
+    frees the weights of ``model`` and ``controlnet`` (moved to the meta device) once the float graph is written:
+    every later stage works from the ONNX files, and at SD1.5 size calibration needs that memory. The models are
+    unusable afterwards.
     """
     control = isinstance(model, (PASDUNet2DConditionModel, PASDControlNetModel))
     data = calibration_samples(model, folder=calibration, count=samples, latent=latent, seed=seed,
@@ -125,6 +128,11 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
         worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])
         stage("float_export", started, relative_error=max(errors.values()), per_output=errors, **rewritten,
               passed=worst <= FLOAT_TOLERANCE)
+        if release_model:
+            for torch_model in (model, controlnet):
+                if torch_model is not None:
+                    torch_model.to("meta")
+            trim_heap()
 
         started = time.perf_counter()
         (staging / "aimet").mkdir()
