@@ -211,11 +211,11 @@ def test_sha_pasd_pair_matches_mha(tiny_pasd, shape, dtype):
 # data through arguments (the up blocks' pixelwise_hidden_states, the ControlNet's RGB side outputs), and must
 # compute exactly what diffusers computes apart from that.
 
-@given(shape=latent_shapes(multiple=1, max_side=13, max_batch=2))
-def test_pasd_unet_with_zeroed_pixel_attentions_is_diffusers_unet(tiny_pasd, shape):
-    """Each pixel attention is a residual block: with its output projection zeroed it adds exactly 0, and what is
-    left is diffusers' UNet with ControlNet residuals, bit for bit (odd latents exercise the upsample sizes)."""
-    unet, controlnet = tiny_pasd
+@pytest.fixture(scope="module")
+def zeroed_pixel_attentions(tiny_pasd):
+    """The tiny PASD UNet with every pixel attention's output projection zeroed, and diffusers' own UNet of the same
+    config holding the same weights."""
+    unet, _ = tiny_pasd
     pasd = copy.deepcopy(unet)
     with torch.no_grad():
         for block in pasd.up_blocks:
@@ -225,6 +225,15 @@ def test_pasd_unet_with_zeroed_pixel_attentions_is_diffusers_unet(tiny_pasd, sha
     stock = UNet2DConditionModel(**UNET_PRESETS["tiny"]).eval()
     missing, unexpected = stock.load_state_dict(pasd.state_dict(), strict=False)
     assert not missing and all(".pixel_attentions." in k for k in unexpected)
+    return pasd, stock
+
+
+@given(shape=latent_shapes(multiple=1, max_side=13, max_batch=2))
+def test_pasd_unet_with_zeroed_pixel_attentions_is_diffusers_unet(tiny_pasd, zeroed_pixel_attentions, shape):
+    """Each pixel attention is a residual block: with its output projection zeroed it adds exactly 0, and what is
+    left is diffusers' UNet with ControlNet residuals, bit for bit (odd latents exercise the upsample sizes)."""
+    unet, controlnet = tiny_pasd
+    pasd, stock = zeroed_pixel_attentions
     inputs = _inputs(unet, shape)
     with torch.no_grad():
         _, down, mid = controlnet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
