@@ -14,9 +14,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from torch import nn
-
-from ..presets import build_pasd, build_unet
+from ..quant.workflow import preset_model
 from ..sha import convert_to_sha
 from .pipeline import export_files
 from .rewrites import ONNX_REWRITES, TORCH_REWRITES
@@ -26,28 +24,19 @@ FORMS = ("mha", "sha")
 REWRITES = (*TORCH_REWRITES, *ONNX_REWRITES)
 
 
-def _model(target: str, heads: int | None, seed: int) -> tuple[nn.Module, nn.Module | None]:
-    if target == "unet":
-        return build_unet("tiny", seed=seed, **({"attention_head_dim": heads} if heads else {})), None
-    if heads:
-        raise ValueError("heads can be set for the plain UNet only")
-    unet, controlnet = build_pasd("tiny", seed=seed)
-    return (unet, controlnet) if target == "pasd_unet" else (controlnet, None)
-
-
 def export_run(target: str, form: str, heads: int | None = None, samples: int = 4, latent: list[int] | None = None,
                seed: int = 0) -> dict[str, Any]:
     """Export ``target`` in ``form`` (latent 8x8 unless ``latent``) to a temporary folder; return its stages' times
     and memory and the HTP's figures (status, op count, compile time, context binary size, agreement)."""
     if target not in TARGETS or form not in FORMS:
         raise ValueError(f"target must be one of {TARGETS} and form one of {FORMS}")
-    model, controlnet = _model(target, heads, seed)
+    overrides = {"attention_head_dim": heads} if heads else {}
+    model, controlnet = preset_model("tiny", target.replace("_", "-"), seed=seed, **overrides)
     if form == "sha":
         convert_to_sha(model)
     with tempfile.TemporaryDirectory(prefix="pasd-verify-export-bench-") as out:
         report = export_files(model, out, controlnet=controlnet, samples=samples, latent=tuple(latent or (8, 8)),
-                              rewrites=REWRITES,
-                              localize_divergence=False, seed=seed, log=lambda *_: None)
+                              rewrites=REWRITES, localize_divergence=False, seed=seed, log=lambda *_: None)
     stages = report["stages"]
     htp = stages["htp"]["htp"]
     return {

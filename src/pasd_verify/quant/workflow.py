@@ -62,10 +62,14 @@ def load_for_adaround(model_config: str | os.PathLike, state_dict: str | os.Path
     return model.eval()
 
 
-def preset_model(preset: str, kind: str, *, seed: int = 0) -> tuple[nn.Module, PASDControlNetModel | None]:
-    """An embedded seeded model: ``kind`` is ``unet``, ``pasd-unet`` (with its ControlNet) or ``pasd-controlnet``."""
+def preset_model(preset: str, kind: str, *, seed: int = 0,
+                 **overrides: Any) -> tuple[nn.Module, PASDControlNetModel | None]:
+    """An embedded seeded model: ``kind`` is ``unet``, ``pasd-unet`` (with its ControlNet) or ``pasd-controlnet``;
+    ``overrides`` replace entries of the plain UNet's config (:func:`pasd_verify.presets.build_unet`)."""
     if kind == "unet":
-        return build_unet(preset, seed=seed), None
+        return build_unet(preset, seed=seed, **overrides), None
+    if overrides:
+        raise ValueError(f"config overrides apply to the plain UNet only, not to {kind}")
     unet, controlnet = build_pasd(preset, seed=seed)
     return (unet, controlnet) if kind == "pasd-unet" else (controlnet, None)
 
