@@ -492,13 +492,20 @@ def reconstruction_backward(layer: nn.Module, weight: torch.Tensor, alpha: nn.Pa
 
     AIMET's loss is a mean over the minibatch's rows, so its gradient is the row-weighted sum of the gradients of
     chunks of rows: the same step, holding the activations of ``chunk`` rows at a time instead of all of them.
+    The soft-rounded weight is computed once per step: the chunks add their gradients up on it, and one backward
+    carries the sum to ``alpha`` (the chain rule is linear in the upstream gradient).
     """
+    soft = soft_rounded(weight, alpha, grid)
+    chunked = len(indices) > chunk
+    shared = soft.detach().requires_grad_() if chunked else soft
     for start in range(0, len(indices), chunk):
         part = indices[start:start + chunk]
         x = inputs.read(part).to(device, weight.dtype)
         y = act(targets.read(part).to(device, weight.dtype))
-        out = act(_layer_output(layer, x, soft_rounded(weight, alpha, grid)))
+        out = act(_layer_output(layer, x, shared))
         (AdaroundLoss.compute_recon_loss(out, y) * (len(part) / len(indices))).backward()
+    if chunked:
+        soft.backward(shared.grad)
 
 
 def optimize_layer(layer: nn.Module, grid: WeightGrid, inputs: _Rows, targets: _Rows, config: AdaroundConfig,
