@@ -173,23 +173,29 @@ def test_only_rounds_the_named_modules_and_leaves_the_rest_float():
 
 
 def test_layers_sharing_an_input_capture_it_once_and_round_exactly_as_alone():
-    """The law behind grouping: layers called on the same tensor (every SHA head's q/k/v conv, the k/v convs of
+    """The laws behind capturing: layers called on the same tensor (every SHA head's q/k/v conv, the k/v convs of
     all heads reading the text embedding) cannot change each other's input, so capturing it once and optimising
-    them together rounds every weight bit-identically to capturing it per layer."""
+    them together rounds every weight bit-identically to capturing it per layer; and replaying the innermost
+    module around a group from its cached inputs gives what replaying the whole top-level block gives."""
     unet, controlnet = build_pasd("tiny", seed=0)
     convert_to_sha(unet)
     samples = seeded_samples(unet, 2, latent=(8, 8), control=True)
-    rounded = {}
-    for share in (True, False):
+    plans, rounded = {}, {}
+    for share, nested in ((True, True), (False, True), (True, False)):
         model = copy.deepcopy(unet)
         calls = model_calls(model, samples, controlnet=controlnet)
-        plan = plan_layers(model, calls[0], share_inputs=share)
-        adaround(model, calls, AdaroundConfig(iterations=3, share_inputs=share), progress=False)
-        rounded[share] = (plan, model.state_dict())
-    shared, alone = rounded[True][0], rounded[False][0]
-    assert shared.layers == alone.layers == alone.groups
-    assert shared.groups < alone.groups / 2  # SHA heads do share their inputs
-    kv = [[n for n, _ in g] for _, _, gs in shared.blocks for g in gs if any(".attn2.to_k_convs." in n for n, _ in g)]
+        plans[share, nested] = plan_layers(model, calls[0], share_inputs=share, nested=nested)
+        adaround(model, calls, AdaroundConfig(iterations=3, share_inputs=share, nested_replay=nested), progress=False)
+        rounded[share, nested] = model.state_dict()
+    shared, alone, flat = plans[True, True], plans[False, True], plans[True, False]
+    assert shared.layers == alone.layers == len(alone.groups)
+    assert len(shared.groups) < len(alone.groups) / 2  # SHA heads do share their inputs
+    kv = [[n for n, _ in g.layers] for g in shared.groups if any(".attn2.to_k_convs." in n for n, _ in g.layers)]
     assert kv and all(any(".to_k_convs." in n for n in g) and any(".to_v_convs." in n for n in g) for g in kv)
-    for key, value in rounded[False][1].items():
-        assert torch.equal(rounded[True][1][key], value), key
+    assert all(len(g.path) == 1 for g in flat.groups)
+    assert any(len(g.path) > 2 for g in shared.groups)  # attentions are replayed on their own
+    for g in shared.groups:
+        assert all(n.startswith(unit + ".") for unit in g.path[1:] for n, _ in g.layers)
+    for key, value in rounded[True, True].items():
+        assert torch.equal(rounded[False, True][key], value), key
+        assert torch.equal(rounded[True, False][key], value), key

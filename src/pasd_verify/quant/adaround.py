@@ -9,7 +9,9 @@ calibration batch, and for each layer gathers the inputs and outputs of all samp
 - activation buffers allocated once per layer and filled in place, in float32 or float16, in memory up to a
   byte budget and in files beyond it (plain reads and writes, not mmap, whose pages would count as resident);
 - block-wise sampling: the inputs of each top-level block (``down_blocks.1``, ``mid_block``, ...) are captured
-  once per block by a partial forward, and only that block is run to give its layers' inputs and targets.
+  once per block by a partial forward, and inside it the inputs of each module that holds several groups of
+  layers (a resnet, a transformer block, an attention) by replaying the block; only the innermost module around
+  a group is run to give its layers' inputs and targets.
 
 The maths is AIMET's own: the quantization grid of every weight comes from AIMET's quantizer with AIMET's
 encoding analyzer, the loss is AIMET's ``AdaroundLoss`` (reconstruction + annealed rounding regulariser), the
@@ -20,6 +22,7 @@ As in AIMET's quantization sim, the quantized path also rounds GroupNorm/LayerNo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -71,7 +74,9 @@ class AdaroundConfig:
     rest keep their float weights, as when a long run is split into parts. ``share_inputs`` captures once the
     input several layers read (exact; False captures it per layer, to check that it changes nothing). Each layer
     draws its minibatches from its own generator, seeded with ``seed`` plus its position in forward order, so
-    the order in which layers are optimised does not change their result.
+    the order in which layers are optimised does not change their result. ``nested_replay`` replays the
+    innermost module around a group (a transformer block, an attention) rather than its whole top-level block
+    (exact; False replays top-level blocks only, to check that it changes nothing).
     """
 
     param_bw: int = 4
@@ -89,6 +94,7 @@ class AdaroundConfig:
     seed: int = 0
     only: tuple[str, ...] = ()
     share_inputs: bool = True
+    nested_replay: bool = True
 
     def __post_init__(self):
         if not 2 <= self.param_bw <= 16:
@@ -334,22 +340,28 @@ def _block_roots(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @dataclass
-class _Plan:
-    """Blocks in call order, each with its AdaRound layers grouped: the layers of one group are called on the very
-    same input tensor (an SHA module's per-head q/k/v convs, the per-head k/v convs that all read the text
-    embedding), which exists before any of them runs, so nothing one of them does can change another's input, and
-    one capture of that input serves them all. ``index`` is each layer's position in forward order."""
+class _Group:
+    """Layers called on the very same input tensor (an SHA module's per-head q/k/v convs, the per-head k/v convs
+    that all read the text embedding), which exists before any of them runs, so nothing one of them does can
+    change another's input, and one capture of that input serves them all. ``path`` names the modules replayed
+    to reach them, outermost (a top-level block) first: each is called once per forward, inside the one before."""
 
-    blocks: list[tuple[str, nn.Module, list[list[tuple[str, nn.Module]]]]]
+    layers: list[tuple[str, nn.Module]]
+    path: tuple[str, ...]
+
+
+@dataclass
+class _Plan:
+    """The AdaRound layers' groups in forward order; ``units`` the modules their paths name; ``index`` each
+    layer's position in forward order."""
+
+    groups: list[_Group]
+    units: dict[str, nn.Module] = field(default_factory=dict)
     index: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers(self) -> int:
-        return sum(len(group) for _, _, groups in self.blocks for group in groups)
-
-    @property
-    def groups(self) -> int:
-        return sum(len(groups) for _, _, groups in self.blocks)
+        return sum(len(group.layers) for group in self.groups)
 
 
 def _selected(name: str, only: Sequence[str]) -> bool:
@@ -373,47 +385,98 @@ class _InputIdentity:
         return name
 
 
+class _CallTrace:
+    """Hooks on every module during one forward: how often each is called, which modules were running when it
+    was first called, and the order in which the top-level blocks and the layers run."""
+
+    def __init__(self, model: nn.Module, roots: dict[str, nn.Module], share_inputs: bool):
+        self.calls: dict[str, int] = {}
+        self.inside: dict[str, frozenset[str]] = {}
+        self.block_order: list[str] = []
+        self.layer_order: list[str] = []
+        self.input_of: dict[str, str] = {}  # layer -> the first layer called on the same input tensor
+        self._running: list[str] = []
+        self._identity = _InputIdentity()
+        self._share = share_inputs
+        self._roots = set(roots)
+        self._handles = []
+        for name, module in model.named_modules():
+            if name:
+                self._handles += [module.register_forward_pre_hook(lambda m, a, n=name: self._enter(n, m, a)),
+                                  module.register_forward_hook(self._leave)]
+
+    def _enter(self, name: str, module: nn.Module, args: tuple) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.inside.setdefault(name, frozenset(self._running))
+        self._running.append(name)
+        if name in self._roots:
+            self.block_order.append(name)
+        if isinstance(module, LAYER_TYPES):
+            self.layer_order.append(name)
+            self.input_of[name] = self._identity.key(name, args[0] if args else None) if self._share else name
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._running.pop()  # returns None: a forward hook's return value would replace the output
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._identity = None
+
+
+def _unit_path(trace: _CallTrace, block: str, layers: Sequence[str]) -> tuple[str, ...]:
+    """The modules from ``block`` down to the innermost one holding all of ``layers`` that can be replayed on
+    their own: called once per forward, while the previous one runs (``ff.net`` is a ModuleList, never called)."""
+    parts = [name.split(".") for name in layers]
+    common = os.path.commonprefix(parts)
+    if len(layers) == 1 or common in parts:
+        common = common[:-1]  # a layer's input comes from its parent
+    path = [block]
+    for depth in range(len(block.split(".")) + 1, len(common) + 1):
+        name = ".".join(common[:depth])
+        if trace.calls.get(name) == 1 and path[-1] in trace.inside[name]:
+            path.append(name)
+    return tuple(path)
+
+
 def plan_layers(model: nn.Module, call: Callable[[nn.Module], Any], only: Sequence[str] = (),
-                share_inputs: bool = True) -> _Plan:
-    """Trace one forward (``call(model)``) to order the blocks and the Conv2d/Linear layers as they run (those
-    under the module names ``only``, when given) and to group the layers that read the same input tensor
-    (each layer alone when ``share_inputs`` is False)."""
+                share_inputs: bool = True, nested: bool = True) -> _Plan:
+    """Trace one forward (``call(model)``) to order the Conv2d/Linear layers as they run (those under the module
+    names ``only``, when given), group the layers that read the same input tensor (each layer alone when
+    ``share_inputs`` is False) and give each group the modules to replay to reach it: its top-level block, then,
+    when ``nested``, each module inside it that holds this and at least one other group."""
     roots = _block_roots(model)
-    names = {m: n for n, m in model.named_modules()}
-    block_order: list[str] = []
-    layer_order: list[str] = []
-    input_of: dict[str, str] = {}  # layer -> the first layer called on the same input tensor
-    identity = _InputIdentity()
-
-    def on_layer(m, args):
-        layer_order.append(names[m])
-        input_of[names[m]] = identity.key(names[m], args[0] if args else None) if share_inputs else names[m]
-
-    handles = [m.register_forward_pre_hook(lambda m, a, n=n: block_order.append(n)) for n, m in roots.items()]
-    handles += [m.register_forward_pre_hook(on_layer) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    trace = _CallTrace(model, roots, share_inputs)
     try:
         with torch.no_grad():
             call(model)
     finally:
-        identity = None
-        for h in handles:
-            h.remove()
-    repeated = sorted({n for n in layer_order if layer_order.count(n) > 1} | {n for n in block_order if block_order.count(n) > 1})
+        trace.remove()
+    repeated = sorted({n for n in trace.layer_order if trace.calls[n] > 1} |
+                      {n for n in trace.block_order if trace.calls[n] > 1})
     if repeated:
         raise AdaroundError(f"module(s) called more than once in one forward, e.g. {repeated[0]!r}; "
                             "AdaRound needs one input per layer and sample")
-    blocks = []
-    for block in block_order:
-        groups: dict[str, list[tuple[str, nn.Module]]] = {}
-        for n in layer_order:
+    groups: list[_Group] = []
+    for block in trace.block_order:
+        members: dict[str, list[str]] = {}
+        for n in trace.layer_order:
             if (n == block or n.startswith(block + ".")) and _selected(n, only):
-                groups.setdefault(input_of[n], []).append((n, model.get_submodule(n)))
-        if groups:
-            blocks.append((block, roots[block], list(groups.values())))
-    outside = {n for n in layer_order if _selected(n, only)} - {n for _, _, gs in blocks for g in gs for n, _ in g}
+                members.setdefault(trace.input_of[n], []).append(n)
+        groups += [_Group([(n, model.get_submodule(n)) for n in names],
+                          _unit_path(trace, block, names) if nested else (block,)) for names in members.values()]
+    outside = {n for n in trace.layer_order if _selected(n, only)} - {n for g in groups for n, _ in g.layers}
     if outside:
         raise AdaroundError(f"layer {sorted(outside)[0]!r} runs outside the model's top-level blocks")
-    return _Plan(blocks, {n: i for i, n in enumerate(layer_order)})
+    # a module replayed for one group only costs more than it saves: that group replays the module around it
+    through: dict[str, int] = {}
+    for group in groups:
+        for name in group.path[1:]:
+            through[name] = through.get(name, 0) + 1
+    for group in groups:
+        group.path = tuple(name for i, name in enumerate(group.path) if i == 0 or through[name] > 1)
+    units = {name: model.get_submodule(name) for group in groups for name in group.path}
+    return _Plan(groups, units, {n: i for i, n in enumerate(trace.layer_order)})
 
 
 class _QuantizedMode:
@@ -616,10 +679,8 @@ def _capture(block: nn.Module, layers: Sequence[nn.Module], store: _StructureCac
                 raise _Stop
 
         handles = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, layer in enumerate(layers)]
-        state = store.read(index, device)
         try:
-            with torch.no_grad():
-                block(*state[0], **state[1])
+            _replay(store, index, device, block)
         except _Stop:
             pass
         finally:
@@ -640,6 +701,73 @@ def _capture(block: nn.Module, layers: Sequence[nn.Module], store: _StructureCac
     return buffers
 
 
+def _replay(store: _StructureCache, index: int, device: torch.device, module: nn.Module) -> Any:
+    """Call ``module`` on sample ``index`` of its cached inputs."""
+    args, kwargs = store.read(index, device)
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+@dataclass
+class _Level:
+    """A module on the way to a group, with its cached float and quantized inputs for every sample."""
+
+    name: str
+    module: nn.Module
+    float_inputs: _StructureCache
+    quant_inputs: _StructureCache
+
+    def calls(self, quantized: bool, device: torch.device) -> list[Callable[[nn.Module], Any]]:
+        """One call per sample that replays this module on its cached inputs."""
+        store = self.quant_inputs if quantized else self.float_inputs
+        return [functools.partial(_replay, store, i, device) for i in range(store.rows)]
+
+    def release(self) -> None:
+        self.float_inputs.release()
+        self.quant_inputs.release()
+
+
+class _Levels:
+    """The stack of modules whose inputs are cached, outermost first. A group's inputs are captured by replaying
+    the innermost module of its path; entering a module captures its inputs by replaying the one around it (the
+    model itself for a top-level block). A module's quantized inputs stay valid while it is on the stack: groups
+    come in forward order, so every layer rounded after it was entered runs after it is called."""
+
+    def __init__(self, model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], units: dict[str, nn.Module],
+                 quantized: _QuantizedMode, cache: ActivationCache, device: torch.device):
+        self.model, self.model_calls, self.units = model, calls, units
+        self.quantized, self.cache, self.device = quantized, cache, device
+        self.stack: list[_Level] = []
+
+    def enter(self, path: tuple[str, ...]) -> _Level:
+        """Make ``path`` the stack's prefix (leaving modules off it) and return the level of its last module."""
+        keep = 0
+        while keep < min(len(path), len(self.stack)) and self.stack[keep].name == path[keep]:
+            keep += 1
+        if keep < len(path):
+            self.leave(keep)
+        for name in path[len(self.stack):]:
+            self.stack.append(self._capture(name))
+        return self.stack[len(path) - 1]
+
+    def leave(self, depth: int) -> None:
+        """Free the cached inputs of the modules deeper than ``depth``."""
+        while len(self.stack) > depth:
+            self.stack.pop().release()
+
+    def _capture(self, name: str) -> _Level:
+        module = self.units[name]
+        outer = self.stack[-1] if self.stack else None
+        stores = []
+        for quantized in (False, True):
+            store = _StructureCache(self.cache, len(self.model_calls))
+            calls = outer.calls(quantized, self.device) if outer else self.model_calls
+            with self.quantized.active() if quantized else contextlib.nullcontext():
+                _capture_block_inputs(outer.module if outer else self.model, name, module, calls, store)
+            stores.append(store)
+        return _Level(name, module, *stores)
+
+
 def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], config: AdaroundConfig = AdaroundConfig(),
              *, act_funcs: dict[str, nn.Module | None] | None = None, progress: bool = True,
              on_layer: Callable[[LayerReport], None] | None = None) -> AdaroundResult:
@@ -657,56 +785,54 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
         raise AdaroundError("device 'cuda' was asked for, but torch sees no CUDA device")
     started = time.perf_counter()
     model.eval().to(device)
-    plan = plan_layers(model, calls[0], config.only, config.share_inputs)
+    plan = plan_layers(model, calls[0], config.only, config.share_inputs, config.nested_replay)
     if not plan.layers:
         raise AdaroundError(f"no Conv2d or Linear layer under {list(config.only)} runs in the model's forward")
     quantized = _QuantizedMode(model, config)
     cache = ActivationCache(_CACHE_DTYPES[config.cache_dtype], config.cache_budget, config.cache_dir)
+    levels = _Levels(model, calls, plan.units, quantized, cache, device)
+    last_use = {name: i for i, group in enumerate(plan.groups) for name in group.path}
     result = AdaroundResult(samples=len(calls))
     act_funcs = act_funcs or {}
     bar = tqdm(total=plan.layers, desc="adaround", unit="layer", disable=not progress)
     try:
-        for block_name, block, groups in plan.blocks:
-            float_inputs = _StructureCache(cache, len(calls))
-            _capture_block_inputs(model, block_name, block, calls, float_inputs)
-            quant_inputs = _StructureCache(cache, len(calls))
+        for position, group in enumerate(plan.groups):
+            start = time.perf_counter()
+            level = levels.enter(group.path)
+            modules = [layer for _, layer in group.layers]
             with quantized.active():
-                _capture_block_inputs(model, block_name, block, calls, quant_inputs)
-            for position, group in enumerate(groups, 1):
+                [inputs] = _capture(level.module, modules[:1], level.quant_inputs, len(calls), cache, device, "input")
+            targets = _capture(level.module, modules, level.float_inputs, len(calls), cache, device, "output")
+            # inputs no later group needs are freed before optimising
+            levels.leave(next((d for d, lv in enumerate(levels.stack) if last_use[lv.name] <= position),
+                              len(levels.stack)))
+            capture_seconds = (time.perf_counter() - start) / len(group.layers)
+            for (name, layer), target in zip(group.layers, targets):
                 start = time.perf_counter()
-                modules = [layer for _, layer in group]
-                with quantized.active():
-                    [inputs] = _capture(block, modules[:1], quant_inputs, len(calls), cache, device, "input")
-                targets = _capture(block, modules, float_inputs, len(calls), cache, device, "output")
-                if position == len(groups):  # the block's inputs are needed no longer: free them before optimising
-                    float_inputs.release()
-                    quant_inputs.release()
-                capture_seconds = (time.perf_counter() - start) / len(group)
-                for (name, layer), target in zip(group, targets):
-                    start = time.perf_counter()
-                    grid = weight_grid(layer.weight, config)
-                    generator = torch.Generator().manual_seed(config.seed + plan.index[name])
-                    alpha, mses = optimize_layer(layer, grid, inputs, target, config, act_funcs.get(name), device,
-                                                 generator, progress)
-                    codes = integer_codes(layer.weight.to(device), alpha, _grid_on(grid, device)).to(_code_dtype(grid))
-                    quantized.codes[name] = (codes.cpu(), grid)
-                    result.grids[name] = grid
-                    report = LayerReport(name, list(layer.weight.shape), config.num_iterations, **mses,
-                                         seconds=capture_seconds + time.perf_counter() - start,
-                                         peak_rss_bytes=peak_rss_bytes(), cache_bytes_in_memory=cache.bytes_in_memory,
-                                         cache_bytes_on_disk=cache.bytes_on_disk)
-                    target.release()
-                    result.layers.append(report)
-                    if on_layer:
-                        on_layer(report)
-                    bar.update(1)
-                    bar.set_postfix_str(f"{name} mse {mses['mse_nearest']:.3g}->{mses['mse_after']:.3g}")
-                inputs.release()
+                grid = weight_grid(layer.weight, config)
+                generator = torch.Generator().manual_seed(config.seed + plan.index[name])
+                alpha, mses = optimize_layer(layer, grid, inputs, target, config, act_funcs.get(name), device,
+                                             generator, progress)
+                codes = integer_codes(layer.weight.to(device), alpha, _grid_on(grid, device)).to(_code_dtype(grid))
+                quantized.codes[name] = (codes.cpu(), grid)
+                result.grids[name] = grid
+                report = LayerReport(name, list(layer.weight.shape), config.num_iterations, **mses,
+                                     seconds=capture_seconds + time.perf_counter() - start,
+                                     peak_rss_bytes=peak_rss_bytes(), cache_bytes_in_memory=cache.bytes_in_memory,
+                                     cache_bytes_on_disk=cache.bytes_on_disk)
+                target.release()
+                result.layers.append(report)
+                if on_layer:
+                    on_layer(report)
+                bar.update(1)
+                bar.set_postfix_str(f"{name} mse {mses['mse_nearest']:.3g}->{mses['mse_after']:.3g}")
+            inputs.release()
         with torch.no_grad():  # fold: the model's weights become the rounded ones
             for name, (codes, grid) in quantized.codes.items():
                 layer = model.get_submodule(name)
                 layer.weight.copy_(dequantize(codes.to(layer.weight.device), _grid_on(grid, layer.weight.device)))
     finally:
+        levels.leave(0)
         bar.close()
         cache.close()
     result.seconds = time.perf_counter() - started
