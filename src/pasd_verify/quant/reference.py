@@ -51,12 +51,15 @@ def pasd_unet_rows(controlnet: PASDControlNetModel, samples: Sequence[Sample]) -
 
 def aimet_adaround(model: nn.Module, rows: Sequence[tuple[torch.Tensor, ...]], *, iterations: int, param_bw: int = 4,
                    weights: str = "per_channel", quant_scheme: str = "tf_enhanced", cached: bool = True,
-                   folder: str | os.PathLike | None = None, seed: int = 0) -> tuple[nn.Module, str | None]:
+                   folder: str | os.PathLike | None = None, seed: int = 0,
+                   ignore: Sequence[str] = ()) -> tuple[nn.Module, str | None]:
     """``Adaround.apply_adaround`` on a deep copy of ``model`` (called as ``model(*row)`` per sample, batch 1).
 
     ``cached=False`` is AIMET's only memory lever (``AdaroundOptimizer.is_activation_caching_enabled``): two
     partial forwards per optimisation step instead of a cache of every sample. Returns AIMET's rounded model and,
     when ``folder`` is given, the path of its parameter encodings (``aimet.encodings``, 0.6.1 layout).
+    ``ignore`` names modules AIMET leaves unquantized (its ``ignore_quant_ops_list``), so that it rounds only the
+    rest: a sample of the layers of a model too large to round whole in a benchmark.
     """
     params = AdaroundParameters(DataLoader(list(rows), batch_size=1), len(rows), default_num_iterations=iterations,
                                 forward_fn=lambda m, batch: m(*batch))
@@ -67,8 +70,10 @@ def aimet_adaround(model: nn.Module, rows: Sequence[tuple[torch.Tensor, ...]], *
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(folder) if folder is not None else tmp
+            copied = copy.deepcopy(model)
             rounded = Adaround.apply_adaround(
-                copy.deepcopy(model), dummy, params, out, "aimet", default_param_bw=param_bw,
+                copied, dummy, params, out, "aimet", default_param_bw=param_bw,
+                ignore_quant_ops_list=[copied.get_submodule(name) for name in ignore] or None,
                 default_quant_scheme=SCHEMES[quant_scheme], default_config_file=str(QUANTSIM_CONFIGS[weights]))
     finally:
         AdaroundOptimizer.is_activation_caching_enabled = previous

@@ -13,7 +13,9 @@ Targets:
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,9 @@ from torch import nn
 from ..presets import build_pasd
 from ..sha import convert_to_sha
 from ..memory import peak_rss_bytes
-from .adaround import AdaroundConfig, adaround, aimet_act_funcs
+from aimet_torch._base.adaround.adaround_optimizer import AdaroundOptimizer
+
+from .adaround import LAYER_TYPES, AdaroundConfig, adaround, aimet_act_funcs
 from .calibration import model_calls, seeded_samples
 from .reference import PASDUNetForQuantization, aimet_adaround, pasd_unet_rows
 
@@ -80,3 +84,48 @@ def adaround_run(target: str, implementation: str, samples: int, iterations: int
     seconds = time.perf_counter() - start
     return {"layers": layers, "seconds": seconds, "seconds_per_layer": seconds / layers,
             "peak_rss_bytes": peak_rss_bytes()}
+
+
+@contextlib.contextmanager
+def _timed_aimet_layers(seconds: list[float]) -> Iterator[None]:
+    """Append the wall time of each layer AIMET's ``AdaroundOptimizer.adaround_module`` rounds to ``seconds``."""
+    original = AdaroundOptimizer.__dict__["adaround_module"]
+
+    def timed(cls, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original.__func__(cls, *args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    AdaroundOptimizer.adaround_module = classmethod(timed)
+    try:
+        yield
+    finally:
+        AdaroundOptimizer.adaround_module = original
+
+
+def aimet_sampled_run(preset: str, samples: int, iterations: int, latent: list[int], layers: int,
+                      seed: int = 0) -> dict[str, Any]:
+    """aimet-torch's own ``apply_adaround`` (cached mode) on the SHA PASD UNet of ``preset``, rounding ``layers``
+    layers evenly spread over the model's order and leaving the rest unquantized: its set-up (QuantizationSimModel,
+    connected graph, calibration batches pickled) is the whole model's, and each sampled layer costs what it
+    costs in a whole run (a partial forward of the float and of the quantized model per sample, then the
+    optimisation). Returns the set-up seconds, the sampled layers with their seconds, and the layer count,
+    from which a whole run's time is estimated."""
+    np.random.seed(seed)
+    model, controlnet, data = _pasd_unet(preset, samples, seed, tuple(latent))
+    rows = pasd_unet_rows(controlnet, data)
+    del controlnet
+    wrapped = PASDUNetForQuantization(model)
+    names = [f"unet.{n}" for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    step = max(1, len(names) // layers)
+    chosen = names[step // 2::step][:layers]
+    seconds: list[float] = []
+    start = time.perf_counter()
+    with _timed_aimet_layers(seconds):
+        aimet_adaround(wrapped, rows, iterations=iterations, cached=True, seed=seed,
+                       ignore=[n for n in names if n not in chosen])
+    total = time.perf_counter() - start
+    return {"layers_in_model": len(names), "sampled": dict(zip(chosen, seconds)), "seconds": total,
+            "setup_seconds": total - sum(seconds), "peak_rss_bytes": peak_rss_bytes()}
