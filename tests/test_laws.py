@@ -1,0 +1,304 @@
+"""The rewrite laws, one battery for every model kind.
+
+As diffusers' model tester mixins do, each model kind states a small contract (how to draw a seeded MHA model and
+its inputs, and how to run it) and inherits the same laws:
+
+- SHA equals MHA: the untouched MHA model is the reference, within the fp32 and fp64 tolerances of
+  ``strategies.sha_tolerance``;
+- undo (``convert_to_mha``) restores every parameter bit-identically, in the same dtype and on the same device, and
+  returns the same name map the rewrite returned;
+- the split checkpoint loads strictly into the SHA model and merges back into the MHA one bit-identically;
+- the name map covers every q/k/v parameter of every attention and nothing else;
+- the SHA state dict round-trips through ``.safetensors`` and ``.pth``.
+
+Each law is a hypothesis property over the kind's drawn models and inputs. The SD1.5-size kinds run the same
+battery under the ``slow`` marker, on one fixed input each and in fp32 only (an fp64 copy of an SD1.5 UNet is
+7 GB).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import Transformer2DModel
+from diffusers.models.attention_processor import Attention
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pasd_verify import SHAAttention, convert_to_mha, convert_to_sha, merge_state_dict, split_state_dict
+from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
+from pasd_verify.presets import build_pasd, build_unet, pasd_inputs, unet_inputs
+from strategies import TEXT_LENGTH, attention_cases, pasd_shapes, transformer_configs
+from strategies import unet_inputs as unet_shapes
+from test_sha import DTYPES, assert_within_tolerance
+
+@dataclass(frozen=True)
+class Example:
+    """One drawn case of a kind: ``build(dtype)`` gives a fresh seeded MHA model, ``run(model, dtype)`` its outputs
+    on the drawn inputs (a list of tensors)."""
+
+    build: Callable[[torch.dtype], nn.Module]
+    run: Callable[[nn.Module, torch.dtype], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A model kind's contract: ``examples`` draws models with inputs (for the laws about outputs); ``models``
+    draws only what varies in the model itself (for the laws about parameters and names: a fixed preset is one
+    example, not one per drawn input)."""
+
+    name: str
+    examples: st.SearchStrategy[Example]
+    models: st.SearchStrategy[Callable[[torch.dtype], nn.Module]]
+    dtypes: tuple[torch.dtype, ...] = tuple(DTYPES)
+    marks: tuple = field(default=())
+    cost: int = 1  # a kind whose example takes seconds gets 1/cost of the profile's examples for outputs
+
+    def holds(self, law: Callable, strategy: st.SearchStrategy) -> None:
+        """Check ``law(self, drawn)`` as a hypothesis property over ``strategy``, under the active profile with
+        this kind's share of its examples (a fixed preset's ``models`` is one example whatever the share)."""
+        @settings(max_examples=max(1, settings.default.max_examples // self.cost))
+        @given(strategy)
+        def check(drawn):
+            law(self, drawn)
+
+        check()
+
+    @classmethod
+    def drawn(cls, name: str, examples: st.SearchStrategy[Example], **kwargs) -> Kind:
+        """A kind whose model is drawn with its inputs (its config is part of the example)."""
+        return cls(name, examples, examples.map(lambda e: e.build), **kwargs)
+
+    @classmethod
+    def preset(cls, name: str, example: Callable[[dict], Example], shapes: st.SearchStrategy[dict],
+               **kwargs) -> Kind:
+        """A kind with one fixed seeded model, run on drawn input shapes."""
+        examples = shapes.map(example)
+        return cls(name, examples, st.just(example(_ANY_SHAPE).build), **kwargs)
+
+
+# --- the kinds ---------------------------------------------------------------------------------------------
+
+def _attention_examples() -> st.SearchStrategy[Example]:
+    # a bare Attention has no parent to be replaced in: it sits in a container, as it does in every model
+    return attention_cases().map(lambda case: Example(
+        build=lambda dtype: nn.ModuleDict({"attn": case.build(dtype)}),
+        run=lambda model, dtype: [model["attn"](**case.inputs(dtype))],
+    ))
+
+
+def _transformer_example(config: dict) -> Example:
+    def build(dtype):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config["seed"])
+            return Transformer2DModel(**config["model"]).to(dtype).eval()
+
+    def run(model, dtype):
+        g = torch.Generator().manual_seed(config["seed"])
+        x = torch.randn(config["batch"], config["model"]["in_channels"], config["height"], config["width"],
+                        generator=g, dtype=dtype)
+        text = torch.randn(config["batch"], config["text_length"], config["model"]["cross_attention_dim"],
+                           generator=g, dtype=dtype)
+        return [model(x, encoder_hidden_states=text).sample]
+
+    return Example(build, run)
+
+
+def _sd15_transformer(config: dict) -> dict:
+    """SD1.5's transformers at their widths: 8 heads, conv projections, 77 x 768 text."""
+    channels = config["model"]["in_channels"]
+    model = {**config["model"], "num_attention_heads": 8, "attention_head_dim": channels // 8, "norm_num_groups": 32,
+             "cross_attention_dim": 768, "use_linear_projection": False}
+    return {**config, "model": model, "text_length": TEXT_LENGTH}
+
+
+@functools.lru_cache(maxsize=1)
+def _pasd(preset: str) -> tuple[nn.Module, nn.Module]:
+    return build_pasd(preset, seed=0)
+
+
+@functools.lru_cache(maxsize=1)
+def _unet(preset: str) -> nn.Module:
+    return build_unet(preset, seed=0)
+
+
+def _unet_example(preset: str, shape: dict) -> Example:
+    def run(model, dtype):
+        inputs = unet_inputs(model, batch=shape["batch"], latent=(shape["height"], shape["width"]), seed=shape["seed"],
+                             dtype=dtype)
+        return [model(**inputs).sample]
+
+    return Example(lambda dtype: copy.deepcopy(_unet(preset)).to(dtype), run)
+
+
+def _pasd_inputs(preset: str, shape: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    unet, _ = _pasd(preset)
+    return pasd_inputs(unet, batch=shape["batch"], latent=(shape["height"], shape["width"]), seed=shape["seed"],
+                       dtype=dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _controlnet(preset: str, dtype: torch.dtype) -> nn.Module:
+    """The untouched MHA ControlNet in ``dtype``: it gives the PASD UNet's residual inputs."""
+    controlnet = _pasd(preset)[1]
+    return controlnet if dtype == torch.float32 else copy.deepcopy(controlnet).to(dtype)
+
+
+def _pasd_unet_example(preset: str, shape: dict) -> Example:
+    def run(model, dtype):
+        inputs = _pasd_inputs(preset, shape, dtype)
+        with torch.no_grad():
+            _, down, mid = _controlnet(preset, dtype)(inputs["sample"], inputs["timestep"],
+                                                     inputs["encoder_hidden_states"], inputs["controlnet_cond"])
+        return [model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                      down_block_additional_residuals=down, mid_block_additional_residual=mid).sample]
+
+    return Example(lambda dtype: copy.deepcopy(_pasd(preset)[0]).to(dtype), run)
+
+
+def _pasd_controlnet_example(preset: str, shape: dict) -> Example:
+    def run(model, dtype):
+        inputs = _pasd_inputs(preset, shape, dtype)
+        rgbs, down, mid = model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                                inputs["controlnet_cond"])
+        return [*rgbs, *down, mid]
+
+    return Example(lambda dtype: copy.deepcopy(_pasd(preset)[1]).to(dtype), run)
+
+
+_ANY_SHAPE = {"batch": 1, "height": 8, "width": 8, "seed": 0}  # for building only: the model does not depend on it
+_SD15_UNET_SHAPE = {"batch": 1, "height": 64, "width": 64, "seed": 0}
+_SD15_PASD_SHAPE = {"batch": 1, "height": 16, "width": 24, "seed": 0}  # a non-square 128 x 192 control image
+
+_fp32_slow = dict(dtypes=(torch.float32,), marks=(pytest.mark.slow,))
+
+KINDS = [
+    Kind.drawn("attention", _attention_examples()),
+    Kind.drawn("transformer", transformer_configs().map(_transformer_example)),
+    Kind.preset("tiny_unet", functools.partial(_unet_example, "tiny"), unet_shapes(), cost=2),
+    Kind.preset("tiny_pasd_unet", functools.partial(_pasd_unet_example, "tiny"), pasd_shapes(max_latent=16), cost=5),
+    Kind.preset("tiny_pasd_controlnet", functools.partial(_pasd_controlnet_example, "tiny"), pasd_shapes(max_latent=16),
+                cost=3),
+    Kind.drawn("sd15_transformer", transformer_configs(channels=st.sampled_from([320, 640, 1280]), max_side=12)
+               .map(_sd15_transformer).map(_transformer_example), marks=(pytest.mark.slow,)),
+    Kind.preset("sd15_unet", functools.partial(_unet_example, "sd15"), st.just(_SD15_UNET_SHAPE), **_fp32_slow),
+    Kind.preset("sd15_pasd_unet", functools.partial(_pasd_unet_example, "sd15"), st.just(_SD15_PASD_SHAPE),
+                **_fp32_slow),
+    Kind.preset("sd15_pasd_controlnet", functools.partial(_pasd_controlnet_example, "sd15"), st.just(_SD15_PASD_SHAPE),
+                **_fp32_slow),
+]
+
+
+def _kinds():
+    return [pytest.param(kind, id=kind.name, marks=kind.marks) for kind in KINDS]
+
+
+# --- the laws ----------------------------------------------------------------------------------------------
+
+def _qkv_parameters(model: nn.Module) -> set[str]:
+    return {f"{module_name}.{proj}.{p}" for module_name, module in model.named_modules() if isinstance(module, Attention)
+            for proj in ("to_q", "to_k", "to_v") for p, _ in getattr(module, proj).named_parameters()}
+
+
+def _same_parameters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same keys in the same order, and bit-identical tensors of the same dtype on the same device."""
+    return list(a) == list(b) and all(
+        a[k].dtype == b[k].dtype and a[k].device == b[k].device and torch.equal(a[k], b[k]) for k in a)
+
+
+def _sha_equals_mha(kind: Kind, example: Example) -> None:
+    for dtype in kind.dtypes:
+        mha = example.build(dtype)
+        sha = copy.deepcopy(mha)
+        convert_to_sha(sha)
+        with torch.no_grad():
+            reference, candidate = example.run(mha, dtype), example.run(sha, dtype)
+        assert len(reference) == len(candidate)
+        for r, c in zip(reference, candidate):
+            assert r.dtype == c.dtype == dtype
+            assert_within_tolerance(r, c, dtype)
+
+
+def _undo_restores_every_parameter_and_returns_the_same_name_map(kind: Kind, build) -> None:
+    for dtype in kind.dtypes:
+        model = build(dtype)
+        original = copy.deepcopy(model.state_dict())
+        forward_map = convert_to_sha(model)
+        assert forward_map, "every kind has attention to rewrite"
+        assert convert_to_mha(model) == forward_map
+        assert _same_parameters(model.state_dict(), original)
+        assert not any(isinstance(m, SHAAttention) for m in model.modules())
+
+
+def _split_checkpoint_loads_strictly_and_merges_back(kind: Kind, build) -> None:
+    mha = build(torch.float32)
+    mha_state = mha.state_dict()
+    sha = copy.deepcopy(mha)
+    name_map = convert_to_sha(sha)
+    converted = copy.deepcopy(sha.state_dict())
+    split = split_state_dict(mha_state, name_map)
+    with torch.no_grad():
+        for p in sha.parameters():
+            p.zero_()
+    sha.load_state_dict(split, strict=True)
+    assert _same_parameters(sha.state_dict(), converted)
+    assert _same_parameters(merge_state_dict(split, name_map), mha_state)
+
+
+def _name_map_covers_every_qkv_parameter_and_nothing_else(kind: Kind, build) -> None:
+    model = build(torch.float32)
+    mha_names = set(dict(model.named_parameters()))
+    qkv = _qkv_parameters(model)
+    name_map = convert_to_sha(model)
+    assert set(name_map) == qkv
+    sha_names = set(dict(model.named_parameters()))
+    assert sha_names == (mha_names - qkv) | {n for names in name_map.values() for n in names}
+    assert not any(isinstance(m, Attention) for m in model.modules())
+
+
+def _sha_state_dict_round_trips_through_both_file_formats(kind: Kind, build) -> None:
+    model = build(torch.float32)
+    convert_to_sha(model)
+    state = model.state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        for suffix in ("safetensors", "pth"):
+            path = Path(tmp) / f"state_dict_sha.{suffix}"
+            save_state_dict_file(state, path)
+            loaded = load_state_dict_file(path)
+            assert set(loaded) == set(state)
+            assert _same_parameters({k: loaded[k] for k in state}, state)
+            del loaded
+            path.unlink()
+
+
+@pytest.mark.parametrize("kind", _kinds())
+def test_sha_equals_mha(kind):
+    kind.holds(_sha_equals_mha, kind.examples)
+
+
+@pytest.mark.parametrize("kind", _kinds())
+def test_undo_restores_every_parameter_and_returns_the_same_name_map(kind):
+    kind.holds(_undo_restores_every_parameter_and_returns_the_same_name_map, kind.models)
+
+
+@pytest.mark.parametrize("kind", _kinds())
+def test_split_checkpoint_loads_strictly_and_merges_back(kind):
+    kind.holds(_split_checkpoint_loads_strictly_and_merges_back, kind.models)
+
+
+@pytest.mark.parametrize("kind", _kinds())
+def test_name_map_covers_every_qkv_parameter_and_nothing_else(kind):
+    kind.holds(_name_map_covers_every_qkv_parameter_and_nothing_else, kind.models)
+
+
+@pytest.mark.parametrize("kind", _kinds())
+def test_sha_state_dict_round_trips_through_both_file_formats(kind):
+    kind.holds(_sha_state_dict_round_trips_through_both_file_formats, kind.models)
