@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ class AttentionCase:
     spatial_input: bool
     mask: str | None
     seed: int
+    upcast_attention: bool = False
+    upcast_softmax: bool = False
 
     def build(self, dtype: torch.dtype = torch.float32) -> Attention:
         """The MHA module, seeded; q/k weights are scaled up so softmax is peaked, not near uniform.
@@ -48,11 +51,20 @@ class AttentionCase:
                 self.query_dim, cross_attention_dim=self.cross_attention_dim, heads=self.heads,
                 dim_head=self.dim_head, bias=self.bias, out_bias=self.out_bias, processor=processor,
                 residual_connection=self.residual_connection, rescale_output_factor=self.rescale_output_factor,
+                upcast_attention=self.upcast_attention, upcast_softmax=self.upcast_softmax,
             )
             for name, p in attn.named_parameters():
                 gain = 2.0 if name.startswith(("to_q", "to_k")) else 1.0
                 torch.nn.init.normal_(p, std=gain / max(p.shape[-1], 1) ** 0.5)
         return attn.to(dtype).eval()
+
+    def reference(self, dtype: torch.dtype = torch.float32) -> Attention:
+        """The MHA module SHA must equal in ``dtype``. In float64 it is built without the upcast flags: the classic
+        processor's "upcast" is ``.float()``, a cast down to float32 there, while SHA upcasts half precision only
+        and stays float64 end to end. In float32 the flags are no-ops, and in half precision both upcast."""
+        if dtype == torch.float64 and (self.upcast_attention or self.upcast_softmax):
+            return dataclasses.replace(self, upcast_attention=False, upcast_softmax=False).build(dtype)
+        return self.build(dtype)
 
     def inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed + 1)
@@ -118,6 +130,8 @@ def attention_cases(draw, *, heads=st.integers(1, 16), max_tokens: int = 64) -> 
         spatial_input=draw(st.booleans()),
         mask=draw(st.sampled_from(masks)),
         seed=draw(st.integers(0, 2**16)),
+        upcast_attention=draw(st.booleans()),
+        upcast_softmax=draw(st.booleans()),
     )
 
 

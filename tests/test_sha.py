@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pasd_verify import (
     AttentionInputError,
@@ -153,6 +154,34 @@ def test_name_map_entries_name_real_parameters_in_head_order(heads, dim_head, bi
         assert mha_name in mha_params and len(sha_names) == heads
         joined = torch.cat([sha_params[n].flatten(1) if sha_params[n].ndim == 4 else sha_params[n] for n in sha_names])
         assert torch.equal(joined, mha_params[mha_name])
+
+
+class _OutputDtypes(TorchDispatchMode):
+    """Records the dtype of every floating-point tensor each aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, set[torch.dtype]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.seen.setdefault(str(func), set()).add(t.dtype)
+        return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=attention_cases())
+def test_sha_computes_in_its_input_dtype_outside_half_precision(case, dtype):
+    """Whatever the upcast flags and the processor: no op of SHA's forward yields another floating dtype than
+    its input's in float32 and float64 (a classic MHA processor's upcast would drop float64 to float32)."""
+    sha = SHAAttention(case.build(dtype))
+    inputs = case.inputs(dtype)
+    with torch.no_grad(), _OutputDtypes() as recorded:
+        sha(**inputs)
+    assert recorded.seen
+    assert {op: dtypes for op, dtypes in recorded.seen.items() if dtypes != {dtype}} == {}
 
 
 @pytest.mark.parametrize("upcast", ["upcast_attention", "upcast_softmax"])
