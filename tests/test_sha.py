@@ -125,11 +125,66 @@ def test_unsupported_attention_is_refused_by_name_and_nothing_changes(kind):
     assert list(model.state_dict()) == list(before)
 
 
-def test_skip_unsupported_leaves_refused_modules_as_mha():
-    model = nn.ModuleDict({"fine": Attention(16, heads=2, dim_head=8), "odd": REFUSALS["group norm"][0]()})
+@given(layout=st.lists(st.tuples(st.sampled_from([None, *sorted(REFUSALS)]), st.booleans()), min_size=1, max_size=6))
+def test_skip_unsupported_converts_every_supported_module_whatever_the_order(layout):
+    """``layout``: per entry, a refusal kind (None: a supported module) and whether it sits one level deeper,
+    in a container of its own, so refused and supported modules interleave at any depth and in any order."""
+    model = nn.ModuleDict()
+    for i, (refusal, nested) in enumerate(layout):
+        module = Attention(16, heads=2, dim_head=8) if refusal is None else REFUSALS[refusal][0]()
+        model[f"m{i}"] = nn.ModuleDict({"inner": module}) if nested else module
+    names = {f"m{i}.inner" if nested else f"m{i}": refusal for i, (refusal, nested) in enumerate(layout)}
+    refused_before = {n: copy.deepcopy(model.get_submodule(n).state_dict()) for n, r in names.items() if r}
     name_map = convert_to_sha(model, skip_unsupported=True)
-    assert isinstance(model["fine"], SHAAttention) and type(model["odd"]) is Attention
-    assert set(name_map) == {f"fine.{p}.weight" for p in ("to_q", "to_k", "to_v")}
+    for name, refusal in names.items():
+        module = model.get_submodule(name)
+        if refusal is None:
+            assert isinstance(module, SHAAttention), name
+        else:
+            assert not isinstance(module, SHAAttention), name
+            assert _same_state(module.state_dict(), refused_before[name]), name
+    expected = {f"{n}.{p}.weight" for n, r in names.items() if r is None for p in ("to_q", "to_k", "to_v")}
+    assert set(name_map) == expected
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_BAD_LAYOUTS = {
+    # argument -> shapes of the wrong rank, and the words the error must use for the accepted layout
+    "hidden_states": ([(16,), (2, 16), (1, 2, 16, 4, 4)], "(B, N, C) or (B, C, H, W)"),
+    "encoder_hidden_states": ([(2, 16), (1, 2, 16, 4)], "(B, N, C)"),
+}
+
+
+@given(argument=st.sampled_from(sorted(_BAD_LAYOUTS)), data=st.data())
+def test_sha_refuses_inputs_of_a_rank_it_does_not_accept_and_names_the_layout(argument, data):
+    shapes, expected = _BAD_LAYOUTS[argument]
+    shape = data.draw(st.sampled_from(shapes))
+    sha = SHAAttention(Attention(16, cross_attention_dim=16, heads=2, dim_head=8))
+    inputs = {"hidden_states": torch.randn(1, 4, 16), "encoder_hidden_states": torch.randn(1, 3, 16)}
+    inputs[argument] = torch.randn(*shape)
+    with pytest.raises(AttentionInputError) as info:
+        sha(**inputs)
+    assert expected in str(info.value) and str(tuple(shape)) in str(info.value)
+
+
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), mask_rank=st.sampled_from([1, 2, 3, 4]),
+       mask_batch=st.integers(1, 12), as_bool=st.booleans())
+def test_sha_accepts_exactly_the_mask_layouts_mha_lays_out(batch, heads, mask_rank, mask_batch, as_bool):
+    """A mask is (B or B*heads, Nk) or (B or B*heads, Nq or 1, Nk); anything else raises, naming those."""
+    keys = 3
+    sha = SHAAttention(Attention(8, cross_attention_dim=8, heads=heads, dim_head=4, processor=AttnProcessor2_0()))
+    shape = {1: (keys,), 2: (mask_batch, keys), 3: (mask_batch, 1, keys), 4: (mask_batch, 1, 1, keys)}[mask_rank]
+    mask = torch.ones(shape, dtype=torch.bool) if as_bool else torch.zeros(shape)
+    inputs = {"hidden_states": torch.randn(batch, 5, 8), "encoder_hidden_states": torch.randn(batch, keys, 8)}
+    accepted = mask_rank in (2, 3) and mask_batch in (batch, batch * heads)
+    if accepted:
+        assert sha(**inputs, attention_mask=mask).shape == (batch, 5, 8)
+    else:
+        with pytest.raises(AttentionInputError, match=r"neither \(B, \[Nq,\] Nk\) nor \(B\*heads, Nq, Nk\)"):
+            sha(**inputs, attention_mask=mask)
 
 
 def test_sha_refuses_a_mask_of_the_wrong_key_length():
