@@ -451,3 +451,34 @@ def test_the_two_formats_of_one_calibration_hold_the_same_parameter_encodings():
         for weights in WEIGHTS:
             assert compare_encodings(golden(form, weights, "0.6.1"), golden(form, weights, "1.0.0"),
                                      sections=("param_encodings",)) == []
+
+
+def _containers(value, found=None) -> dict[int, object]:
+    """Every dict and list reachable from ``value``, by id (kept alive in the result, so ids stay unique)."""
+    found = {} if found is None else found
+    if isinstance(value, (dict, list)):
+        found[id(value)] = value
+        for item in value.values() if isinstance(value, dict) else value:
+            _containers(item, found)
+    return found
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_rewrites_never_share_structure_with_their_input(name_map, version, weights):
+    """No dict or list of a rewrite's output is one of its input's: changing the output cannot change the input."""
+    mha, sha = golden("mha", weights, version), golden("sha", weights, version)
+    other = "1.0.0" if version == "0.6.1" else "0.6.1"
+    rewrites = {
+        "mha_to_sha": (mha, lambda: mha_to_sha(mha, name_map)[0]),
+        "sha_to_mha": (sha, lambda: sha_to_mha(sha, name_map)[0]),
+        "convert_version": (mha, lambda: convert_version(mha, other)),
+        "convert_version to its own version": (sha, lambda: convert_version(sha, version)),
+    }
+    for label, (source, rewrite) in rewrites.items():
+        before = copy.deepcopy(source)
+        inputs = _containers(source)
+        output = rewrite()
+        shared = inputs.keys() & _containers(output).keys()
+        assert not shared, f"{label}: {len(shared)} containers shared with the input"
+        assert source == before, label
