@@ -482,3 +482,107 @@ def test_rewrites_never_share_structure_with_their_input(name_map, version, weig
         shared = inputs.keys() & _containers(output).keys()
         assert not shared, f"{label}: {len(shared)} containers shared with the input"
         assert source == before, label
+
+
+# Each defect: the versions it applies to, how to plant it on the entry ``name``, the words check_encodings must say.
+def _plant_unknown(body, name, version):
+    entry = copy.deepcopy(body[name] if version == "0.6.1" else next(e for e in body if e["name"] == name))
+    unknown = name.replace(".weight", ".no_such.weight")
+    if version == "0.6.1":
+        body[unknown] = entry
+    else:
+        body.append({**entry, "name": unknown})
+    return f"{unknown}: names no parameter"
+
+
+def _channels_of(body, name, version):
+    return body[name] if version == "0.6.1" else next(e for e in body if e["name"] == name)
+
+
+def _plant_channel_count(body, name, version):
+    entry = _channels_of(body, name, version)
+    if version == "0.6.1":
+        body[name] = entry[:-1]
+        return f"{name}: {len(entry) - 1} per-channel encodings for {len(entry)}"
+    entry["scale"], entry["offset"] = entry["scale"][:-1], entry["offset"][:-1]
+    return f"{name}: {len(entry['scale'])} per-channel encodings for {len(entry['scale']) + 1}"
+
+
+def _plant_drift(key):
+    def plant(body, name, version):
+        channel = _channels_of(body, name, version)[0]
+        channel[key] += 10 * channel["scale"]  # ten grid steps: far beyond AIMET's rounding of min/max
+        return f"{name}[0]: min/max"
+    return plant
+
+
+def _plant_symmetric_offset(body, name, version):
+    entry = _channels_of(body, name, version)
+    if version == "0.6.1":
+        entry[0]["is_symmetric"], entry[0]["offset"] = "True", -(2 ** (entry[0]["bitwidth"] - 1)) + 3
+    else:
+        entry["is_sym"], entry["offset"][0] = True, -(2 ** (entry["bw"] - 1)) + 3
+    return f"{name}[0]: symmetric encoding with offset"
+
+
+def _plant_no_dtype(body, name, version):
+    del _channels_of(body, name, version)["dtype"]
+    return f"{name}: has no dtype"
+
+
+def _plant_duplicate(body, name, version):
+    body.append(copy.deepcopy(_channels_of(body, name, version)))
+    return f"names {name!r} more than once"
+
+
+def _plant_bad_scale(body, name, version):
+    entry = _channels_of(body, name, version)
+    if version == "0.6.1":
+        entry[0]["scale"] = -1.0
+    else:
+        entry["scale"][0] = -1.0
+    return f"{name}[0]: scale -1.0 is not a positive number"
+
+
+def _plant_missing(body, name, version):
+    if version == "0.6.1":
+        del body[name]
+    else:
+        body.remove(_channels_of(body, name, version))
+    return f"{name} has no encoding"
+
+
+_DEFECTS = {
+    "unknown name": (VERSIONS, _plant_unknown),
+    "channel count": (VERSIONS, _plant_channel_count),
+    "min drifting alone": (["0.6.1"], _plant_drift("min")),
+    "max drifting alone": (["0.6.1"], _plant_drift("max")),
+    "offset against is_symmetric": (VERSIONS, _plant_symmetric_offset),
+    "no dtype": (["1.0.0"], _plant_no_dtype),
+    "duplicate name": (["1.0.0"], _plant_duplicate),  # a 0.6.1 body is a JSON object: the parser refuses duplicates
+    "scale not positive": (VERSIONS, _plant_bad_scale),
+    "missing required": (VERSIONS, _plant_missing),
+}
+
+
+@given(version=st.sampled_from(VERSIONS), data=st.data())
+def test_check_encodings_reports_every_planted_defect_whatever_the_order(version, data, sha_shapes, name_map):
+    """Defects planted on distinct required SHA head weights (a clean file reports nothing), entries in any order:
+    every defect is reported, naming its entry."""
+    enc = copy.deepcopy(golden("sha", "per_channel", version))
+    required = required_sha_encodings(golden("mha", "per_channel", version), name_map)
+    body = enc["param_encodings"]
+    names = sorted(body) if version == "0.6.1" else sorted(e["name"] for e in body)
+    targets = [n for n in names if n.split("unet.", 1)[-1] in required]
+    kinds = data.draw(st.lists(st.sampled_from([k for k, (vs, _) in _DEFECTS.items() if version in vs]),
+                               unique=True, max_size=4), label="defects")
+    chosen = data.draw(st.lists(st.sampled_from(targets), unique=True, min_size=len(kinds), max_size=len(kinds)))
+    expected = [_DEFECTS[kind][1](body, name, version) for kind, name in zip(kinds, chosen)]
+    order = data.draw(st.permutations(list(body) if version == "0.6.1" else range(len(body))), label="order")
+    enc["param_encodings"] = {k: body[k] for k in order} if version == "0.6.1" else [body[i] for i in order]
+    problems = check_encodings(enc, sha_shapes, source="x.encodings", required=required)
+    report = "\n".join(problems)
+    for kind, words in zip(kinds, expected):
+        assert words in report, f"{kind}: {words!r} not reported in:\n{report}"
+    if not kinds:
+        assert problems == []

@@ -477,6 +477,8 @@ def _entry_problems(entry: Any, version: str, where: str) -> list[str]:
                     problems.append(f"{w}: min/max {enc['min']:.6g}/{enc['max']:.6g} disagree with scale and "
                                     f"offset, which give {lo:.6g}/{hi:.6g}")
         return problems
+    if "dtype" not in entry:  # 1.0.0 states it: INT entries have a grid, FLOAT ones only a bitwidth
+        problems.append(f"{where}: has no dtype (a 1.0.0 entry says INT or FLOAT)")
     if entry.get("dtype", "INT") != "INT":
         return problems
     for c, (scale, offset) in enumerate(zip(entry["scale"], entry["offset"])):
