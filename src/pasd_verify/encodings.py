@@ -29,7 +29,6 @@ from .sha import NameMap
 
 SUPPORTED_VERSIONS = ("0.6.1", "1.0.0")
 _PROJECTIONS = ("to_q", "to_k", "to_v")
-_PER_HEAD_MODULES = {"matmul_1": "MatMul", "softmax_1": "Softmax", "matmul_2": "MatMul"}
 
 
 class EncodingsError(PasdVerifyError):
@@ -281,6 +280,8 @@ def activation_renames(name_map: NameMap, prefix: str = "") -> list[tuple[re.Pat
 
     Both naming schemes AIMET writes are covered: ONNX tensor names (``/scope/to_q/MatMul_output_0`` ->
     ``/scope/to_q_convs/to_q_convs.{i}/Conv_output_0``) and module names (``x.to_q`` -> ``x.to_q_convs.{i}``).
+    Only the projections have rules: diffusers' MHA attention has no matmul or softmax modules (its scores are
+    free ops, dropped as attention internals), so AIMET writes no MHA encoding that a per-head one could take.
     """
     rules = []
     for module, heads in attention_modules(name_map).items():
@@ -290,10 +291,6 @@ def activation_renames(name_map: NameMap, prefix: str = "") -> list[tuple[re.Pat
             rules.append((re.compile(re.escape(f"{scope}/{proj}/") + r"[^/]*_output_0"),
                           [f"{scope}/{proj}_convs/{proj}_convs.{i}/Conv_output_0" for i in range(heads)]))
             rules.append((re.compile(re.escape(f"{path}.{proj}")), [f"{path}.{proj}_convs.{i}" for i in range(heads)]))
-        for kind, op in _PER_HEAD_MODULES.items():
-            rules.append((re.compile(re.escape(f"{scope}/{kind}/") + r"[^/]*_output_0"),
-                          [f"{scope}/{kind}/{kind}.{i}/{op}_output_0" for i in range(heads)]))
-            rules.append((re.compile(re.escape(f"{path}.{kind}")), [f"{path}.{kind}.{i}" for i in range(heads)]))
     return rules
 
 
