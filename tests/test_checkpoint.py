@@ -198,3 +198,91 @@ def test_foreign_files_are_refused_with_their_name(tmp_path):
         load_state_dict_file(tmp_path / "nested.pth")
     with pytest.raises(CheckpointError, match="missing.safetensors: no such checkpoint file"):
         load_state_dict_file(tmp_path / "missing.safetensors")
+
+
+# --- every checkpoint error names its source, the form and the key ---------------------------------------------
+
+def _small_pair():
+    """(MHA state dict, SHA state dict, name map) of one two-head attention."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": Attention(8, heads=2, dim_head=4, bias=True)})
+    mha = {k: v.clone() for k, v in model.state_dict().items()}
+    name_map = convert_to_sha(model)
+    return mha, {k: v.clone() for k, v in model.state_dict().items()}, name_map
+
+
+def _plant(defect: str, to: str, mha: dict, sha: dict, name_map: dict) -> tuple[dict, str, str]:
+    """The input of a conversion ``to`` with ``defect``, the form word and the key its error must name."""
+    mha_key = "attn.to_k.weight"
+    heads = name_map[mha_key]
+    source = dict(mha if to == "sha" else sha)
+    form = "MHA" if to == "sha" else "SHA"
+    if defect == "missing":
+        key = mha_key if to == "sha" else heads[1]
+        del source[key]
+    elif defect == "clashing":
+        key = heads[0] if to == "sha" else mha_key
+        source[key] = (sha if to == "sha" else mha)[key]
+        form = "MHA and SHA"
+    elif defect == "mis-shaped":
+        key = mha_key
+        if to == "sha":
+            source[key] = source[key].reshape(2, 4, 8)
+        else:
+            source[heads[0]] = source[heads[0]].reshape(4, 1, 2, 4)  # a head that is not a 1x1 conv
+    else:  # "uneven heads"
+        key = mha_key
+        if to == "sha":
+            source[key] = torch.zeros(9, 8)  # 9 rows for 2 heads
+        else:
+            source[heads[1]] = torch.zeros(5, 8, 1, 1)  # heads of different sizes
+    return source, form, key
+
+
+@given(defect=st.sampled_from(["missing", "clashing", "mis-shaped", "uneven heads"]), to=st.sampled_from(["sha", "mha"]),
+       where=st.sampled_from(["memory", *FORMATS]))
+def test_checkpoint_errors_name_the_source_the_form_and_the_key(defect, to, where, tmp_path_factory):
+    mha, sha, name_map = _small_pair()
+    source, form, key = _plant(defect, to, mha, sha, name_map)
+    if where == "memory":
+        label = "state dict"
+        rewrite = split_state_dict if to == "sha" else merge_state_dict
+        with pytest.raises(CheckpointError) as info:
+            rewrite(source, name_map, source=label)
+    else:
+        folder = tmp_path_factory.mktemp("ckpt")
+        src, dst = folder / f"in.{where}", folder / f"out.{where}"
+        save_state_dict_file(source, src)
+        label = str(src)
+        with pytest.raises(CheckpointError) as info:
+            convert_checkpoint_file(src, dst, name_map, to=to)
+        assert sorted(os.listdir(folder)) == [src.name]  # nothing written, no staging file left
+    message = str(info.value)
+    assert label in message and form in message and repr(key) in message, message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_existing_output_is_replaced_whole_or_not_at_all(tiny, tmp_path, fmt):
+    mha, sha, name_map = tiny
+    src, dst = tmp_path / f"mha.{fmt}", tmp_path / f"sha.{fmt}"
+    save_state_dict_file(mha.state_dict(), src)
+    save_state_dict_file({"stale": torch.ones(3)}, dst)  # an older output that differs from what src gives
+    convert_checkpoint_file(src, dst, name_map)
+    assert _equal_dicts(load_state_dict_file(dst), sha.state_dict(), ordered=False)
+    # a failing conversion leaves the existing output as it was
+    written = dst.read_bytes()
+    src.write_bytes(src.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=str(src)):
+        convert_checkpoint_file(src, dst, name_map)
+    assert dst.read_bytes() == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, dst.name])
+
+
+def test_legacy_non_zip_pth_files_load_and_convert(tiny, tmp_path):
+    mha, sha, name_map = tiny
+    src = tmp_path / "mha.pth"
+    torch.save(mha.state_dict(), src, _use_new_zipfile_serialization=False)
+    assert not __import__("zipfile").is_zipfile(src)
+    assert _equal_dicts(load_state_dict_file(src), mha.state_dict())
+    convert_checkpoint_file(src, tmp_path / "sha.pth", name_map)
+    assert _equal_dicts(load_state_dict_file(tmp_path / "sha.pth"), sha.state_dict(), ordered=False)

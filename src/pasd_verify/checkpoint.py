@@ -40,10 +40,11 @@ _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 def _split_tensor(key: str, tensor: torch.Tensor, heads: int, source: str) -> list[torch.Tensor]:
     """Contiguous per-head row blocks of a Linear weight or bias; weights become 1x1 conv weights (views)."""
     if tensor.ndim not in (1, 2):
-        raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected a Linear weight or bias")
+        raise CheckpointError(f"{source}: MHA key {key!r} has shape {tuple(tensor.shape)}, expected a Linear weight "
+                              "or bias")
     if tensor.shape[0] % heads:
         raise CheckpointError(
-            f"{source}: {key} has {tensor.shape[0]} rows, which {heads} heads do not divide evenly"
+            f"{source}: MHA key {key!r} has {tensor.shape[0]} rows, which {heads} heads do not divide evenly"
         )
     chunks = tensor.chunk(heads, dim=0)
     if tensor.ndim == 2:
@@ -55,12 +56,13 @@ def _merge_tensors(key: str, chunks: list[torch.Tensor], source: str) -> torch.T
     """Inverse of :func:`_split_tensor`: 1x1 conv weights back to one Linear weight."""
     shapes = {tuple(c.shape) for c in chunks}
     if len(shapes) != 1:
-        raise CheckpointError(f"{source}: the heads of {key} have different shapes {sorted(shapes)}")
+        raise CheckpointError(f"{source}: the SHA heads of {key!r} have different shapes {sorted(shapes)}")
     shape = shapes.pop()
     if len(shape) == 4 and shape[2:] == (1, 1):
         chunks = [c.reshape(shape[0], shape[1]) for c in chunks]
     elif len(shape) != 1:
-        raise CheckpointError(f"{source}: the heads of {key} have shape {shape}, expected 1x1 conv weights or biases")
+        raise CheckpointError(f"{source}: the SHA heads of {key!r} have shape {shape}, expected 1x1 conv weights "
+                              "or biases")
     return torch.cat(chunks, dim=0)
 
 
@@ -270,7 +272,7 @@ def _sha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> 
         read = _shared_reader(key, heads)
         if len(shape) not in (1, 2) or shape[0] % heads:
             raise CheckpointError(
-                f"{source}: {key} has shape {shape}, which does not split into {heads} heads of whole rows"
+                f"{source}: MHA key {key!r} has shape {shape}, which does not split into {heads} heads of whole rows"
             )
         head_shape = [shape[0] // heads, *shape[1:]] + ([1, 1] if len(shape) == 2 else [])
         for i, name in enumerate(name_map[key]):
