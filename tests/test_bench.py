@@ -94,7 +94,7 @@ def _synthetic_encodings(model, version: str) -> dict:
     for name, p in model.state_dict().items():
         if p.ndim >= 2:
             params.append((name, [rng.uniform(1e-4, 1e-2) for _ in range(p.shape[0])]))
-    from pasd_verify.encodings import onnx_scope
+    from pasd_verify.name_map import onnx_scope
 
     for name, module in model.named_modules():
         if name and not list(module.children()):

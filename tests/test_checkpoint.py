@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
-from pasd_verify import CheckpointError, convert_checkpoint_file, convert_to_sha, merge_state_dict, split_state_dict
+from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
+                         split_state_dict)
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
 from pasd_verify.loading import name_map_from_config
 from pasd_verify.presets import build_unet, unet_inputs
@@ -169,8 +170,10 @@ def test_already_converted_checkpoint_is_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_rows_that_heads_do_not_divide_are_named(tmp_path, fmt):
-    name_map = {"a.to_q.weight": ["a.to_q_convs.0.weight", "a.to_q_convs.1.weight", "a.to_q_convs.2.weight"]}
-    save_state_dict_file({"a.to_q.weight": torch.zeros(8, 4)}, tmp_path / f"mha.{fmt}")
+    name_map = NameMap()
+    name_map.add("a", heads=3, has_bias=False)
+    save_state_dict_file({"a.to_q.weight": torch.zeros(8, 4), "a.to_k.weight": torch.zeros(9, 4),
+                          "a.to_v.weight": torch.zeros(9, 4)}, tmp_path / f"mha.{fmt}")
     with pytest.raises(CheckpointError, match="a.to_q.weight.*3 heads"):
         convert_checkpoint_file(tmp_path / f"mha.{fmt}", tmp_path / f"sha.{fmt}", name_map)
     assert _listing(tmp_path) == [f"mha.{fmt}"]

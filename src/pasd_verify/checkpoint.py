@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import CheckpointError
 from .io import atomic_path
-from .sha import NameMap
+from .name_map import NameMap
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -95,7 +95,7 @@ def _check_all_projections_mapped(keys, name_map: NameMap, to: str, source: str,
         stray = [] if allow_unconverted else [k for k in keys if _MHA_PROJECTION.search(k) and k not in name_map]
         form = "MHA"
     else:
-        covered = {k for names in name_map.values() for k in names}
+        covered = set(name_map.sha_names())
         stray = [k for k in keys if _SHA_PROJECTION.search(k) and k not in covered]
         form = "SHA"
     if stray:
@@ -116,8 +116,8 @@ def split_state_dict(
     Returns a new dict whose tensors are views of the input's (no copy); the input is not changed. A q/k/v
     projection the name map does not cover is an error unless ``allow_unconverted``.
     """
-    sha_keys = [k for names in name_map.values() for k in names]
-    _check_keys(set(state_dict), list(name_map), sha_keys, source, "MHA")
+    name_map = NameMap.of(name_map)
+    _check_keys(set(state_dict), list(name_map), name_map.sha_names(), source, "MHA")
     _check_all_projections_mapped(state_dict, name_map, "sha", source, allow_unconverted)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -132,11 +132,11 @@ def merge_state_dict(
     state_dict: Mapping[str, torch.Tensor], name_map: NameMap, *, source: str = "state dict"
 ) -> dict[str, torch.Tensor]:
     """The MHA state dict of an SHA one, the exact inverse of :func:`split_state_dict`. The input is not changed."""
-    sha_keys = [k for names in name_map.values() for k in names]
-    _check_keys(set(state_dict), sha_keys, list(name_map), source, "SHA")
+    name_map = NameMap.of(name_map)
+    _check_keys(set(state_dict), name_map.sha_names(), list(name_map), source, "SHA")
     _check_all_projections_mapped(state_dict, name_map, "mha", source, True)
-    first_head = {names[0]: mha for mha, names in name_map.items()}
-    consumed = set(sha_keys)
+    first_head = name_map.first_heads()
+    consumed = set(name_map.sha_names())
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if key in first_head:
@@ -220,7 +220,7 @@ def convert_checkpoint_file(
     ``allow_unconverted``); otherwise nothing is written. To check the checkpoint against a model config as
     well, use :func:`pasd_verify.convert.convert_checkpoint`. Returns counts: ``{"tensors_in", "tensors_out", "keys_rewritten"}``.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst, name_map = Path(src), Path(dst), NameMap.of(name_map)
     if to not in ("sha", "mha"):
         raise ValueError(f"to must be 'sha' or 'mha', got {to!r}")
     if not src.is_file():
@@ -261,7 +261,7 @@ _Plan = list[tuple[str, tuple[str, list[int]], Callable[["_SafetensorsReader"], 
 
 
 def _sha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> _Plan:
-    _check_keys(set(keys), list(name_map), [k for v in name_map.values() for k in v], source, "MHA")
+    _check_keys(set(keys), list(name_map), name_map.sha_names(), source, "MHA")
     plan: _Plan = []
     for key in keys:
         dtype, shape = shapes[key]
@@ -282,9 +282,9 @@ def _sha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> 
 
 
 def _mha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> _Plan:
-    _check_keys(set(keys), [k for v in name_map.values() for k in v], list(name_map), source, "SHA")
-    first_head = {names[0]: mha for mha, names in name_map.items()}
-    consumed = {k for v in name_map.values() for k in v}
+    _check_keys(set(keys), name_map.sha_names(), list(name_map), source, "SHA")
+    first_head = name_map.first_heads()
+    consumed = set(name_map.sha_names())
     plan: _Plan = []
     for key in keys:
         dtype, shape = shapes[key]

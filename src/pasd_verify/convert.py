@@ -7,7 +7,6 @@ SHA checkpoint, the SHA encodings and the name map into one folder: all of them 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -29,7 +28,8 @@ from .encodings import (
 )
 from .errors import PasdVerifyError
 from .loading import ModelChoice, build_model, choose_model, parameter_shapes
-from .sha import NameMap, convert_to_sha
+from .name_map import NameMap
+from .sha import convert_to_sha
 
 
 @dataclass
@@ -150,7 +150,7 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
 
     name_map = conversion.name_map
     summary: dict[str, Any] = {"model_class": conversion.choice.describe(),
-                               "attention_modules": len({k.rsplit(".", 2)[0] for k in name_map}),
+                               "attention_modules": len(name_map.modules),
                                "checkpoint_keys_split": len(name_map)}
     sha_encodings = None
     if encodings is not None:  # checked first: it is cheap, the checkpoint rewrite is not
@@ -164,7 +164,7 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
         summary["checkpoint_tensors_out"] = counts["tensors_out"]
         if sha_encodings is not None:
             save_encodings(sha_encodings, staged["encodings"])
-        staged["name_map"].write_text(json.dumps(name_map, indent=2) + "\n")
+        staged["name_map"].write_text(name_map.to_json())
         for key, path in outputs.items():
             os.replace(staged[key], path)
     summary["outputs"] = {key: str(path) for key, path in outputs.items()}

@@ -24,6 +24,7 @@ from . import __version__
 from .checkpoint import convert_checkpoint_file, load_state_dict_file, save_state_dict_file
 from .io import write_json
 from .logs import library_warnings
+from .name_map import NameMap
 from .models import pasd_forward
 from .presets import build_pasd, build_unet, unet_inputs
 from .ranges import check_control_image, latent_size, prepare_control_image
@@ -64,7 +65,7 @@ class _Demo:
         self.seed = seed
         self.mha = build_unet("tiny", seed=seed)
         self.sha = copy.deepcopy(self.mha)
-        self.name_map: dict[str, list[str]] = {}
+        self.name_map: NameMap = NameMap()
         self.inputs = unet_inputs(self.mha, seed=seed)
 
     def sha_rewrite(self) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,9 @@ from typing import Any
 
 from .errors import PasdVerifyError
 from .io import atomic_path
-from .sha import NameMap
+from .name_map import NameMap
 
 SUPPORTED_VERSIONS = ("0.6.1", "1.0.0")
-_PROJECTIONS = ("to_q", "to_k", "to_v")
 
 
 class EncodingsError(PasdVerifyError):
@@ -244,64 +242,18 @@ def join_entries(entries: list[Any], version: str, name: str, where: str, per_te
 
 # --- activation names ---------------------------------------------------------------------------------------
 
-def _module_parts(module_path: str) -> list[str]:
-    """Path segments with each ModuleList index kept on its list: ``a.blocks.0.attn1`` -> ``[a, blocks.0, attn1]``."""
-    parts: list[str] = []
-    for part in module_path.split("."):
-        if part.isdigit() and parts:
-            parts[-1] += "." + part
-        else:
-            parts.append(part)
-    return parts
+def _sha_activations(name: str, renames: dict[str, list[str]]) -> list[str] | None:
+    """The SHA names taking the encoding of the MHA activation ``name``, or None: a module name is looked up as it
+    is, an ONNX tensor name (``<scope>/<op>_output_0``) by its scope."""
+    if name in renames:
+        return renames[name]
+    scope, _, tensor = name.rpartition("/")
+    return renames.get(scope) if scope and tensor.endswith("_output_0") else None
 
 
-def onnx_scope(module_path: str) -> str:
-    """The ONNX scope of a module's own ops as AIMET's export names them: ``a.blocks.0.attn1`` ->
-    ``/a/blocks/blocks.0/attn1`` (a ModuleList child is named by the list, then by the list and its index)."""
-    return "/" + "/".join(f"{p.split('.')[0]}/{p}" if "." in p else p for p in _module_parts(module_path))
-
-
-def flat_scope(module_path: str) -> str:
-    """The scope of free (functional) ops inside a module: ``a.blocks.0.attn1`` -> ``/a/blocks.0/attn1``."""
-    return "/" + "/".join(_module_parts(module_path))
-
-
-def attention_modules(name_map: NameMap) -> dict[str, int]:
-    """Each attention module the name map covers, with its head count."""
-    modules = {}
-    for mha_name, sha_names in name_map.items():
-        module = mha_name.rsplit(".", 2)[0]
-        modules[module] = len(sha_names)
-    return modules
-
-
-def activation_renames(name_map: NameMap, prefix: str = "") -> list[tuple[re.Pattern, list[str]]]:
-    """Rules from MHA activation names to the SHA activation names that take their encoding.
-
-    Both naming schemes AIMET writes are covered: ONNX tensor names (``/scope/to_q/MatMul_output_0`` ->
-    ``/scope/to_q_convs/to_q_convs.{i}/Conv_output_0``) and module names (``x.to_q`` -> ``x.to_q_convs.{i}``).
-    Only the projections have rules: diffusers' MHA attention has no matmul or softmax modules (its scores are
-    free ops, dropped as attention internals), so AIMET writes no MHA encoding that a per-head one could take.
-    """
-    rules = []
-    for module, heads in attention_modules(name_map).items():
-        path = prefix + module
-        scope = onnx_scope(path)
-        for proj in _PROJECTIONS:
-            rules.append((re.compile(re.escape(f"{scope}/{proj}/") + r"[^/]*_output_0"),
-                          [f"{scope}/{proj}_convs/{proj}_convs.{i}/Conv_output_0" for i in range(heads)]))
-            rules.append((re.compile(re.escape(f"{path}.{proj}")), [f"{path}.{proj}_convs.{i}" for i in range(heads)]))
-    return rules
-
-
-def _is_attention_internal(name: str, name_map: NameMap, prefix: str) -> bool:
+def _is_attention_internal(name: str, scopes: list[str]) -> bool:
     """An activation of an attention's internals in the MHA graph (not its unchanged ``to_out``)."""
-    for module in attention_modules(name_map):
-        path = prefix + module
-        for scope in (onnx_scope(path), flat_scope(path)):
-            if name.startswith(scope + "/") and not name.startswith(scope + "/to_out/"):
-                return True
-    return False
+    return any(name.startswith(scope + "/") and not name.startswith(scope + "/to_out/") for scope in scopes)
 
 
 # --- the rewrite --------------------------------------------------------------------------------------------
@@ -328,12 +280,11 @@ class RewriteReport:
         }
 
 
-def detect_prefix(names: list[str], name_map: NameMap) -> str:
+def detect_prefix(names: list[str], known: list[str]) -> str:
     """The module path AIMET put in front of the model's names (e.g. ``unet.`` for a wrapper), found by matching
-    the name map's parameter names; empty where they match as they are."""
-    keys = [k for mha, shas in name_map.items() for k in (mha, *shas)]
+    ``known`` parameter names (a name map's, or a model's); empty where they match as they are."""
     for name in names:
-        for key in keys:
+        for key in known:
             if name == key:
                 return ""
             if name.endswith("." + key):
@@ -351,11 +302,11 @@ def _build(encodings: dict, items: list[tuple[str, Any]]) -> Any:
 def mha_to_sha(encodings: dict[str, Any], name_map: NameMap, *, source: str = "encodings"
                ) -> tuple[dict[str, Any], RewriteReport]:
     """SHA encodings from MHA ones: a new dict, the input unchanged, the format kept."""
-    version = encodings["version"]
+    version, name_map = encodings["version"], NameMap.of(name_map)
     params = list(_entries(encodings, "param_encodings", source))
-    prefix = detect_prefix([n for n, _ in params], name_map)
+    prefix = detect_prefix([n for n, _ in params], name_map.all_names())
     report = RewriteReport(prefix=prefix)
-    sha_names = {prefix + n for names in name_map.values() for n in names}
+    sha_names = {prefix + n for n in name_map.sha_names()}
     clashing = [n for n, _ in params if n in sha_names]
     if clashing:
         raise EncodingsError(f"{source}: already holds SHA encodings, e.g. {clashing[0]!r}")
@@ -374,10 +325,10 @@ def mha_to_sha(encodings: dict[str, Any], name_map: NameMap, *, source: str = "e
         else:
             new_params.append((name, copy.deepcopy(entry)))
 
-    rules = activation_renames(name_map, prefix)
+    renames, scopes = name_map.activation_names(prefix), name_map.attention_scopes(prefix)
     new_acts = []
     for name, entry in _entries(encodings, "activation_encodings", source):
-        targets = next((names for pattern, names in rules if pattern.fullmatch(name)), None)
+        targets = _sha_activations(name, renames)
         if targets is not None:
             copies = [copy.deepcopy(entry) for _ in targets]
             if version == "1.0.0":
@@ -385,7 +336,7 @@ def mha_to_sha(encodings: dict[str, Any], name_map: NameMap, *, source: str = "e
                     c["name"] = t
             new_acts += zip(targets, copies)
             report.activations_copied += 1
-        elif _is_attention_internal(name, name_map, prefix):
+        elif _is_attention_internal(name, scopes):
             # an attention-internal tensor of the MHA graph (SDPA, reshapes) with no counterpart in the SHA graph
             report.activations_dropped.append(name)
         else:
@@ -405,12 +356,12 @@ def sha_to_mha(encodings: dict[str, Any], name_map: NameMap, *, per_tensor: dict
     per-tensor one (format 1.0.0 says so itself; in 0.6.1 only a one-channel head is ambiguous).
 
     Activation encodings are kept as they are, except the per-head ones, which are joined only where identical."""
-    version = encodings["version"]
+    version, name_map = encodings["version"], NameMap.of(name_map)
     params = dict(_entries(encodings, "param_encodings", source))
-    prefix = detect_prefix(list(params), name_map)
+    prefix = detect_prefix(list(params), name_map.all_names())
     report = RewriteReport(prefix=prefix)
-    first_head = {prefix + names[0]: mha for mha, names in name_map.items()}
-    consumed = {prefix + n for names in name_map.values() for n in names}
+    first_head = {prefix + head: mha for head, mha in name_map.first_heads().items()}
+    consumed = {prefix + n for n in name_map.sha_names()}
     new_params = []
     for name, entry in params.items():
         if name in first_head:
@@ -492,7 +443,7 @@ def check_encodings(encodings: dict[str, Any], parameters: dict[str, tuple[int, 
     problems = []
     entries = list(_entries(encodings, "param_encodings", source))
     names = [n for n, _ in entries]
-    prefix = detect_prefix(names, {p: [] for p in parameters}) if names else ""
+    prefix = detect_prefix(names, list(parameters)) if names else ""
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{source}: param_encodings names {dup!r} more than once")
     act_names = [n for n, _ in _entries(encodings, "activation_encodings", source)]
@@ -599,6 +550,6 @@ def compare_encodings(a: dict[str, Any], b: dict[str, Any], *, sections: tuple[s
 def required_sha_encodings(mha_encodings: dict[str, Any], name_map: NameMap, source: str = "encodings") -> list[str]:
     """The SHA parameters that must have encodings because their MHA parameter had one."""
     names = [n for n, _ in _entries(mha_encodings, "param_encodings", source)]
-    prefix = detect_prefix(names, name_map)
+    prefix = detect_prefix(names, NameMap.of(name_map).all_names())
     present = {n[len(prefix):] for n in names}
     return [sha for mha, shas in name_map.items() if mha in present for sha in shas]

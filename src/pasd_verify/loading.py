@@ -25,7 +25,8 @@ from torch import nn
 from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file
 from .errors import PasdVerifyError
 from .models import PASDControlNetModel, PASDUNet2DConditionModel
-from .sha import NameMap, convert_to_sha
+from .name_map import NameMap
+from .sha import convert_to_sha
 
 logger = logging.getLogger(__name__)
 

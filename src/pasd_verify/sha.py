@@ -18,12 +18,11 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from torch import nn
 
 from .errors import AttentionInputError, UnsupportedAttentionError
+from .name_map import PROJECTIONS, NameMap
 
 logger = logging.getLogger(__name__)
 
-NameMap = dict[str, list[str]]
 
-_PROJECTIONS = ("to_q", "to_k", "to_v")
 # diffusers' processors that compute plain scaled-dot-product attention; any other processor (IP-adapter,
 # LoRA, custom) may compute something else, so a module using one is refused rather than guessed at.
 _PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
@@ -101,7 +100,7 @@ class SHAAttention(nn.Module):
         # Everything convert_to_mha needs to rebuild an identical Attention.
         self.mha_config = _attention_config(attn)
 
-        for proj in _PROJECTIONS:
+        for proj in PROJECTIONS:
             linear = getattr(attn, proj)
             setattr(self, f"{proj}_convs", nn.ModuleList(_head_convs(linear, self.heads)))
         self.matmul_1 = nn.ModuleList(MatMul() for _ in range(self.heads))
@@ -206,7 +205,7 @@ class SHAAttention(nn.Module):
                 {"SHAAttention": [f"rebuilding Attention from {self.mha_config} gives a different shape"]}
             )
         with torch.no_grad():
-            for proj in _PROJECTIONS:
+            for proj in PROJECTIONS:
                 linear = getattr(attn, proj)
                 convs = getattr(self, f"{proj}_convs")
                 linear.to(device=convs[0].weight.device, dtype=convs[0].weight.dtype)
@@ -260,17 +259,6 @@ def _head_convs(linear: nn.Linear, heads: int) -> list[nn.Conv2d]:
     return convs
 
 
-def sha_param_names(prefix: str, heads: int, has_bias: bool) -> NameMap:
-    """The MHA -> SHA parameter names of one attention module called ``prefix``."""
-    dot = f"{prefix}." if prefix else ""
-    kinds = ("weight", "bias") if has_bias else ("weight",)
-    return {
-        f"{dot}{proj}.{kind}": [f"{dot}{proj}_convs.{i}.{kind}" for i in range(heads)]
-        for proj in _PROJECTIONS
-        for kind in kinds
-    }
-
-
 def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameMap:
     """Replace, in place, every diffusers ``Attention`` in ``model`` by an equivalent :class:`SHAAttention`.
 
@@ -291,21 +279,21 @@ def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameM
     for name, reasons in problems.items():
         logger.warning("left %s as MHA: %s", name, "; ".join(reasons))
 
-    name_map: NameMap = {}
+    name_map = NameMap()
     for name, attn in targets.items():
         if name in problems:
             continue
         sha = SHAAttention(attn)
         model.set_submodule(name, sha)
-        name_map.update(sha_param_names(name, sha.heads, attn.to_q.bias is not None))
+        name_map.add(name, sha.heads, attn.to_q.bias is not None)
     logger.info("converted %d attention module(s) to SHA", len(targets) - len(problems))
     return name_map
 
 
 def convert_to_mha(model: nn.Module) -> NameMap:
     """Undo :func:`convert_to_sha` in place; returns the same MHA -> SHA name map the forward rewrite gave."""
-    name_map: NameMap = {}
+    name_map = NameMap()
     for name, sha in [(n, m) for n, m in model.named_modules() if isinstance(m, SHAAttention)]:
         model.set_submodule(name, sha.to_attention())
-        name_map.update(sha_param_names(name, sha.heads, sha.mha_config["bias"]))
+        name_map.add(name, sha.heads, sha.mha_config["bias"])
     return name_map

@@ -70,12 +70,12 @@ class PASDControlNetModel(ControlNetModel):
             return_rgbs=return_rgbs, use_rrdb=use_rrdb,
         ).to(self.conv_in.weight.device)
 
-    @staticmethod
-    def _get_init_keys(input_class):
-        # from_config matches config keys against __init__'s signature; ours adds two to the stock one's.
-        if issubclass(input_class, PASDControlNetModel):
-            return set(inspect.signature(ControlNetModel.__init__).parameters) | {"return_rgbs", "use_rrdb"}
-        return set(inspect.signature(input_class.__init__).parameters)
+    # diffusers' from_config keeps the config keys that __init__'s signature names: the stock ones and PASD's two
+    __init__.__signature__ = inspect.signature(ControlNetModel.__init__).replace(parameters=[
+        *inspect.signature(ControlNetModel.__init__).parameters.values(),
+        inspect.Parameter("return_rgbs", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool),
+        inspect.Parameter("use_rrdb", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool),
+    ])
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, *,

@@ -157,12 +157,8 @@ class PASDUNet2DConditionModel(UNet2DConditionModel):
                 for j in range(n)
             )
 
-    @staticmethod
-    def _get_init_keys(input_class):
-        # from_config matches config keys against __init__'s signature; ours forwards the stock one's.
-        if issubclass(input_class, UNet2DConditionModel):
-            return set(inspect.signature(UNet2DConditionModel.__init__).parameters)
-        return set(inspect.signature(input_class.__init__).parameters)
+    # diffusers' from_config keeps the config keys that __init__'s signature names: ours takes the stock ones
+    __init__.__signature__ = inspect.signature(UNet2DConditionModel.__init__)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 down_block_additional_residuals: Sequence[torch.Tensor] | None = None,

@@ -1,0 +1,136 @@
+"""The MHA -> SHA name map: the one source of every rename.
+
+:func:`pasd_verify.convert_to_sha` returns it. It records which attention modules were converted and with how many
+heads; every SHA name the checkpoint, encodings and export code use is derived here from that record:
+
+- parameters: ``a.attn1.to_q.weight`` -> ``a.attn1.to_q_convs.0.weight``, ... (one per head, in head order);
+- activations, in both naming schemes AIMET writes: ONNX tensor names (``/a/attn1/to_q/MatMul_output_0`` ->
+  ``/a/attn1/to_q_convs/to_q_convs.0/Conv_output_0``, ...) and module names (``a.attn1.to_q`` ->
+  ``a.attn1.to_q_convs.0``, ...).
+
+A :class:`NameMap` is a ``dict`` (MHA parameter name -> per-head SHA names), so that ``name_map.json`` is exactly
+what users read; :meth:`NameMap.of` checks a plain dict (such a file, loaded) and gives the object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from .errors import PasdVerifyError
+
+PROJECTIONS = ("to_q", "to_k", "to_v")
+_KINDS = ("weight", "bias")
+
+
+class NameMapError(PasdVerifyError):
+    """A name map is not one :func:`pasd_verify.convert_to_sha` could have produced."""
+
+
+def _module_parts(module_path: str) -> list[str]:
+    """Path segments with each ModuleList index kept on its list: ``a.blocks.0.attn1`` -> ``[a, blocks.0, attn1]``."""
+    parts: list[str] = []
+    for part in module_path.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        else:
+            parts.append(part)
+    return parts
+
+
+def onnx_scope(module_path: str) -> str:
+    """The ONNX scope of a module's own ops as AIMET's export names them: ``a.blocks.0.attn1`` ->
+    ``/a/blocks/blocks.0/attn1`` (a ModuleList child is named by the list, then by the list and its index)."""
+    return "/" + "/".join(f"{p.split('.')[0]}/{p}" if "." in p else p for p in _module_parts(module_path))
+
+
+def flat_scope(module_path: str) -> str:
+    """The scope of free (functional) ops inside a module: ``a.blocks.0.attn1`` -> ``/a/blocks.0/attn1``."""
+    return "/" + "/".join(_module_parts(module_path))
+
+
+def _module_of(parameter: str) -> str:
+    """``a.attn1.to_q.weight`` -> ``a.attn1`` (``""`` for a model that is one attention)."""
+    return parameter.rsplit(".", 2)[0] if parameter.count(".") >= 2 else ""
+
+
+class NameMap(dict[str, list[str]]):
+    """MHA parameter name -> the per-head SHA parameter names, in head order, of every converted attention."""
+
+    def add(self, module: str, heads: int, has_bias: bool) -> None:
+        """Record the attention ``module`` converted into ``heads`` single-head modules."""
+        dot = f"{module}." if module else ""
+        for proj in PROJECTIONS:
+            for kind in _KINDS if has_bias else _KINDS[:1]:
+                self[f"{dot}{proj}.{kind}"] = [f"{dot}{proj}_convs.{i}.{kind}" for i in range(heads)]
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, list[str]], source: str = "name map") -> NameMap:
+        """``mapping`` as a NameMap, checked: every entry must be what :meth:`add` gives for its module."""
+        if isinstance(mapping, NameMap):
+            return mapping
+        if not isinstance(mapping, Mapping):
+            raise NameMapError(f"{source}: expected an object of MHA name -> SHA names, got {type(mapping).__name__}")
+        rebuilt = cls()
+        for key, names in mapping.items():
+            module, _, rest = key.rpartition(".")
+            module, _, proj = module.rpartition(".") if "." in module else ("", "", module)
+            if proj not in PROJECTIONS or rest not in _KINDS or not isinstance(names, list) or not names:
+                raise NameMapError(f"{source}: {key!r} is not a q/k/v weight or bias with a list of head names")
+            rebuilt.add(module, len(names), has_bias=True)
+            if names != rebuilt[key]:
+                raise NameMapError(f"{source}: {key!r} maps to {names[:2]}..., expected {rebuilt[key][:2]}...")
+        checked = cls((k, list(v)) for k, v in mapping.items())
+        heads: dict[str, set[int]] = {}
+        for key, names in checked.items():
+            heads.setdefault(_module_of(key), set()).add(len(names))
+        for module, counts in heads.items():
+            weights = [f"{module}.{proj}.weight" if module else f"{proj}.weight" for proj in PROJECTIONS]
+            if len(counts) > 1 or any(w not in checked for w in weights):
+                raise NameMapError(f"{source}: module {module!r} lacks a q/k/v weight or splits them into different "
+                                   f"head counts {sorted(counts)}")
+        return checked
+
+    @property
+    def modules(self) -> dict[str, int]:
+        """Each converted attention module, with its head count."""
+        return {_module_of(key): len(names) for key, names in self.items()}
+
+    def sha_names(self) -> list[str]:
+        """Every SHA parameter name, in the map's order."""
+        return [name for names in self.values() for name in names]
+
+    def first_heads(self) -> dict[str, str]:
+        """The first head's SHA name -> its MHA name (where a merge back starts)."""
+        return {names[0]: mha for mha, names in self.items()}
+
+    def all_names(self) -> list[str]:
+        """Every MHA and SHA parameter name the map holds."""
+        return [name for mha, shas in self.items() for name in (mha, *shas)]
+
+    def activation_names(self, prefix: str = "") -> dict[str, list[str]]:
+        """MHA activation names -> the SHA activation names that take their encoding, under the module path
+        ``prefix`` AIMET put in front of the model's (``unet.``). Keys are module names (``x.to_q``) and ONNX scopes
+        (``/x/to_q``: any ``<op>_output_0`` tensor directly in that scope is the projection's output)."""
+        names: dict[str, list[str]] = {}
+        for module, heads in self.modules.items():
+            path = prefix + module
+            scope = onnx_scope(path)
+            for proj in PROJECTIONS:
+                names[f"{scope}/{proj}"] = [f"{scope}/{proj}_convs/{proj}_convs.{i}/Conv_output_0" for i in range(heads)]
+                names[f"{path}.{proj}"] = [f"{path}.{proj}_convs.{i}" for i in range(heads)]
+        return names
+
+    def attention_scopes(self, prefix: str = "") -> list[str]:
+        """The ONNX scopes of every converted module's ops (its own, and its free ops')."""
+        return [scope for module in self.modules for scope in (onnx_scope(prefix + module), flat_scope(prefix + module))]
+
+    def to_json(self) -> str:
+        return json.dumps(self, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "name map") -> NameMap:
+        try:
+            return cls.of(json.loads(text), source)
+        except json.JSONDecodeError as e:
+            raise NameMapError(f"{source}: not JSON ({e})") from e

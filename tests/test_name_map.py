@@ -1,0 +1,88 @@
+"""The name map object: what the module rewrite records, derived names, JSON round trip, malformed maps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from diffusers.models.attention_processor import Attention
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from pasd_verify import NameMap, NameMapError, convert_to_sha
+from pasd_verify.presets import build_pasd
+
+_SEGMENT = st.sampled_from(["down_blocks", "attn1", "attn2", "transformer_blocks", "mid_block", "a_b"])
+_PATH = st.lists(st.one_of(_SEGMENT, st.integers(0, 3).map(str)), min_size=1, max_size=5).map(".".join).filter(
+    lambda p: not p[0].isdigit())
+
+
+@st.composite
+def name_maps(draw) -> tuple[NameMap, dict[str, tuple[int, bool]]]:
+    modules = draw(st.dictionaries(_PATH, st.tuples(st.integers(1, 16), st.booleans()), min_size=1, max_size=5))
+    name_map = NameMap()
+    for module, (heads, bias) in modules.items():
+        name_map.add(module, heads, bias)
+    return name_map, modules
+
+
+@given(drawn=name_maps())
+def test_json_round_trip_gives_an_equal_name_map(drawn):
+    name_map, _ = drawn
+    text = name_map.to_json()
+    back = NameMap.from_json(text)
+    assert type(back) is NameMap and back == name_map and list(back) == list(name_map)
+    assert json.loads(text) == name_map  # the file users read is the plain mapping
+
+
+@given(drawn=name_maps())
+def test_derived_names_follow_from_the_modules_and_their_heads(drawn):
+    name_map, modules = drawn
+    assert name_map.modules == {m: heads for m, (heads, _) in modules.items()}
+    assert len(name_map) == sum(3 * (2 if bias else 1) for _, bias in modules.values())
+    assert name_map.sha_names() == [n for names in name_map.values() for n in names]
+    assert {name_map.first_heads()[names[0]] for names in name_map.values()} == set(name_map)
+    renames = name_map.activation_names("unet.")
+    for module, (heads, _) in modules.items():
+        assert renames[f"unet.{module}.to_v"] == [f"unet.{module}.to_v_convs.{i}" for i in range(heads)]
+
+
+def test_the_rewrite_records_every_attention_with_its_heads():
+    unet, controlnet = build_pasd("tiny", seed=0)
+    for model in (unet, controlnet):
+        heads = {name: m.heads for name, m in model.named_modules() if isinstance(m, Attention)}
+        name_map = convert_to_sha(model)
+        assert isinstance(name_map, NameMap) and name_map.modules == heads
+        assert NameMap.of(dict(name_map)) == name_map
+
+
+def _plain(name_map: NameMap) -> dict:
+    return {k: list(v) for k, v in name_map.items()}
+
+
+_MALFORMED = {
+    "not a projection": (lambda m: {**m, "a.proj_in.weight": ["a.proj_in_convs.0.weight"]}, "'a.proj_in.weight'"),
+    "heads out of order": (lambda m: {**m, "a.to_q.weight": m["a.to_q.weight"][::-1]}, "'a.to_q.weight'"),
+    "no head names": (lambda m: {**m, "a.to_k.weight": []}, "'a.to_k.weight'"),
+    "missing projection": (lambda m: {k: v for k, v in m.items() if k != "a.to_v.weight"}, "module 'a'"),
+    "head counts differ": (lambda m: {**m, "a.to_v.weight": ["a.to_v_convs.0.weight"]}, "module 'a'"),
+    "not an object": (lambda m: list(m), "expected an object"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(_MALFORMED))
+def test_malformed_name_maps_are_refused_naming_the_key(defect):
+    name_map = NameMap()
+    name_map.add("a", 2, has_bias=False)
+    make, words = _MALFORMED[defect]
+    with pytest.raises(NameMapError) as info:
+        NameMap.from_json(json.dumps(make(_plain(name_map))), source="name_map.json")
+    assert "name_map.json" in str(info.value) and words in str(info.value)
+
+
+def test_a_lone_module_tree_converts_to_the_same_map_as_the_object_built_by_hand():
+    model = nn.ModuleDict({"x": nn.ModuleDict({"attn": Attention(8, heads=4, dim_head=2, bias=True)})})
+    expected = NameMap()
+    expected.add("x.attn", 4, has_bias=True)
+    assert convert_to_sha(model) == expected
