@@ -146,9 +146,10 @@ def aimet_quantizer(weight: torch.Tensor, bitwidth: int, per_channel: bool, quan
 
 def weight_grid(weight: torch.Tensor, config: AdaroundConfig) -> WeightGrid:
     quantizer = aimet_quantizer(weight, config.param_bw, config.weights == "per_channel", config.quant_scheme)
+    # scale and offset keep the quantizer's shape ((C, 1, ...) per channel, () per tensor) and broadcast: kept
+    # for every rounded layer, weight-sized copies would double the model's memory and the cost of dequantizing
     with torch.no_grad():
-        scale = quantizer.get_scale().detach().expand_as(weight).contiguous()
-        offset = quantizer.get_offset().detach().expand_as(weight).contiguous()
+        scale, offset = quantizer.get_scale().detach(), quantizer.get_offset().detach()
     return WeightGrid(scale, offset, quantizer.qmin, quantizer.qmax, quantizer.get_legacy_encodings())
 
 
