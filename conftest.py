@@ -1,7 +1,8 @@
 """Shared test set-up: hypothesis profiles and seeding.
 
 HYPOTHESIS_PROFILE selects a profile: ``ci`` (the default; bounded so the default tier stays within minutes on
-2 cores), ``dev`` (fast, for editing) or ``thorough`` (at least 500 examples per property, no deadline).
+2 cores), ``dev`` (fast, for editing), ``thorough`` (at least 500 examples per property, no deadline) or ``mutation``
+(derandomized, 20 examples; the mutation gate sets it).
 """
 
 import os
@@ -21,6 +22,10 @@ settings.register_profile("ci", max_examples=50, deadline=None, suppress_health_
                           derandomize=True)
 settings.register_profile("dev", max_examples=8, deadline=None, suppress_health_check=_SLOW_DATA)
 settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=_SLOW_DATA, print_blob=True)
+# mutation is derandomized with fewer examples: each mutant reruns the tests that reach it, and a mutant's verdict
+# must not depend on the draw (tests/mutation_gate.py).
+settings.register_profile("mutation", max_examples=20, deadline=None, suppress_health_check=_SLOW_DATA,
+                          derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
