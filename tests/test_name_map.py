@@ -67,7 +67,9 @@ _MALFORMED = {
     "no head names": (lambda m: {**m, "a.to_k.weight": []}, "'a.to_k.weight'"),
     "missing projection": (lambda m: {k: v for k, v in m.items() if k != "a.to_v.weight"}, "module 'a'"),
     "head counts differ": (lambda m: {**m, "a.to_v.weight": ["a.to_v_convs.0.weight"]}, "module 'a'"),
-    "not an object": (lambda m: list(m), "expected an object"),
+    "not a weight or bias": (lambda m: {**m, "a.to_q.scale": ["a.to_q_convs.0.scale", "a.to_q_convs.1.scale"]},
+                             "'a.to_q.scale'"),
+    "not an object": (lambda m: list(m), "expected an object of MHA name -> SHA names, got list"),
 }
 
 

@@ -74,7 +74,7 @@ class NameMap(dict[str, list[str]]):
         rebuilt = cls()
         for key, names in mapping.items():
             module, _, rest = key.rpartition(".")
-            module, _, proj = module.rpartition(".") if "." in module else ("", "", module)
+            module, _, proj = module.rpartition(".")  # a top-level module gives ("", "", proj)
             if proj not in PROJECTIONS or rest not in _KINDS or not isinstance(names, list) or not names:
                 raise NameMapError(f"{source}: {key!r} is not a q/k/v weight or bias with a list of head names")
             rebuilt.add(module, len(names), has_bias=True)
