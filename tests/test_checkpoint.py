@@ -150,6 +150,22 @@ def test_truncated_checkpoint_is_named_and_leaves_no_output(tiny, tmp_path, fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_an_output_of_the_other_format_is_refused_naming_both_files(tiny, tmp_path, fmt):
+    """Converting never changes the file format: asking for one is an error naming the output, the input's format
+    and the input, and nothing is written."""
+    mha, _, name_map = tiny
+    src = tmp_path / f"mha.{fmt}"
+    save_state_dict_file(mha.state_dict(), src)
+    other = {"safetensors": "pth", "pth": "safetensors"}[fmt]
+    dst = tmp_path / f"sha.{other}"
+    with pytest.raises(CheckpointError) as info:
+        convert_checkpoint_file(src, dst, name_map)
+    expected = "safetensors" if fmt == "safetensors" else "torch"
+    assert str(info.value) == f"{dst}: output must have the input's format ({expected}), as in {src.name}"
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_missing_key_is_named(tiny, tmp_path, fmt):
     mha, _, name_map = tiny
     sd = mha.state_dict()

@@ -99,6 +99,25 @@ def test_per_tensor_copies_are_identical_to_their_source(name_map, version):
             assert a == b
 
 
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_rewrite_report_counts_what_was_split_and_copied(name_map, version, weights):
+    """The counts `pasd-verify convert` prints, against the files: of the MHA entries the name map covers, the
+    per-channel ones are split and the per-tensor ones copied to every head; the rest pass through uncounted, and
+    the SHA file holds one entry per head of each covered one."""
+    mha = golden("mha", weights, version)
+    converted, report = mha_to_sha(mha, name_map)
+    counts, prefix = report.as_dict(), report.prefix
+    covered = {n: e for n, e in params(mha).items() if n.removeprefix(prefix) in name_map}
+    per_channel = [n for n, e in covered.items()
+                   if (len(e) > 1 if version == "0.6.1" else e["enc_type"] == "PER_CHANNEL")]
+    assert prefix and covered
+    assert (counts["param_encodings_split"], counts["param_encodings_copied"], counts["param_encodings_joined"],
+            counts["name_prefix"]) == (len(per_channel), len(covered) - len(per_channel), 0, prefix)
+    heads = sum(len(name_map[n.removeprefix(prefix)]) for n in covered)
+    assert len(params(converted)) == len(params(mha)) - len(covered) + heads
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_qkv_activation_encodings_land_on_names_aimet_gives_the_sha_graph(name_map, version):
     converted, report = mha_to_sha(golden("mha", "per_channel", version), name_map)
@@ -337,6 +356,17 @@ def test_1_0_0_to_0_6_1_gives_aimets_0_6_1_parameter_encodings(form):
     assert convert_version(converted, "1.0.0")["param_encodings"] == golden(form, "per_channel", "1.0.0")["param_encodings"]
 
 
+def test_a_1_0_0_entry_without_dtype_converts_as_the_integer_grid_it_holds():
+    """dtype is required in 1.0.0 and check_encodings reports an entry without it; converting such an entry keeps
+    the scale and offset it carries (only an integer grid has them) rather than turning it into a bare float."""
+    enc = copy.deepcopy(golden("sha", "per_channel", "1.0.0"))
+    entry = enc["param_encodings"][0]
+    del entry["dtype"]
+    v0 = convert_version(enc, "0.6.1")["param_encodings"][entry["name"]]
+    assert [c["dtype"] for c in v0] == ["int"] * len(entry["scale"])
+    assert [(c["scale"], c["offset"]) for c in v0] == list(zip(entry["scale"], entry["offset"]))
+
+
 def test_per_block_encodings_have_no_0_6_1_form():
     enc = golden("mha", "per_channel", "1.0.0")
     enc["param_encodings"][0]["enc_type"] = "PER_BLOCK"
@@ -482,6 +512,27 @@ def test_rewrites_never_share_structure_with_their_input(name_map, version, weig
         shared = inputs.keys() & _containers(output).keys()
         assert not shared, f"{label}: {len(shared)} containers shared with the input"
         assert source == before, label
+
+
+@given(version=st.sampled_from(VERSIONS), data=st.data())
+def test_a_symmetric_grid_is_accepted_signed_or_unsigned_and_at_no_other_offset(version, data, sha_shapes):
+    """AIMET's symmetric grids sit at offset -2^(bw-1) (signed) or 0 (unsigned, for non-negative tensors); any other
+    offset with is_symmetric set is a defect, whatever else is right about the entry."""
+    enc = copy.deepcopy(golden("sha", "per_channel", version))
+    body = enc["param_encodings"]
+    name = sorted(body)[0] if version == "0.6.1" else body[0]["name"]
+    entry = _channels_of(body, name, version)
+    bw = entry[0]["bitwidth"] if version == "0.6.1" else entry["bw"]
+    offset = data.draw(st.one_of(st.sampled_from([0, -(2 ** (bw - 1))]), st.integers(-(2**bw), 0)), label="offset")
+    if version == "0.6.1":
+        channel = entry[0]
+        channel.update(is_symmetric="True", offset=offset, min=offset * channel["scale"],
+                       max=(offset + 2**bw - 1) * channel["scale"])
+    else:
+        entry["is_sym"], entry["offset"][0] = True, offset
+    problems = check_encodings(enc, sha_shapes, source="x.encodings")
+    flagged = any(f"{name}[0]: symmetric encoding with offset {offset}" in p for p in problems)
+    assert flagged == (offset not in (0, -(2 ** (bw - 1)))), problems
 
 
 # Each defect: the versions it applies to, how to plant it on the entry ``name``, the words check_encodings must say.
