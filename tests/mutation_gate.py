@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--sample", type=int, metavar="K", help="run K seeded mutants per file; fail on a clear drop")
     mode.add_argument("--report", action="store_true", help="score what mutants/ holds; run nothing")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    # Each worker holds its own torch and test models (about half a GB): more than four is memory, not speed, on
+    # the machines this runs on.
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 2, 4))
     args = parser.parse_args(argv)
 
     os.chdir(ROOT)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
