@@ -1,7 +1,7 @@
 """The mutation score of the rewrite core, measured with mutmut 3.8.1 as ``[tool.mutmut]`` in pyproject.toml configures it.
 
     tox -- python tests/mutation_gate.py --all             every mutant (hours on 2 cores), each file's score
-    tox -- python tests/mutation_gate.py --sample 16       16 seeded mutants per file (CI: minutes), gated
+    tox -- python tests/mutation_gate.py --sample 10       10 seeded mutants per file (CI: minutes), gated
     tox -- python tests/mutation_gate.py --report          the scores of what mutants/ holds already; runs nothing
 
 A file's score is (killed + timed out) / (mutants - equivalent): survivors and mutants no selected test reaches
@@ -46,6 +46,7 @@ class FileScore:
     path: str
     verdicts: dict[str, str] = field(default_factory=dict)  # mutant name -> mutmut's status
     equivalent: set[str] = field(default_factory=set)
+    changes: dict[str, tuple[str, str]] = field(default_factory=dict)  # lines removed/added, of each not killed
 
     @property
     def counted(self) -> dict[str, str]:
@@ -122,7 +123,7 @@ def draw(population: dict[str, dict[str, str]], per_file: int, seed: int) -> lis
 
 
 def run_mutmut(names: list[str], workers: int) -> None:
-    """mutmut's own run over these mutants, one worker per core with one thread each (more would oversubscribe)."""
+    """mutmut's own run over these mutants, each worker with one thread (more would oversubscribe the cores)."""
     env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", OMP_NUM_THREADS="1")
     command = [sys.executable, "-c", "from mutmut.__main__ import cli; cli()", "run", "--max-children",
                str(workers), *names]
@@ -162,9 +163,11 @@ def score(population: dict[str, dict[str, str]], names: set[str] | None) -> tupl
     for path, verdicts in sorted(population.items()):
         file_score = FileScore(path, {n: s for n, s in verdicts.items() if names is None or n in names})
         for name, status in file_score.verdicts.items():
+            if status in (KILLED, TIMEOUT, "not checked"):
+                continue
+            removed, added = file_score.changes[name] = change_of(name, path)
             if status != SURVIVED:
                 continue
-            removed, added = change_of(name, path)
             for i, entry in enumerate(entries):
                 if (entry["function"], entry["removed"], entry["added"]) == (function_of(name), removed, added):
                     file_score.equivalent.add(name)
@@ -188,7 +191,7 @@ def report(scores: list[FileScore], stale: list[dict], sampled: bool) -> bool:
     for s in scores:
         for name, status in sorted(s.counted.items()):
             if status not in (KILLED, TIMEOUT):
-                removed, added = change_of(name, s.path)
+                removed, added = s.changes[name]
                 print(f"\n{status}: {name}\n  - {removed.replace(chr(10), chr(10) + '  - ')}"
                       f"\n  + {added.replace(chr(10), chr(10) + '  + ')}")
     if not sampled:
