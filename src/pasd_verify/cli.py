@@ -91,7 +91,8 @@ def _model_from_args(args: argparse.Namespace, outputs_check) -> tuple[Any, Any,
         raise PasdVerifyError("give either --preset or --model-config with --state-dict")
     if args.model_config is not None and args.state_dict is None:
         raise PasdVerifyError("--model-config needs --state-dict")
-    outputs_check(args.out, [args.state_dict, args.model_config, args.calibration])
+    outputs_check(args.out, [args.state_dict, args.model_config, args.calibration,
+                             getattr(args, "param_encodings", None)])
     controlnet = None
     if args.preset is not None:
         model, controlnet = preset_model(args.preset, args.kind, seed=args.seed)
@@ -149,7 +150,8 @@ def _export(args: argparse.Namespace) -> int:
                               weights=args.weights, param_bw=args.param_bw, act_bw=args.act_bw,
                               soc_model=args.soc_model, threshold_db=args.htp_threshold_db,
                               localize_divergence=not args.no_localize, rewrites=tuple(args.rewrite or ()),
-                              seed=args.seed, release_model=True, source=source,
+                              seed=args.seed, release_model=True, param_encodings=args.param_encodings,
+                              source=source,
                               log=lambda line: print(line, flush=True))
     if caught and not args.verbose:
         print(f"({len(caught)} warnings from torch, diffusers and AIMET went to the log; -v shows them)")
@@ -250,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an exact rewrite before export (repeatable): silu-as-division avoids the HTP's GroupNorm -> "
                         "SiLU -> Conv divergence, layernorm-identity-mul its LayerNorm -> per-channel MatMul one at "
                         "16 tokens (see README)")
+    q.add_argument("--param-encodings", metavar="ENCODINGS",
+                   help="AdaRounded parameter encodings (pasd-verify adaround's param_encodings.encodings): their "
+                        "layers keep these grids instead of being recalibrated; --state-dict must be the "
+                        "adarounded.safetensors written with them")
     q.add_argument("--seed", type=int, default=0)
     exp.add_argument("--out", required=True, help="output folder")
     exp.set_defaults(func=_export)

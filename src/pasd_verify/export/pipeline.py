@@ -33,10 +33,12 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..encodings import save_encodings
 from ..io import refuse_overwriting_inputs, write_json
 from ..memory import peak_rss_bytes, trim_heap
 from ..models import PASDControlNetModel, PASDUNet2DConditionModel
 from ..quant.calibration import calibration_samples, seeded_samples
+from .frozen import adarounded_entries, frozen_changes, onnx_param_encodings
 from .graphs import export_graph
 from .htp import DEFAULT_SOC_MODEL, run_on_htp
 from .localize import localize
@@ -69,15 +71,19 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
                  latent: tuple[int, int] | None = None, weights: str = "per-channel", param_bw: int = 8,
                  act_bw: int = 16, soc_model: str = DEFAULT_SOC_MODEL, threshold_db: float = HTP_SQNR_DB,
                  localize_divergence: bool = True, rewrites: tuple[str, ...] = (), seed: int = 0,
-                 release_model: bool = False, source: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+                 release_model: bool = False, param_encodings: str | os.PathLike | None = None,
+                 source: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
     """Export ``model`` (a UNet, PASD UNet or PASD ControlNet, in the form it is in) into ``out_dir``.
 
     ``rewrites`` (:mod:`pasd_verify.export.rewrites`) are applied to ``model`` in place before export; the
     float stage reports how far the rewritten model is from the original on the check input. ``release_model``
     frees the weights of ``model`` and ``controlnet`` (moved to the meta device) once the float graph is written:
     every later stage works from the ONNX files, and at SD1.5 size calibration needs that memory. The models are
-    unusable afterwards.
+    unusable afterwards. ``param_encodings`` (what ``pasd-verify adaround`` wrote beside the rounded weights
+    ``model`` holds) freezes those layers' grids into the quantization (:mod:`pasd_verify.export.frozen`).
     """
+    # checked before anything is exported: a wrong file fails in seconds, not after the float export
+    adarounded = adarounded_entries(param_encodings, model) if param_encodings is not None else None
     control = isinstance(model, (PASDUNet2DConditionModel, PASDControlNetModel))
     data = calibration_samples(model, folder=calibration, count=samples, latent=latent, seed=seed,
                                controlnet=controlnet)
@@ -99,7 +105,8 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
         "graph": {"kind": graph.kind, "inputs": graph.input_names, "outputs": graph.output_names,
                   "latent": list(shape), "timestep": "float input; sinusoidal embedding computed in the graph"},
         "config": {"rewrites": list(rewrites), "weights": weights, "param_bw": param_bw, "act_bw": act_bw, "soc_model": soc_model,
-                   "calibration": str(calibration) if calibration else f"{len(data)} seeded samples"},
+                   "calibration": str(calibration) if calibration else f"{len(data)} seeded samples",
+                   "param_encodings": str(param_encodings) if param_encodings is not None else None},
         "thresholds": {"float_relative_error": FLOAT_TOLERANCE, "sim_vs_qdq_sqnr_db": QDQ_SQNR_DB,
                        "cpu_vs_htp_sqnr_db": threshold_db},
         "stages": stages,
@@ -128,6 +135,11 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
         worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])
         stage("float_export", started, relative_error=max(errors.values()), per_output=errors, **rewritten,
               passed=worst <= FLOAT_TOLERANCE)
+        frozen, frozen_path = None, None
+        if adarounded is not None:  # found by content in the graph, so before the weights are released
+            frozen = onnx_param_encodings(adarounded, model, staging / "float.onnx", str(param_encodings))
+            frozen_path = staging / "adarounded_param.encodings"
+            save_encodings(frozen, frozen_path)
         if release_model:
             for torch_model in (model, controlnet):
                 if torch_model is not None:
@@ -137,8 +149,10 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
         started = time.perf_counter()
         (staging / "aimet").mkdir()
         sim = quantization_sim(staging / "float.onnx", calibration_feeds, param_bw=param_bw, act_bw=act_bw,
-                               weights=weights, workdir=staging / "aimet")
-        stage("calibration", started, samples=len(calibration_feeds))
+                               weights=weights, workdir=staging / "aimet", frozen_param_encodings=frozen_path)
+        frozen_counts = {} if frozen is None else {"adarounded_parameters": len(adarounded),
+                                                   "frozen_param_encodings": len(frozen["param_encodings"])}
+        stage("calibration", started, samples=len(calibration_feeds), **frozen_counts)
 
         started = time.perf_counter()
         paths = export_quantized(sim, staging, large=large)
@@ -154,6 +168,8 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
         sim_qdq = {k: sqnr_db(sim_out[k], qdq_out[k]) for k in graph.output_names}
         problems = check_encoding_names(encodings, graph_model) + [
             f"constant {name!r} of {size} bytes is not a weight" for name, size in large_constants(graph_model, parameters)]
+        if frozen is not None:
+            problems += frozen_changes(frozen, encodings)
         stage("encodings_and_qdq", started, sim_vs_qdq_sqnr_db=min(sim_qdq.values()),
               fp32_vs_qdq_sqnr_db=min(sqnr_db(reference[k], qdq_out[k]) for k in graph.output_names),
               param_encodings=len(encodings["param_encodings"]),

@@ -46,8 +46,10 @@ def _config_file(weights: str, folder: Path) -> str:
 
 
 def quantization_sim(model_path: str | os.PathLike, calibration: list[dict[str, np.ndarray]], *, param_bw: int = 8,
-                     act_bw: int = 16, weights: str = "per-channel", workdir: str | os.PathLike):
-    """An aimet-onnx sim of the graph at ``model_path``, calibrated (min-max) on ``calibration`` feeds."""
+                     act_bw: int = 16, weights: str = "per-channel", workdir: str | os.PathLike,
+                     frozen_param_encodings: str | os.PathLike | None = None):
+    """An aimet-onnx sim of the graph at ``model_path``, calibrated (min-max) on ``calibration`` feeds; the
+    parameters named in ``frozen_param_encodings`` (a 1.0.0 file keyed by initializer names) keep its grids."""
     from aimet_onnx.common.defs import qtype
     from aimet_onnx.quantsim import QuantizationSimModel
 
@@ -60,6 +62,8 @@ def quantization_sim(model_path: str | os.PathLike, calibration: list[dict[str, 
         sim = QuantizationSimModel(model, param_type=qtype.int(param_bw), activation_type=qtype.int(act_bw),
                                    quant_scheme="min_max", config_file=_config_file(weights, workdir),
                                    path=str(workdir))
+        if frozen_param_encodings is not None:
+            sim.set_and_freeze_param_encodings(str(frozen_param_encodings))
         sim.compute_encodings(calibration)
     return sim
 
