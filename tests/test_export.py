@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pasd_verify.export.graphs import export_graph
+from pasd_verify.export.localize import extract_prefix, graph_blocks
 from pasd_verify.export.onnx_io import export_float, large_constants, relative_error, run_onnx, sqnr_db
 from pasd_verify.export.quantize import (check_encoding_names, export_quantized, place_static_encodings,
                                          quantization_sim, sim_outputs)
@@ -190,6 +191,32 @@ def test_static_encodings_move_to_the_parameter_section_without_touching_the_inp
     assert moved == [constant]
     assert placed["param_encodings"] == [entry] and placed["activation_encodings"] == []
     assert json.dumps(original) == snapshot
+
+
+def test_diffusers_blocks_cut_from_the_qdq_graph_recompute_it_exactly(quantized_tiny_sha, tmp_path):
+    """What block localization stands on: each diffusers block cut out of the QDQ graph, run on the CPU on its
+    inputs as the whole graph computes them, gives the whole graph's values bit for bit; each block reads only
+    graph inputs and what earlier blocks compute; the last one makes the graph's output."""
+    qdq = quantized_tiny_sha["paths"]["qdq"]
+    model = onnx.load(str(qdq))
+    blocks = graph_blocks(model)
+    names = [b.name for b in blocks]
+    assert len(set(names)) == len(names) and names[-1] == "conv_out"
+    assert {"conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
+            "up_blocks.1"} == set(names[:-1])
+    graph_inputs = [i.name for i in model.graph.input]
+    wanted = sorted({t for b in blocks for t in b.inputs + b.outputs} - set(graph_inputs))
+    feeds = _numpy(quantized_tiny_sha["feeds"])
+    whole = {**feeds, **run_onnx(extract_prefix(qdq, graph_inputs, wanted, tmp_path / "whole.onnx"), feeds, wanted)}
+    made = set(graph_inputs)
+    for block in blocks:
+        assert set(block.inputs) <= made, (block.name, set(block.inputs) - made)
+        path = extract_prefix(qdq, block.inputs, block.outputs, tmp_path / f"{block.name}.onnx")
+        alone = run_onnx(path, {t: whole[t] for t in block.inputs}, block.outputs)
+        for tensor in block.outputs:
+            assert np.array_equal(alone[tensor], whole[tensor]), (block.name, tensor)
+        made |= {o for node in onnx.load(str(path)).graph.node for o in node.output}
+    assert blocks[-1].outputs == ["noise"]
 
 
 def test_sqnr_and_relative_error_are_what_they_say():

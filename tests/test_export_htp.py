@@ -62,6 +62,12 @@ def test_the_groupnorm_silu_conv_divergence_is_localized_with_a_reproducer(diver
     assert htp["passed"] is False and report["passed"] is False
     assert htp["cpu_vs_htp_sqnr_db"] < HTP_SQNR_DB
     found = htp["divergence"]
+    # block first: every block before the bad one agreed alone on its captured inputs, and the op is in it
+    judged = found["blocks"]
+    assert [b["block"] for b in judged][-1] == found["block"] and judged[-1]["bad"]
+    assert not any(b["bad"] for b in judged[:-1]) and len(judged) >= 2, judged
+    assert found["module"].startswith(found["block"]) or found["block"] == "conv_out"
+    assert (folder / "divergences" / f"{found['block'].replace('.', '_')}.block.qdq.onnx").is_file()
     assert "resnets" in found["module"] or "conv_norm_out" in found["module"] or "conv_act" in found["module"]
     pattern = found["op_pattern"]
     assert pattern[-1] in ("Conv", "Mul") and "Mul" in pattern, pattern  # SiLU is Sigmoid * x

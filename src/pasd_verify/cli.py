@@ -161,6 +161,8 @@ def _export(args: argparse.Namespace) -> int:
     elif "divergence" in htp:
         found = htp["divergence"]
         where = found if isinstance(found, str) else (
+            (f"first in block {found['block']} (alone on its inputs), " if found["block"] else
+             "every block agrees alone; across blocks, ") +
             f"first at {found['module']} ({' -> '.join(found['op_pattern'])}), reproducer {found['reproducer']}")
         print(f"the HTP disagrees with the CPU: {where}")
     for name in report["outputs"]:

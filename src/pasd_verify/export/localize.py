@@ -1,5 +1,11 @@
 """Find where the HTP first disagrees with onnxruntime's CPU on a QDQ graph, and keep a reproducer.
 
+First by diffusers block: each block (``conv_in``, ``time_embedding``, ``down_blocks.0``, ..., ``mid_block``,
+``up_blocks.3``, ``conv_out``; a ControlNet's ``controlnet_down_blocks.i`` too) is cut out of the QDQ graph with
+the quantizers of what enters it, compiled as its own graph and run on its inputs as the CPU computed them. A block
+judged alone does not inherit the error of the blocks before it, so the first bad block is where the HTP breaks
+the numbers, not where an accumulated error crosses the threshold. Then by op, within that block's graph:
+
 A prefix of the graph (from its inputs to one quantized activation) is compiled and run on the HTP and on the CPU;
 it is *bad* when the HTP crashes or fails on it, or agrees below the threshold. A graph is not a chain, so
 bisecting activations in topological order misleads (a good tensor on a side branch, such as the text keys, says
@@ -62,14 +68,19 @@ def upstream_points(producer: Producers, tensor: str, points: set[str]) -> list[
     """The nearest activation points that feed the compute node behind ``tensor``: its inputs, through Q/DQ
     pairs and through any op whose output is not quantized."""
     node = _compute_node(producer, tensor)
+    return _walk_up(producer, list(node.input) if node is not None else [], points.__contains__)
+
+
+def _walk_up(producer: Producers, start: list[str], stop) -> list[str]:
+    """The tensors at which ``stop`` holds, found walking upstream from ``start`` through every other producer."""
     found: list[str] = []
-    pending, seen = list(node.input) if node is not None else [], set()
+    pending, seen = list(start), set()
     while pending:
         name = pending.pop()
         if name in seen or not name:
             continue
         seen.add(name)
-        if name in points:
+        if stop(name):
             found.append(name)
         elif name in producer:
             pending.extend(producer[name].input)
@@ -98,7 +109,8 @@ def module_of(producer: Producers, tensor: str) -> str:
 
 @dataclass
 class Divergence:
-    """The first bad prefix: where it ends, what makes it, and how the HTP disagreed."""
+    """The first bad block, and in it the first bad prefix: where it ends, what makes it, how the HTP disagreed.
+    ``block`` is None when every block agreed alone and the prefixes of the whole graph were searched instead."""
 
     tensor: str
     module: str
@@ -107,20 +119,168 @@ class Divergence:
     sqnr_db: float | None
     reproducer: str
     probes: list[dict] = field(default_factory=list)
+    block: str | None = None
+    blocks: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def extract_prefix(model_path: str | os.PathLike, inputs: list[str], output: str, path: str | os.PathLike) -> Path:
-    """The part of the graph at ``model_path`` that computes ``output`` from the graph ``inputs``, saved at ``path``."""
-    onnx.utils.extract_model(str(model_path), str(path), inputs, [output], check_model=False)
+def extract_prefix(model_path: str | os.PathLike, inputs: list[str], outputs: str | list[str],
+                   path: str | os.PathLike) -> Path:
+    """The part of the graph at ``model_path`` that computes ``outputs`` from ``inputs``, saved at ``path``."""
+    onnx.utils.extract_model(str(model_path), str(path), inputs, [outputs] if isinstance(outputs, str) else outputs,
+                             check_model=False)
     return Path(path)
+
+
+# --- by block ----------------------------------------------------------------------------------------------
+
+# Top-level modules that are one diffusers block with their neighbour: splitting GroupNorm -> SiLU -> Conv over
+# three graphs would hide exactly the divergence the output head can show.
+_JOINED = {"time_proj": "time_embedding", "conv_norm_out": "conv_out", "conv_act": "conv_out"}
+
+
+def block_of(module: str) -> str:
+    """The diffusers block a module path lies in: ``down_blocks.1``, ``mid_block``, ``controlnet_down_blocks.3``,
+    ``time_embedding`` (with ``time_proj``), ``conv_out`` (with ``conv_norm_out`` and ``conv_act``), or another
+    top-level module (``conv_in``, ``controlnet_cond_embedding``)."""
+    parts = module.split(".")
+    block = ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+    return _JOINED.get(block, block)
+
+
+def tensor_blocks(model: onnx.ModelProto) -> dict[str, str | None]:
+    """The block of every node output: from the exporter's scope in the node's name (``/unet/down_blocks.0/...``)
+    or, for a node that AIMET or onnxruntime added without one, from its first input that has a block. None for
+    what no block makes (a graph input's quantizers)."""
+    blocks: dict[str, str | None] = {}
+    for node in model.graph.node:  # topological order: inputs have their block before their readers
+        scope = ".".join([p for p in node.name.split("/") if p][1:-1]) if node.name.startswith("/") else ""
+        block = block_of(scope) if scope else next((blocks[i] for i in node.input if blocks.get(i)), None)
+        for output in node.output:
+            blocks[output] = block
+    return blocks
+
+
+@dataclass
+class Block:
+    """One diffusers block as a graph of its own: the float tensors entering it (graph inputs, or what the
+    QuantizeLinear at its boundary reads, so that its graph quantizes its inputs itself) and its quantized
+    activations that the rest of the graph reads."""
+
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+
+
+def _entering(producer: Producers, tensor: str) -> str:
+    """Where a block's graph starts for an activation made outside it: before the activation's Q/DQ pair."""
+    dequantize = producer.get(tensor)
+    quantize = producer.get(dequantize.input[0]) if dequantize is not None else None
+    return quantize.input[0] if quantize is not None and quantize.op_type == "QuantizeLinear" else tensor
+
+
+def graph_blocks(model: onnx.ModelProto) -> list[Block]:
+    """The graph's diffusers blocks in data-flow order. A quantized graph input belongs to no block: each block
+    that reads it quantizes it in its own graph."""
+    producer = producers(model)
+    points = activation_points(model, producer)
+    point_set, block = set(points), tensor_blocks(model)
+    read_by: dict[str, set[str]] = {}
+    for point in points:
+        for source in upstream_points(producer, point, point_set):
+            read_by.setdefault(source, set()).add(block[point])
+    graph_inputs = {i.name for i in model.graph.input}
+    graph_outputs = {o.name for o in model.graph.output}
+    blocks, after = {}, {}
+    for name in dict.fromkeys(block[p] for p in points if block[p] is not None):
+        outputs = [p for p in points if block[p] == name and (p in graph_outputs or read_by.get(p, set()) - {name})]
+        entering = _walk_up(producer, outputs, lambda t: t in graph_inputs or (
+            t in point_set and block[t] not in (name, None)))
+        inputs = {t if t in graph_inputs else _entering(producer, t) for t in entering}
+        after[name] = {block[t] for t in entering if t not in graph_inputs}
+        blocks[name] = Block(name, sorted(inputs), outputs)
+    # data-flow order (a block after every block it reads), not the order of the first activation: a block's
+    # text-only branch (cross-attention keys) can be computed before anything upstream of its trunk
+    position = {p: i for i, p in enumerate(points)}
+    ordered: list[Block] = []
+    while len(ordered) < len(blocks):
+        done = {b.name for b in ordered}
+        left = [n for n in blocks if n not in done]
+        ready = [n for n in left if after[n] <= done] or left  # (a cycle between blocks: take them by position)
+        ordered.append(blocks[min(ready, key=lambda n: max(position[p] for p in blocks[n].outputs))])
+    return ordered
+
+
+def _captured(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], tensors: list[str], work: Path
+              ) -> dict[str, np.ndarray]:
+    """The values the CPU computes for ``tensors`` inside the graph on ``feeds``."""
+    model = onnx.load(str(qdq_path), load_external_data=False)
+    graph_inputs = [i.name for i in model.graph.input]
+    inner = [t for t in tensors if t not in graph_inputs]
+    values = {t: feeds[t] for t in tensors if t in graph_inputs}
+    if inner:
+        prefix = extract_prefix(qdq_path, graph_inputs, inner, work / "captured.onnx")
+        values.update(run_onnx(prefix, feeds, inner))
+        prefix.unlink()
+    return values
+
+
+def judge_blocks(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], work: Path, *, threshold_db: float,
+                 soc_model: str, timeout: float, log=lambda line: None
+                 ) -> tuple[list[dict], tuple[Block, Path, dict[str, np.ndarray], str] | None]:
+    """Each block compiled alone on its captured inputs, in order, until the first bad one. Returns what each
+    judged block measured and, for the first bad block, the block, its graph, its inputs and its worst output."""
+    blocks = graph_blocks(onnx.load(str(qdq_path), load_external_data=False))
+    values = _captured(qdq_path, feeds, sorted({t for b in blocks for t in b.inputs}), work)
+    judged: list[dict] = []
+    for block in blocks:
+        path = extract_prefix(qdq_path, block.inputs, block.outputs, work / f"{block.name.replace('.', '_')}.block.qdq.onnx")
+        block_feeds = {t: values[t] for t in block.inputs}
+        cpu = run_onnx(path, block_feeds, block.outputs)
+        htp = run_on_htp(path, block_feeds, soc_model=soc_model, timeout=timeout)
+        per_output = {t: sqnr_db(cpu[t], htp.outputs[t]) for t in block.outputs} if htp.status == "passed" else {}
+        worst = min(per_output, key=per_output.get) if per_output else block.outputs[0]
+        bad = htp.status != "passed" or per_output[worst] < threshold_db
+        judged.append({"block": block.name, "htp": htp.status, "sqnr_db": per_output.get(worst), "bad": bad})
+        log(f"localize: block {block.name}: HTP {htp.status}"
+            + (f", {per_output[worst]:.1f} dB" if per_output else f" ({htp.error})"))
+        if bad:
+            return judged, (block, path, block_feeds, worst)
+        path.unlink()
+    return judged, None
 
 
 def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir: str | os.PathLike, *,
              output: str, threshold_db: float, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 3600.0,
              log=lambda line: None) -> Divergence | None:
+    """The first diffusers block the HTP gets wrong alone (:func:`judge_blocks`), and in it the first bad op
+    (:func:`localize_op` on the block's graph). When every block agrees alone, the error builds up across blocks:
+    the prefixes of the whole graph leading to ``output`` are searched instead. The block's graph and the
+    reproducer go to ``out_dir/divergences/``."""
+    work = Path(out_dir) / "divergences"
+    work.mkdir(parents=True, exist_ok=True)
+    judged, bad = judge_blocks(qdq_path, feeds, work, threshold_db=threshold_db, soc_model=soc_model,
+                               timeout=timeout, log=log)
+    if bad is None:
+        found = localize_op(qdq_path, feeds, out_dir, output=output, threshold_db=threshold_db, soc_model=soc_model,
+                            timeout=timeout, log=log)
+    else:
+        block, path, block_feeds, worst = bad
+        np.savez(work / f"{path.name.removesuffix('.qdq.onnx')}.inputs.npz", **block_feeds)
+        found = localize_op(path, block_feeds, out_dir, output=worst, threshold_db=threshold_db, soc_model=soc_model,
+                            timeout=timeout, log=log)
+    if found is not None:
+        found.block, found.blocks = (bad[0].name if bad else None), judged
+    return found
+
+
+# --- by op ---------------------------------------------------------------------------------------------------
+
+def localize_op(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir: str | os.PathLike, *,
+                output: str, threshold_db: float, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 3600.0,
+                log=lambda line: None) -> Divergence | None:
     """Find the first op on the way to the graph ``output`` whose result the HTP gets wrong.
 
     Returns None when the prefix ending at ``output`` alone is good (the disagreement then needs the rest of the

@@ -12,8 +12,8 @@ QDQ graph on CPU vs on the HTP        SQNR >= ``threshold_db`` (default ``HTP_SQ
 
 plus ``onnx.checker``, every encoding name in the graph and in its section, no non-weight constant over 1 MB, and
 every node on the HTP (the session refuses CPU fallback). fp32 vs QDQ and fp32 vs HTP are reported as the
-quantization error the user ships, without a threshold. When the HTP disagrees, the first bad prefix is localized
-and its reproducer written to ``divergences/``; the outputs are still written (they are the evidence) and the
+quantization error the user ships, without a threshold. When the HTP disagrees, the first bad diffusers block and
+the first bad op in it are localized and a reproducer written to ``divergences/``; the outputs are still written (they are the evidence) and the
 report's ``passed`` is false.
 """
 
