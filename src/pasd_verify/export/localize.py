@@ -103,8 +103,14 @@ def module_of(producer: Producers, tensor: str) -> str:
     node = _compute_node(producer, tensor)
     if node is None:
         return tensor
-    parts = [p for p in node.name.split("/") if p]
-    return ".".join(parts[1:-1]) or node.name  # drop the wrapper's attribute and the op's own name
+    return _scope(node) or node.name
+
+
+def _scope(node: onnx.NodeProto) -> str:
+    """The dotted module path in the exporter's node name (``/unet/down_blocks.0/resnets.0/conv1/Conv`` ->
+    ``down_blocks.0.resnets.0.conv1``: the wrapper's attribute and the op's own name dropped); empty for a node
+    named otherwise."""
+    return ".".join([p for p in node.name.split("/") if p][1:-1])
 
 
 @dataclass
@@ -156,7 +162,7 @@ def tensor_blocks(model: onnx.ModelProto) -> dict[str, str | None]:
     what no block makes (a graph input's quantizers)."""
     blocks: dict[str, str | None] = {}
     for node in model.graph.node:  # topological order: inputs have their block before their readers
-        scope = ".".join([p for p in node.name.split("/") if p][1:-1]) if node.name.startswith("/") else ""
+        scope = _scope(node) if node.name.startswith("/") else ""
         block = block_of(scope) if scope else next((blocks[i] for i in node.input if blocks.get(i)), None)
         for output in node.output:
             blocks[output] = block
@@ -213,11 +219,9 @@ def graph_blocks(model: onnx.ModelProto) -> list[Block]:
     return ordered
 
 
-def _captured(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], tensors: list[str], work: Path
-              ) -> dict[str, np.ndarray]:
+def _captured(qdq_path: str | os.PathLike, graph_inputs: list[str], feeds: dict[str, np.ndarray], tensors: list[str],
+              work: Path) -> dict[str, np.ndarray]:
     """The values the CPU computes for ``tensors`` inside the graph on ``feeds``."""
-    model = onnx.load(str(qdq_path), load_external_data=False)
-    graph_inputs = [i.name for i in model.graph.input]
     inner = [t for t in tensors if t not in graph_inputs]
     values = {t: feeds[t] for t in tensors if t in graph_inputs}
     if inner:
@@ -232,8 +236,10 @@ def judge_blocks(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], work
                  ) -> tuple[list[dict], tuple[Block, Path, dict[str, np.ndarray], str] | None]:
     """Each block compiled alone on its captured inputs, in order, until the first bad one. Returns what each
     judged block measured and, for the first bad block, the block, its graph, its inputs and its worst output."""
-    blocks = graph_blocks(onnx.load(str(qdq_path), load_external_data=False))
-    values = _captured(qdq_path, feeds, sorted({t for b in blocks for t in b.inputs}), work)
+    model = onnx.load(str(qdq_path), load_external_data=False)
+    blocks = graph_blocks(model)
+    values = _captured(qdq_path, [i.name for i in model.graph.input], feeds,
+                       sorted({t for b in blocks for t in b.inputs}), work)
     judged: list[dict] = []
     for block in blocks:
         path = extract_prefix(qdq_path, block.inputs, block.outputs, work / f"{block.name.replace('.', '_')}.block.qdq.onnx")
