@@ -102,6 +102,26 @@ def test_silu_rewrite_keeps_the_model_output(kind):
         assert relative_error(value.numpy(), after[name].numpy()) <= 1e-5, name
 
 
+def test_large_float_graph_keeps_its_weights_in_one_file_beside_it(tmp_path):
+    """Over the protobuf limit the weights go to ONE ``<stem>.data`` file (torch's own exporter writes one file per
+    tensor); forced here on the tiny SHA PASD UNet, whose graph then computes exactly what the inline graph does."""
+    _, graph, feeds = _graph_and_feeds("pasd-unet", "sha", (8, 8))
+    for folder in ("inline", "external"):
+        (tmp_path / folder).mkdir()
+    inline = export_float(graph, feeds, tmp_path / "inline" / "model.onnx", large=False)
+    external = export_float(graph, feeds, tmp_path / "external" / "model.onnx", large=True)
+    assert sorted(p.name for p in external.parent.iterdir()) == ["model.data", "model.onnx"]
+    assert sorted(p.name for p in inline.parent.iterdir()) == ["model.onnx"]
+    model = onnx.load(str(external), load_external_data=False)
+    stored = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert stored and {e.value for i in stored for e in i.external_data if e.key == "location"} == {"model.data"}
+    assert all(len(i.raw_data) <= 1024 for i in model.graph.initializer if i not in stored)
+    onnx.checker.check_model(str(external))
+    ours, reference = run_onnx(external, _numpy(feeds)), run_onnx(inline, _numpy(feeds))
+    for name in graph.output_names:
+        assert np.array_equal(ours[name], reference[name]), name
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_layernorm_identity_mul_leaves_the_float_graph_bit_identical(tmp_path, kind):
     """x * 1.0 == x in IEEE arithmetic: every output of the rewritten graph equals the original's bit for bit."""

@@ -41,25 +41,28 @@ def save_onnx(model: onnx.ModelProto, path: Path, *, large: bool) -> None:
         onnx.save_model(model, str(path))
 
 
-def export_float(graph: ExportGraph, feeds: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Export ``graph`` at the shapes of ``feeds`` to ``path`` as a static-shape float ONNX graph."""
+def export_float(graph: ExportGraph, feeds: dict[str, torch.Tensor], path: str | os.PathLike, *,
+                 large: bool | None = None) -> Path:
+    """Export ``graph`` at the shapes of ``feeds`` to ``path`` as a static-shape float ONNX graph; its weights go
+    to ``<stem>.data`` when ``large`` (by default: when they pass :data:`EXTERNAL_DATA_BYTES`)."""
     path = Path(path)
-    large = parameter_bytes(graph.module) > EXTERNAL_DATA_BYTES
+    if large is None:
+        large = parameter_bytes(graph.module) > EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         traced = Path(tmp) / "traced.onnx"
         with torch.no_grad():
             torch.onnx.export(graph.module, tuple(feeds[n] for n in graph.input_names), str(traced),
                               input_names=graph.input_names, output_names=graph.output_names,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        # onnxruntime writes the folded graph in place, weights in one file: no further copy of them in memory
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        folded = Path(tmp) / "folded.onnx"
-        options.optimized_model_filepath = str(folded)
+        options.optimized_model_filepath = str(path)
         if large:
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "folded.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             path.with_suffix(".data").name)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(traced), options, providers=["CPUExecutionProvider"])
-        save_onnx(onnx.load(str(folded)), path, large=large)
     return path
 
 
