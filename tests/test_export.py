@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from pasd_verify.export.graphs import export_graph
 from pasd_verify.export.localize import extract_prefix, graph_blocks
 from pasd_verify.export.onnx_io import export_float, large_constants, relative_error, run_onnx, sqnr_db
-from pasd_verify.export.quantize import (check_encoding_names, export_quantized, place_static_encodings,
-                                         quantization_sim, sim_outputs)
+from pasd_verify.export.quantize import (_quiet_aimet, check_encoding_names, export_quantized,
+                                         place_static_encodings, quantization_sim, sim_outputs)
 from pasd_verify.export.rewrites import SiLUAsDivision, apply_onnx_rewrites, apply_rewrites
 from pasd_verify.quant.calibration import seeded_samples
 from pasd_verify.quant.workflow import preset_model
@@ -149,12 +149,30 @@ def quantized_tiny_sha(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quantized")
     model, graph, feeds = _graph_and_feeds("unet", "sha", (8, 8))
     calibration = [_numpy(graph.feeds(s)) for s in seeded_samples(model, 2, seed=3)]
-    export_float(graph, feeds, folder / "float.onnx")
+    export_float(graph, feeds, folder / "model.onnx")
     (folder / "aimet").mkdir()
-    sim = quantization_sim(folder / "float.onnx", calibration, workdir=folder / "aimet")
+    sim = quantization_sim(folder / "model.onnx", calibration, workdir=folder / "aimet")
+    sim_out = sim_outputs(sim, _numpy(feeds), graph.output_names)
+    (folder / "aimet_own").mkdir()
+    with _quiet_aimet():  # aimet-onnx's own export of its graph: what model.onnx stands in for
+        sim.export(str(folder / "aimet_own"), "model", encoding_version="1.0.0")
     paths = export_quantized(sim, folder, large=False)
-    return {"sim_out": sim_outputs(sim, _numpy(feeds), graph.output_names), "paths": paths, "feeds": feeds,
+    return {"sim_out": sim_out, "paths": paths, "feeds": feeds, "aimet_model": folder / "aimet_own" / "model.onnx",
             "reference": {k: v.numpy() for k, v in graph(feeds).items()}, "graph": graph}
+
+
+def test_model_onnx_is_the_graph_aimet_exports(quantized_tiny_sha):
+    """``model.onnx`` is the float graph as exported, not aimet-onnx's re-serialization of it; the two are the same
+    graph: every node (type, name, inputs, outputs, attributes), every weight bit for bit, the same inputs and
+    outputs. The encodings name this graph, so the substitution must change nothing."""
+    ours = onnx.load(str(quantized_tiny_sha["paths"]["model"]))
+    aimet = onnx.load(str(quantized_tiny_sha["aimet_model"]))
+    assert len(ours.graph.node) > 100 and list(ours.graph.node) == list(aimet.graph.node)
+    assert list(ours.graph.input) == list(aimet.graph.input) and list(ours.graph.output) == list(aimet.graph.output)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in aimet.graph.initializer}
+    assert [i.name for i in ours.graph.initializer] == list(weights)
+    for init in ours.graph.initializer:
+        assert np.array_equal(onnx.numpy_helper.to_array(init), weights[init.name]), init.name
 
 
 def test_qdq_graph_on_the_cpu_is_the_aimet_sim(quantized_tiny_sha):

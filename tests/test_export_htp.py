@@ -109,13 +109,13 @@ def _cpu_vs_htp(module, folder, shape=(1, 32, 8, 8), onnx_rewrites=()):
     with the CPU on the QDQ graph."""
     graph = ExportGraph(module.eval(), ["x"], ["y"], "module")
     feeds = {"x": torch.randn(*shape, generator=torch.Generator().manual_seed(1))}
-    export_float(graph, feeds, folder / "float.onnx")
+    export_float(graph, feeds, folder / "model.onnx")
     if onnx_rewrites:
-        model = onnx.load(str(folder / "float.onnx"))
+        model = onnx.load(str(folder / "model.onnx"))
         assert apply_onnx_rewrites(model, onnx_rewrites)
-        onnx.save(model, str(folder / "float.onnx"))
+        onnx.save(model, str(folder / "model.onnx"))
     (folder / "aimet").mkdir()
-    sim = quantization_sim(folder / "float.onnx", [{"x": feeds["x"].numpy()}], workdir=folder / "aimet")
+    sim = quantization_sim(folder / "model.onnx", [{"x": feeds["x"].numpy()}], workdir=folder / "aimet")
     qdq = export_quantized(sim, folder, large=False)["qdq"]
     cpu = run_onnx(qdq, {"x": feeds["x"].numpy()})["y"]
     htp = run_on_htp(qdq, {"x": feeds["x"].numpy()})

@@ -125,19 +125,20 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
             rewritten["rewrites"] = apply_rewrites(model, rewrites)
             reference = _numpy(graph(check_feeds))
             rewritten["rewrite_relative_error"] = max(relative_error(original[k], reference[k]) for k in original)
-        export_float(graph, check_feeds, staging / "float.onnx")
+        float_path = export_float(graph, check_feeds, staging / "model.onnx")
         if set(rewrites) & set(ONNX_REWRITES):
-            float_model = onnx.load(str(staging / "float.onnx"))
+            float_model = onnx.load(str(float_path))
             rewritten["rewrites"].update(apply_onnx_rewrites(float_model, rewrites))
-            save_onnx(float_model, staging / "float.onnx", large=large)
-        onnx_out = run_onnx(staging / "float.onnx", check_arrays)
+            save_onnx(float_model, float_path, large=large)
+            del float_model
+        onnx_out = run_onnx(float_path, check_arrays)
         errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
         worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])
         stage("float_export", started, relative_error=max(errors.values()), per_output=errors, **rewritten,
               passed=worst <= FLOAT_TOLERANCE)
         frozen, frozen_path = None, None
         if adarounded is not None:  # found by content in the graph, so before the weights are released
-            frozen = onnx_param_encodings(adarounded, model, staging / "float.onnx", str(param_encodings))
+            frozen = onnx_param_encodings(adarounded, model, float_path, str(param_encodings))
             frozen_path = staging / "adarounded_param.encodings"
             save_encodings(frozen, frozen_path)
         if release_model:
@@ -148,17 +149,16 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
 
         started = time.perf_counter()
         (staging / "aimet").mkdir()
-        sim = quantization_sim(staging / "float.onnx", calibration_feeds, param_bw=param_bw, act_bw=act_bw,
+        sim = quantization_sim(float_path, calibration_feeds, param_bw=param_bw, act_bw=act_bw,
                                weights=weights, workdir=staging / "aimet", frozen_param_encodings=frozen_path)
         frozen_counts = {} if frozen is None else {"adarounded_parameters": len(adarounded),
                                                    "frozen_param_encodings": len(frozen["param_encodings"])}
         stage("calibration", started, samples=len(calibration_feeds), **frozen_counts)
 
         started = time.perf_counter()
-        paths = export_quantized(sim, staging, large=large)
         sim_out = sim_outputs(sim, check_arrays, graph.output_names)
+        paths = export_quantized(sim, staging, large=large)
         del sim
-        (staging / "float.onnx").unlink()
         qdq_out = run_onnx(paths["qdq"], check_arrays)
         encodings = json.loads(paths["encodings"].read_text())
         graph_model = onnx.load(str(paths["model"]), load_external_data=False)

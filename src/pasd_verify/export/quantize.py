@@ -25,6 +25,7 @@ import onnx
 
 from ..errors import PasdVerifyError
 from ..io import write_json
+from ..memory import trim_heap
 from .onnx_io import save_onnx
 
 WEIGHT_GRANULARITY = ("per-channel", "per-tensor")
@@ -69,18 +70,28 @@ def quantization_sim(model_path: str | os.PathLike, calibration: list[dict[str, 
 
 
 def export_quantized(sim, folder: str | os.PathLike, *, large: bool) -> dict[str, Path]:
-    """Write ``model.onnx`` (the float graph the encodings name), ``model.encodings`` (1.0.0) and
-    ``model.qdq.onnx`` (QuantizeLinear/DequantizeLinear on every quantized tensor) into ``folder``."""
+    """Write ``model.encodings`` (1.0.0) and ``model.qdq.onnx`` (QuantizeLinear/DequantizeLinear on every
+    quantized tensor) into ``folder``, which already holds ``model.onnx``, the float graph the sim was built from.
+
+    The sim's onnxruntime session is dropped first, so the sim cannot run afterwards (run it before): the session
+    holds one more copy of the weights, and at SD1.5 size the QDQ conversion needs that memory. ``model.onnx`` stays the float graph as
+    exported rather than aimet-onnx's re-serialization of its own copy: with its quantizers removed the sim's graph
+    is that graph node for node and weight for weight (the tests compare the two), and writing it again would cost
+    one more copy of the weights.
+    """
     folder = Path(folder)
+    sim.session = None  # as aimet-onnx itself does when a change to its graph makes the session stale
+    trim_heap()
     with _quiet_aimet():
-        sim.export(str(folder), "model", encoding_version="1.0.0")
+        sim.export(str(folder), "model", export_model=False, encoding_version="1.0.0")
         qdq = sim.to_onnx_qdq()
+    save_onnx(qdq, folder / "model.qdq.onnx", large=large)
+    del qdq
     path = folder / "model.encodings"
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     encodings, _ = place_static_encodings(json.loads(path.read_text()), model)
     write_json(path, encodings)
-    save_onnx(qdq, folder / "model.qdq.onnx", large=large)
-    return {"model": folder / "model.onnx", "encodings": folder / "model.encodings", "qdq": folder / "model.qdq.onnx"}
+    return {"model": folder / "model.onnx", "encodings": path, "qdq": folder / "model.qdq.onnx"}
 
 
 def place_static_encodings(encodings: dict[str, Any], model: onnx.ModelProto) -> tuple[dict[str, Any], list[str]]:
