@@ -156,8 +156,10 @@ def quantized_tiny_sha(tmp_path_factory):
     (folder / "aimet_own").mkdir()
     with _quiet_aimet():  # aimet-onnx's own export of its graph: what model.onnx stands in for
         sim.export(str(folder / "aimet_own"), "model", encoding_version="1.0.0")
+        onnx.save(sim.to_onnx_qdq(), str(folder / "aimet_own" / "model.qdq.onnx"))
     paths = export_quantized(sim, folder, large=False)
     return {"sim_out": sim_out, "paths": paths, "feeds": feeds, "aimet_model": folder / "aimet_own" / "model.onnx",
+            "aimet_qdq": folder / "aimet_own" / "model.qdq.onnx",
             "reference": {k: v.numpy() for k, v in graph(feeds).items()}, "graph": graph}
 
 
@@ -173,6 +175,27 @@ def test_model_onnx_is_the_graph_aimet_exports(quantized_tiny_sha):
     assert [i.name for i in ours.graph.initializer] == list(weights)
     for init in ours.graph.initializer:
         assert np.array_equal(onnx.numpy_helper.to_array(init), weights[init.name]), init.name
+
+
+def test_qdq_graph_is_the_one_aimet_converts(quantized_tiny_sha):
+    """``write_qdq`` (aimet-onnx's QDQ steps on the float graph on disk) against aimet-onnx's own
+    ``sim.to_onnx_qdq()``: the same nodes in the same order (names, inputs, outputs, axes, dtypes), the same
+    constants bit for bit (pre-rounded weights, scales, zero points), the same opset, and on the CPU the same
+    outputs bit for bit."""
+    ours = onnx.load(str(quantized_tiny_sha["paths"]["qdq"]))
+    aimet = onnx.load(str(quantized_tiny_sha["aimet_qdq"]))
+    quantizers = sum(n.op_type == "QuantizeLinear" for n in aimet.graph.node)
+    assert quantizers > 100 and list(ours.graph.node) == list(aimet.graph.node)
+    assert {(o.domain, o.version) for o in ours.opset_import} == {(o.domain, o.version) for o in aimet.opset_import}
+    theirs = {i.name: onnx.numpy_helper.to_array(i) for i in aimet.graph.initializer}
+    assert sorted(i.name for i in ours.graph.initializer) == sorted(theirs)
+    for init in ours.graph.initializer:
+        value = onnx.numpy_helper.to_array(init)
+        assert value.dtype == theirs[init.name].dtype and np.array_equal(value, theirs[init.name]), init.name
+    feeds = _numpy(quantized_tiny_sha["feeds"])
+    got, want = run_onnx(quantized_tiny_sha["paths"]["qdq"], feeds), run_onnx(quantized_tiny_sha["aimet_qdq"], feeds)
+    for name in quantized_tiny_sha["graph"].output_names:
+        assert np.array_equal(got[name], want[name]), name
 
 
 def test_qdq_graph_on_the_cpu_is_the_aimet_sim(quantized_tiny_sha):

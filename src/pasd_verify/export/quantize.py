@@ -84,14 +84,75 @@ def export_quantized(sim, folder: str | os.PathLike, *, large: bool) -> dict[str
     trim_heap()
     with _quiet_aimet():
         sim.export(str(folder), "model", export_model=False, encoding_version="1.0.0")
-        qdq = sim.to_onnx_qdq()
-    save_onnx(qdq, folder / "model.qdq.onnx", large=large)
-    del qdq
+    write_qdq(sim, folder / "model.onnx", folder / "model.qdq.onnx", large=large)
     path = folder / "model.encodings"
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     encodings, _ = place_static_encodings(json.loads(path.read_text()), model)
     write_json(path, encodings)
     return {"model": folder / "model.onnx", "encodings": path, "qdq": folder / "model.qdq.onnx"}
+
+
+def write_qdq(sim, float_path: str | os.PathLike, qdq_path: str | os.PathLike, *, large: bool) -> None:
+    """aimet-onnx's QDQ conversion (``sim.to_onnx_qdq()``: QuantizeLinear/DequantizeLinear for every quantizer of the
+    sim, and for the outputs of the data-movement ops after them) applied to the float graph on disk.
+
+    ``to_onnx_qdq`` copies the sim's whole graph, quantize-dequantizes every weight into a second copy and
+    round-trips both through onnx-ir: at SD1.5 size the kernel kills it at 24 GB. Here the same aimet-onnx steps
+    (its encodings, its data-movement derivation, its node insertion) run on the float graph loaded by onnx-ir,
+    whose weights stay memory-mapped until they are streamed into ``<stem>.data``; only the quantized weights are
+    held once more, pre-rounded to their grids by the sim's own quantizers as ``to_onnx_qdq`` does (its kernel
+    rounds half away from zero, QuantizeLinear half to even: a weight exactly between two grid points would
+    otherwise land on the other one). 16-bit or 4-bit quantizers need opset 21; the graphs this package exports
+    are opset 20, and their ops mean the same at 21. The tests compare the result with ``to_onnx_qdq``'s.
+    """
+    import onnx_ir
+    import aimet_onnx
+    from aimet_onnx.common.onnx._utils import _add_onnx_qdq_nodes_ir, _derive_data_movement_op_encodings
+    from aimet_onnx.common.defs import QuantizationDataType
+    from aimet_onnx.quantsim import _to_unsigned_encoding
+
+    quantizers = sim.qc_quantize_op_dict
+    parameters = {product.name for op in sim.connected_graph.get_all_ops().values()
+                  for product, _ in op.parameters.values()
+                  if product.name in quantizers and quantizers[product.name].bitwidth <= 32}
+    names, outputs, prefixes, encodings, float_types = [], [], [], [], []
+    for node in sim.model.model.graph.node:  # graph order, as to_onnx_qdq walks it
+        if node.op_type != "QcQuantizeOp":
+            continue
+        encoding = quantizers[node.input[0]].export_encodings("2.0.0")
+        if not encoding:
+            continue
+        names.append(node.input[0])
+        outputs.append(node.output[0])
+        prefixes.append(node.name)
+        encodings.append(encoding if node.input[0] in parameters else _to_unsigned_encoding(encoding))
+        float_types.append(sim.activation_dtypes[node.input[0]])
+    graph = onnx.load(str(float_path), load_external_data=False)
+    derived = _derive_data_movement_op_encodings(graph, dict(zip(names, encodings)))
+    for name, encoding in derived.items():
+        if encoding["output_dtype"] != "int32":  # QuantizeLinear has no int32 output
+            names.append(name)
+            outputs.append(name + "_qdq")
+            prefixes.append(name)
+            encodings.append(encoding)
+            float_types.append(sim.activation_dtypes.get(name, np.float32))
+    opset = next(o.version for o in graph.opset_import if o.domain == "")
+    if any(q.data_type == QuantizationDataType.int and q.bitwidth not in (8, 32) for q in quantizers.values()):
+        opset = max(opset, 21)
+    del graph
+    model = onnx_ir.load(str(float_path))
+    model.opset_imports[""] = opset
+    rounded = sim._get_qdq_parameters()  # pylint: disable=protected-access
+    for name in list(rounded):
+        if name not in model.graph.initializers:
+            raise PasdVerifyError(f"{float_path}: quantized parameter {name!r} is not an initializer of the graph")
+        model.graph.initializers[name].const_value = onnx_ir.tensor(rounded.pop(name), name=name)
+    model = _add_onnx_qdq_nodes_ir(model, names, outputs, prefixes, encodings, float_types, opset,
+                                   prequantize_constants=False)
+    model.metadata_props["producer"] = f"aimet-onnx {aimet_onnx.__version__}"
+    qdq_path = Path(qdq_path)
+    onnx_ir.save(model, qdq_path, external_data=qdq_path.with_suffix(".data").name if large else None,
+                 size_threshold_bytes=1024)
 
 
 def place_static_encodings(encodings: dict[str, Any], model: onnx.ModelProto) -> tuple[dict[str, Any], list[str]]:
