@@ -26,7 +26,6 @@ import onnx
 from ..errors import PasdVerifyError
 from ..io import write_json
 from ..memory import trim_heap
-from .onnx_io import save_onnx
 
 WEIGHT_GRANULARITY = ("per-channel", "per-tensor")
 
