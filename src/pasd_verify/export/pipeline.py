@@ -125,7 +125,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
             rewritten["rewrites"] = apply_rewrites(model, rewrites)
             reference = _numpy(graph(check_feeds))
             rewritten["rewrite_relative_error"] = max(relative_error(original[k], reference[k]) for k in original)
-        float_path = export_float(graph, check_feeds, staging / "model.onnx")
+        float_path = export_float(graph, check_feeds, staging / "model.onnx", large=large)
         if set(rewrites) & set(ONNX_REWRITES):
             float_model = onnx.load(str(float_path))
             rewritten["rewrites"].update(apply_onnx_rewrites(float_model, rewrites))

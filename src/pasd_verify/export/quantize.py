@@ -73,10 +73,10 @@ def export_quantized(sim, folder: str | os.PathLike, *, large: bool) -> dict[str
     quantized tensor) into ``folder``, which already holds ``model.onnx``, the float graph the sim was built from.
 
     The sim's onnxruntime session is dropped first, so the sim cannot run afterwards (run it before): the session
-    holds one more copy of the weights, and at SD1.5 size the QDQ conversion needs that memory. ``model.onnx`` stays the float graph as
-    exported rather than aimet-onnx's re-serialization of its own copy: with its quantizers removed the sim's graph
-    is that graph node for node and weight for weight (the tests compare the two), and writing it again would cost
-    one more copy of the weights.
+    holds one more copy of the weights, and at SD1.5 size the QDQ conversion needs that memory. ``model.onnx``
+    stays the float graph as exported rather than aimet-onnx's re-serialization of its own copy: with its
+    quantizers removed the sim's graph is that graph node for node and weight for weight (the tests compare the
+    two), and writing it again would cost one more copy of the weights.
     """
     folder = Path(folder)
     sim.session = None  # as aimet-onnx itself does when a change to its graph makes the session stale
@@ -126,6 +126,7 @@ def write_qdq(sim, float_path: str | os.PathLike, qdq_path: str | os.PathLike, *
         prefixes.append(node.name)
         encodings.append(encoding if node.input[0] in parameters else _to_unsigned_encoding(encoding))
         float_types.append(sim.activation_dtypes[node.input[0]])
+    # the graph is read once; onnx-ir then maps its weights from the .data file beside it instead of loading them
     graph = onnx.load(str(float_path), load_external_data=False)
     derived = _derive_data_movement_op_encodings(graph, dict(zip(names, encodings)))
     for name, encoding in derived.items():
@@ -138,8 +139,9 @@ def write_qdq(sim, float_path: str | os.PathLike, qdq_path: str | os.PathLike, *
     opset = next(o.version for o in graph.opset_import if o.domain == "")
     if any(q.data_type == QuantizationDataType.int and q.bitwidth not in (8, 32) for q in quantizers.values()):
         opset = max(opset, 21)
+    model = onnx_ir.serde.deserialize_model(graph)
+    onnx_ir.external_data.set_base_dir(model.graph, str(Path(float_path).parent))
     del graph
-    model = onnx_ir.load(str(float_path))
     model.opset_imports[""] = opset
     rounded = sim._get_qdq_parameters()  # pylint: disable=protected-access
     for name in list(rounded):
