@@ -6,6 +6,7 @@ The HTP checks (compile, run, localize a divergence) are in ``test_export_htp.py
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pasd_verify.export import pipeline
 from pasd_verify.export.graphs import export_graph
 from pasd_verify.export.localize import extract_prefix, graph_blocks
 from pasd_verify.export.onnx_io import export_float, large_constants, relative_error, run_onnx, sqnr_db
@@ -120,6 +122,38 @@ def test_large_float_graph_keeps_its_weights_in_one_file_beside_it(tmp_path):
     ours, reference = run_onnx(external, _numpy(feeds)), run_onnx(inline, _numpy(feeds))
     for name in graph.output_names:
         assert np.array_equal(ours[name], reference[name]), name
+
+
+def _external_ranges(path) -> list[tuple[int, int]]:
+    """(offset, length) of every initializer stored in the graph's external-data file, in file order."""
+    model = onnx.load(str(path), load_external_data=False)
+    ranges = []
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in init.external_data}
+            ranges.append((int(where.get("offset", 0)), int(where["length"])))
+    return sorted(ranges)
+
+
+def test_large_export_stores_each_weight_once(tmp_path, monkeypatch):
+    """In the large layout every byte of ``model.data`` and ``model.qdq.data`` belongs to a weight: the ONNX rewrite
+    edits the graph alone (saving the weights again appended a second, dead copy: 4.4 GB at SD1.5 size)."""
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_BYTES", 0)  # the tiny model in the SD1.5 layout
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # the HTP steps are not what this is about
+    model, _ = preset_model("tiny", "unet")
+    convert_to_sha(model)
+    report = pipeline.export_files(model, tmp_path, samples=1, rewrites=("layernorm-identity-mul",),
+                                   localize_divergence=False, log=lambda line: None)
+    assert report["stages"]["float_export"]["rewrites"]["layernorm-identity-mul"] > 0
+    for graph in ("model", "model.qdq"):
+        ranges = _external_ranges(tmp_path / f"{graph}.onnx")
+        assert ranges, graph
+        for (offset, length), (following, _) in zip(ranges, ranges[1:]):
+            assert offset + length <= following, f"{graph}: weights overlap at byte {following}"
+        stored = sum(length for _, length in ranges)
+        size = (tmp_path / f"{graph}.data").stat().st_size
+        assert size - stored < 4096 * len(ranges), f"{graph}.data: {size - stored} of {size} bytes hold no weight"
+        assert ranges[-1][0] + ranges[-1][1] == size
 
 
 @pytest.mark.parametrize("kind", KINDS)

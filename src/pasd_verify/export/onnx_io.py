@@ -32,15 +32,6 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def save_onnx(model: onnx.ModelProto, path: Path, *, large: bool) -> None:
-    """Save ``model`` at ``path``; with ``large``, all initializers in one ``<stem>.data`` file beside it."""
-    if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.with_suffix(".data").name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
 def export_float(graph: ExportGraph, feeds: dict[str, torch.Tensor], path: str | os.PathLike, *,
                  large: bool | None = None) -> Path:
     """Export ``graph`` at the shapes of ``feeds`` to ``path`` as a static-shape float ONNX graph; its weights go

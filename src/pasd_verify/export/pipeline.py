@@ -43,7 +43,7 @@ from .graphs import export_graph
 from .htp import DEFAULT_SOC_MODEL, run_on_htp
 from .localize import localize
 from .onnx_io import (EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, relative_error, run_onnx,
-                      save_onnx, sqnr_db)
+                      sqnr_db)
 from .rewrites import ONNX_REWRITES, apply_onnx_rewrites, apply_rewrites
 from .quantize import check_encoding_names, export_quantized, quantization_sim, sim_outputs
 
@@ -127,9 +127,11 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
             rewritten["rewrite_relative_error"] = max(relative_error(original[k], reference[k]) for k in original)
         float_path = export_float(graph, check_feeds, staging / "model.onnx", large=large)
         if set(rewrites) & set(ONNX_REWRITES):
-            float_model = onnx.load(str(float_path))
+            # the graph alone: the rewrites touch no weight, so model.data stays as written (saving the weights
+            # again would append a second copy of them to it, 4.4 GB at SD1.5 size)
+            float_model = onnx.load(str(float_path), load_external_data=False)
             rewritten["rewrites"].update(apply_onnx_rewrites(float_model, rewrites))
-            save_onnx(float_model, float_path, large=large)
+            onnx.save_model(float_model, str(float_path))
             del float_model
         onnx_out = run_onnx(float_path, check_arrays)
         errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
