@@ -1,6 +1,7 @@
 """The mutation score of the rewrite core, measured with mutmut 3.8.1 as ``[tool.mutmut]`` in pyproject.toml configures it.
 
     tox -- python tests/mutation_gate.py --all             every mutant (hours on 2 cores), each file's score
+    tox -- python tests/mutation_gate.py --all --file sha.py   every mutant of one file (a run that fits a sitting)
     tox -- python tests/mutation_gate.py --sample 10       10 seeded mutants per file (CI: minutes), gated
     tox -- python tests/mutation_gate.py --report          the scores of what mutants/ holds already; runs nothing
 
@@ -122,6 +123,14 @@ def draw(population: dict[str, dict[str, str]], per_file: int, seed: int) -> lis
     return chosen
 
 
+def of_file(population: dict[str, dict[str, str]], file: str) -> set[str]:
+    """Every mutant of the one configured file whose path ends with ``file`` (``sha.py``, ``checkpoint.py`` ...)."""
+    paths = [path for path in population if Path(path).name == file or path.endswith("/" + file)]
+    if len(paths) != 1:
+        sys.exit(f"mutation gate: --file {file} matches {len(paths)} of the mutated files {sorted(population)}")
+    return set(population[paths[0]])
+
+
 def run_mutmut(names: list[str], workers: int) -> None:
     """mutmut's own run over these mutants, each worker with one thread (more would oversubscribe the cores)."""
     env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", OMP_NUM_THREADS="1")
@@ -206,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--all", action="store_true", help="run every mutant; fail when a file is below its goal")
     mode.add_argument("--sample", type=int, metavar="K", help="run K seeded mutants per file; fail on a clear drop")
     mode.add_argument("--report", action="store_true", help="score what mutants/ holds; run nothing")
+    parser.add_argument("--file", help="with --all: only this mutated file's mutants (its score alone)")
     parser.add_argument("--seed", type=int, default=0)
     # Each worker is a fork of a server that holds torch and the collected tests (measured: server 1.1 GB resident,
     # workers 0.7-0.8 GB, partly shared): more than four costs memory for little speed on a 40-mutant sample.
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 2, 4))
     args = parser.parse_args(argv)
+    if args.file and not args.all:
+        parser.error("--file goes with --all")
 
     os.chdir(ROOT)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
     if not args.report:
@@ -220,9 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample is not None:
         names = set(draw(population, args.sample, args.seed))
         run_mutmut(sorted(names), args.workers)
+    elif args.file:
+        names = of_file(population, args.file)
+        run_mutmut(sorted(names), args.workers)
     elif args.all:
         run_mutmut([], args.workers)
     scores, stale = score(mutants_by_file(), names)
+    if args.file:  # the other files ran nothing: only this one has a score, and equivalents of others are not stale
+        scores = [s for s in scores if s.verdicts]
+        stale = [e for e in stale if any(function_of(n) == e["function"] for n in names)]
     return 0 if report(scores, stale, sampled=args.sample is not None) else 1
 
 

@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mutation_gate import ALPHA, FileScore, draw
+from mutation_gate import ALPHA, FileScore, draw, of_file
 
 
 def sample_score(killed: int, survived: int) -> FileScore:
@@ -52,3 +54,13 @@ def test_draw_is_seeded_and_takes_k_from_each_file(population, k, seed):
     assert chosen == draw(population, k, seed)
     for path, names in population.items():
         assert len(set(chosen) & names.keys()) == min(k, len(names))
+
+
+def test_one_file_is_picked_by_its_name_and_nothing_else():
+    population = {"src/pasd_verify/sha.py": {"a": "not checked"},
+                  "src/pasd_verify/encodings.py": {"b": "not checked", "c": "not checked"}}
+    assert of_file(population, "encodings.py") == {"b", "c"}
+    assert of_file(population, "pasd_verify/sha.py") == {"a"}
+    for wrong in ("ha.py", "nowhere.py"):  # a suffix that is not a whole name picks nothing
+        with pytest.raises(SystemExit, match="matches 0"):
+            of_file(population, wrong)
