@@ -7,7 +7,8 @@ the memory gate, each stage's time and the HTP child's own peak go to ``extra_in
 and SHA of one model together, so its table shows their time ratio. Nothing here asserts a time. What is asserted
 is what the figures mean: every export passes its own checks on the HTP, and the SHA graph's HTP op count grows
 with the number of heads (one set of q/k/v convs, matmuls and softmax per head) while the MHA graph's does not.
-The SD1.5-size export is not benchmarked here (README: what export does not do yet).
+The SD1.5-size export, whose HTP run alone takes longer than CI allows, is the ``fullsize`` tier
+(``tests/test_fullsize.py``).
 """
 
 from __future__ import annotations

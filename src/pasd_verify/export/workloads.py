@@ -5,8 +5,10 @@ Each builds a seeded model, converts it to SHA when asked, and runs the whole ``
 result carries each stage's time and the peak RSS after it, the HTP child's own peak (compile and run happen in a
 grandchild, which the caller's RSS does not see), and the figures that compare MHA with SHA on the HTP.
 
-Targets: ``unet`` (the tiny UNet; ``heads`` overrides its number of heads at the same width), ``pasd_unet`` and
-``pasd_controlnet`` (the tiny PASD pair, calibrated on the ControlNet's residuals).
+Targets: ``unet`` (the plain UNet; ``heads`` overrides its number of heads at the same width), ``pasd_unet`` and
+``pasd_controlnet`` (the PASD pair, calibrated on the ControlNet's residuals), each at the ``tiny`` or ``sd15``
+preset's size. At SD1.5 size the run releases the torch weights after the float export, as ``pasd-verify export``
+does: calibration needs that memory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from ..presets import UNET_PRESETS
 from ..quant.workflow import preset_model
 from ..sha import convert_to_sha
 from .pipeline import export_files
@@ -25,18 +28,21 @@ REWRITES = (*TORCH_REWRITES, *ONNX_REWRITES)
 
 
 def export_run(target: str, form: str, heads: int | None = None, samples: int = 4, latent: list[int] | None = None,
-               seed: int = 0) -> dict[str, Any]:
-    """Export ``target`` in ``form`` (latent 8x8 unless ``latent``) to a temporary folder; return its stages' times
-    and memory and the HTP's figures (status, op count, compile time, context binary size, agreement)."""
+               seed: int = 0, preset: str = "tiny") -> dict[str, Any]:
+    """Export ``target`` in ``form`` (at the preset's latent size unless ``latent``) to a temporary folder; return
+    its stages' times and memory and the HTP's figures (status, op count, compile time, context binary size,
+    agreement)."""
     if target not in TARGETS or form not in FORMS:
         raise ValueError(f"target must be one of {TARGETS} and form one of {FORMS}")
     overrides = {"attention_head_dim": heads} if heads else {}
-    model, controlnet = preset_model("tiny", target.replace("_", "-"), seed=seed, **overrides)
+    model, controlnet = preset_model(preset, target.replace("_", "-"), seed=seed, **overrides)
     if form == "sha":
         convert_to_sha(model)
+    latent = tuple(latent or [UNET_PRESETS[preset]["sample_size"]] * 2)
     with tempfile.TemporaryDirectory(prefix="pasd-verify-export-bench-") as out:
-        report = export_files(model, out, controlnet=controlnet, samples=samples, latent=tuple(latent or (8, 8)),
-                              rewrites=REWRITES, localize_divergence=False, seed=seed, log=lambda *_: None)
+        report = export_files(model, out, controlnet=controlnet, samples=samples, latent=latent, rewrites=REWRITES,
+                              localize_divergence=False, seed=seed, release_model=preset != "tiny",
+                              log=lambda *_: None)
     stages = report["stages"]
     htp = stages["htp"]["htp"]
     return {
@@ -52,4 +58,7 @@ def export_run(target: str, form: str, heads: int | None = None, samples: int = 
         "cpu_vs_htp_sqnr_db": stages["htp"].get("cpu_vs_htp_sqnr_db"),
         "fp32_vs_htp_sqnr_db": stages["htp"].get("fp32_vs_htp_sqnr_db"),
         "qdq_nodes": stages["encodings_and_qdq"]["qdq_nodes"],
+        "float_relative_error": stages["float_export"]["relative_error"],
+        "sim_vs_qdq_sqnr_db": stages["encodings_and_qdq"]["sim_vs_qdq_sqnr_db"],
+        "fp32_vs_qdq_sqnr_db": stages["encodings_and_qdq"]["fp32_vs_qdq_sqnr_db"],
     }
