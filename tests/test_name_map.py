@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pasd_verify import NameMap, NameMapError, convert_to_sha
+from pasd_verify.sha import SHAAttention
 from pasd_verify.presets import build_pasd
 
 _SEGMENT = st.sampled_from(["down_blocks", "attn1", "attn2", "transformer_blocks", "mid_block", "a_b"])
@@ -88,3 +89,33 @@ def test_a_lone_module_tree_converts_to_the_same_map_as_the_object_built_by_hand
     expected = NameMap()
     expected.add("x.attn", 4, has_bias=True)
     assert convert_to_sha(model) == expected
+
+
+def test_a_model_that_is_one_attention_maps_its_own_parameters():
+    """A lone attention is the module at the root (path ``""``): the map must name exactly the parameters the
+    converted module has, without a leading dot, and survive its own check and a JSON round trip."""
+    sha = SHAAttention(Attention(8, heads=2, dim_head=4, bias=True))
+    name_map = NameMap()
+    name_map.add("", 2, has_bias=True)
+    per_head = sorted(k for k in sha.state_dict() if "_convs." in k)  # the converted module's real names
+    assert sorted(name_map.sha_names()) == per_head
+    assert name_map["to_q.weight"] == ["to_q_convs.0.weight", "to_q_convs.1.weight"]
+    assert name_map.modules == {"": 2}
+    assert NameMap.of(dict(name_map)) == name_map == NameMap.from_json(name_map.to_json())
+
+
+def test_without_a_prefix_scopes_and_activations_are_the_models_own():
+    """AIMET's export names a module's ops under its ONNX scope (a ModuleList child by the list, then by the list
+    and its index) and the free ops inside it under the flat path (the docstrings' examples, written out)."""
+    name_map = NameMap()
+    name_map.add("blocks.0.attn1", 2, has_bias=False)
+    assert name_map.attention_scopes() == ["/blocks/blocks.0/attn1", "/blocks.0/attn1"]
+    renames = name_map.activation_names()
+    assert renames["blocks.0.attn1.to_k"] == ["blocks.0.attn1.to_k_convs.0", "blocks.0.attn1.to_k_convs.1"]
+    assert renames["/blocks/blocks.0/attn1/to_k"] == [
+        f"/blocks/blocks.0/attn1/to_k_convs/to_k_convs.{i}/Conv_output_0" for i in range(2)]
+
+
+def test_a_name_map_that_is_not_json_is_refused_naming_the_source():
+    with pytest.raises(NameMapError, match=r"^name_map\.json: not JSON"):
+        NameMap.from_json('{"to_q.weight": [', source="name_map.json")
