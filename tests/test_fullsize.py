@@ -21,7 +21,7 @@ from pasd_verify.memory import peak_rss_of
 pytestmark = [pytest.mark.fullsize,
               pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))]
 
-CASES = [("pasd_unet", "sha"), ("pasd_controlnet", "sha")]
+CASES = [("pasd_unet", "sha"), ("pasd_controlnet", "sha"), ("pasd_controlnet", "mha")]
 GIB = 2**30
 
 
