@@ -125,7 +125,7 @@ def draw(population: dict[str, dict[str, str]], per_file: int, seed: int) -> lis
 
 def of_file(population: dict[str, dict[str, str]], file: str) -> set[str]:
     """Every mutant of the one configured file whose path ends with ``file`` (``sha.py``, ``checkpoint.py`` ...)."""
-    paths = [path for path in population if Path(path).name == file or path.endswith("/" + file)]
+    paths = [path for path in population if f"/{path}".endswith(f"/{file}")]
     if len(paths) != 1:
         sys.exit(f"mutation gate: --file {file} matches {len(paths)} of the mutated files {sorted(population)}")
     return set(population[paths[0]])

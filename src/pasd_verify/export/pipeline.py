@@ -19,7 +19,6 @@ report's ``passed`` is false.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -161,10 +160,9 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
         started = time.perf_counter()
         sim_out = sim_outputs(sim, check_arrays, graph.output_names)
         paths = export_quantized(sim, staging, large=large)
-        # aimet-onnx's sim lives in reference cycles: without a collection its graph and weights (8.8 GB at SD1.5
-        # size) stay until the end of the command, beside the CPU run of the QDQ graph and the HTP child
+        # aimet-onnx's sim lives in reference cycles: without the collection trim_heap starts with, its graph and
+        # weights (8.8 GB at SD1.5 size) stay until the end of the command, beside the QDQ CPU run and the HTP child
         del sim
-        gc.collect()
         trim_heap()
         qdq_out = run_onnx(paths["qdq"], check_arrays)
         encodings = json.loads(paths["encodings"].read_text())
