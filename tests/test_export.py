@@ -186,6 +186,31 @@ def test_nothing_of_aimet_waits_for_a_collection_at_the_htp_step(tmp_path, monke
     assert waiting == alive, f"{waiting - alive} aimet-onnx or onnx-ir objects were garbage at the HTP step"
 
 
+def test_check_outputs_hold_the_check_input_and_what_each_step_computed_from_it(tmp_path, monkeypatch):
+    """The ``.npz`` that lets two exports be compared afterwards (MHA against SHA at SD1.5 size): rerunning the
+    torch model and the written QDQ graph on its stored input gives its stored outputs; without an HTP it stores
+    no HTP outputs; it is no part of the export folder."""
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)
+    model, controlnet = preset_model("tiny", "pasd-unet")
+    path = tmp_path / "check.npz"
+    report = pipeline.export_files(model, tmp_path / "out", controlnet=controlnet, samples=1,
+                                   localize_divergence=False, check_outputs=path, log=lambda line: None)
+    graph = export_graph(model)
+    with np.load(path) as stored:
+        saved = {key: stored[key] for key in stored.files}
+    inputs = {k.removeprefix("input/"): v for k, v in saved.items() if k.startswith("input/")}
+    assert sorted(inputs) == sorted(graph.input_names)
+    assert sorted(saved) == sorted([f"input/{n}" for n in graph.input_names] +
+                                   [f"{step}/{n}" for step in ("fp32", "qdq_cpu") for n in graph.output_names])
+    fp32 = graph({k: torch.from_numpy(v) for k, v in inputs.items()})
+    qdq = run_onnx(tmp_path / "out" / "model.qdq.onnx", inputs)
+    for name in graph.output_names:
+        assert np.array_equal(saved[f"fp32/{name}"], fp32[name].detach().numpy()), name
+        assert np.array_equal(saved[f"qdq_cpu/{name}"], qdq[name]), name
+    assert report["htp_skipped"] and "check.npz" not in report["outputs"]
+    assert not list(tmp_path.glob(".check.npz.*")), "the atomic write left its temporary file"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_layernorm_identity_mul_leaves_the_float_graph_bit_identical(tmp_path, kind):
     """x * 1.0 == x in IEEE arithmetic: every output of the rewritten graph equals the original's bit for bit."""

@@ -7,29 +7,40 @@ other tiers (README: Full size, with the measured durations). Each export is a f
 (:func:`pasd_verify.export.workloads.export_run`) whose peak RSS growth goes through the memory gate like every
 memory benchmark; each stage's time, the HTP child's own peak (compile and run happen in a grandchild) and every
 step's agreement go to ``extra_info`` and are printed. What is asserted is what the figures mean: the export passes
-its own checks, each at the threshold the report states.
+its own checks, each at the threshold the report states; and the MHA and SHA forms of one model, each exported in
+its own child, saw the same check input, compute the same function in fp32 and agree with each other on the HTP.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pasd_verify.export.htp import htp_available
+from pasd_verify.export.onnx_io import relative_error, sqnr_db
 from pasd_verify.export.pipeline import FLOAT_TOLERANCE, HTP_SQNR_DB, QDQ_SQNR_DB
 from pasd_verify.memory import peak_rss_of
 
 pytestmark = [pytest.mark.fullsize,
               pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))]
 
-CASES = [("pasd_unet", "sha"), ("pasd_controlnet", "sha"), ("pasd_controlnet", "mha")]
+TARGETS = ("pasd_unet", "pasd_controlnet")
+CASES = [(target, form) for target in TARGETS for form in ("sha", "mha")]
 GIB = 2**30
 
 
+@pytest.fixture(scope="module")
+def check_outputs(tmp_path_factory):
+    """Where each export keeps its check input and outputs, for the MHA-against-SHA comparison after it."""
+    return tmp_path_factory.mktemp("check-outputs")
+
+
 @pytest.mark.parametrize("target,form", CASES, ids=[f"{t}-{f}" for t, f in CASES])
-def test_sd15_size_export_passes_every_step(benchmark, peak_memory, target, form):
+def test_sd15_size_export_passes_every_step(benchmark, peak_memory, check_outputs, target, form):
     benchmark.group = f"export-sd15-{target}"
     run = benchmark.pedantic(peak_rss_of, args=("pasd_verify.export.workloads:export_run", target, form, None, 1,
-                                                [64, 64], 0, "sd15"), rounds=1)
+                                                [64, 64], 0, "sd15", str(check_outputs / f"{target}-{form}.npz")),
+                             rounds=1)
     result = run["result"]
     peak_memory(benchmark, run["growth_bytes"])
     benchmark.extra_info.update(result)
@@ -38,7 +49,8 @@ def test_sd15_size_export_passes_every_step(benchmark, peak_memory, target, form
     print(f"\nSD1.5-size {target} {form}: {run['seconds']:.0f} s, peak RSS growth {run['growth_bytes'] / GIB:.1f} GiB "
           f"(HTP child {(result['htp_child_peak_rss_bytes'] or 0) / GIB:.1f} GiB); {stages}; HTP {result['htp_status']}, "
           f"compile {result['htp_compile_seconds']} s, run {result['htp_run_seconds']} s, "
-          f"binary {(result['context_binary_bytes'] or 0) / GIB:.2f} GiB; float rel. error "
+          f"binary {(result['context_binary_bytes'] or 0) / GIB:.2f} GiB, {result['htp_ops']} HTP ops, "
+          f"{result['htp_execute_cycles']} cycles ({result['htp_attention_cycles']} in attention); float rel. error "
           f"{result['float_relative_error']:.2e}, sim vs QDQ {result['sim_vs_qdq_sqnr_db']:.1f} dB, CPU vs HTP "
           f"{result['cpu_vs_htp_sqnr_db']} dB, fp32 vs HTP {result['fp32_vs_htp_sqnr_db']} dB")
     assert result["htp_status"] == "passed", f"the HTP did not run the SD1.5-size {target}: {result}"
@@ -46,3 +58,28 @@ def test_sd15_size_export_passes_every_step(benchmark, peak_memory, target, form
     assert result["sim_vs_qdq_sqnr_db"] >= QDQ_SQNR_DB
     assert result["cpu_vs_htp_sqnr_db"] >= HTP_SQNR_DB
     assert result["passed"], f"the export of the SD1.5-size {target} did not pass its own checks: {result}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sd15_size_mha_and_sha_agree_with_each_other_on_the_htp(check_outputs, target):
+    """SHA is the same function as MHA: on the same check input the two forms' fp32 outputs agree to fp32
+    rounding and their HTP outputs as closely as one graph's CPU and HTP runs must (each form was quantized on
+    its own: the SHA graph's per-head activations have encodings of their own)."""
+    paths = {form: check_outputs / f"{target}-{form}.npz" for form in ("mha", "sha")}
+    missing = [str(p.name) for p in paths.values() if not p.exists()]
+    if missing:
+        pytest.skip(f"needs both forms of {target} exported in this session; missing {missing}")
+    mha, sha = (dict(np.load(paths[form])) for form in ("mha", "sha"))
+    assert sorted(mha) == sorted(sha)
+    for key in (k for k in mha if k.startswith("input/")):
+        assert np.array_equal(mha[key], sha[key]), f"the two exports saw different check inputs: {key}"
+    outputs = sorted(k.removeprefix("fp32/") for k in mha if k.startswith("fp32/"))
+    assert all(f"htp/{name}" in mha for name in outputs), "an HTP run of these exports did not pass"
+    fp32 = {name: relative_error(mha[f"fp32/{name}"], sha[f"fp32/{name}"]) for name in outputs}
+    qdq = {name: sqnr_db(mha[f"qdq_cpu/{name}"], sha[f"qdq_cpu/{name}"]) for name in outputs}
+    htp = {name: sqnr_db(mha[f"htp/{name}"], sha[f"htp/{name}"]) for name in outputs}
+    print(f"\nSD1.5-size {target}, MHA vs SHA over {len(outputs)} outputs: fp32 relative error at most "
+          f"{max(fp32.values()):.2e}, QDQ on the CPU at least {min(qdq.values()):.1f} dB, HTP at least "
+          f"{min(htp.values()):.1f} dB (worst {min(htp, key=htp.get)})")
+    assert max(fp32.values()) <= FLOAT_TOLERANCE, fp32
+    assert min(htp.values()) >= HTP_SQNR_DB, htp

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import __version__
 from ..encodings import save_encodings
-from ..io import refuse_overwriting_inputs, write_json
+from ..io import atomic_path, refuse_overwriting_inputs, write_json
 from ..memory import peak_rss_bytes, trim_heap
 from ..models import PASDControlNetModel, PASDUNet2DConditionModel
 from ..quant.calibration import calibration_samples, seeded_samples
@@ -66,13 +66,23 @@ def _numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in feeds.items()}
 
 
+def save_check_outputs(path: str | os.PathLike, inputs: dict[str, np.ndarray], fp32: dict[str, np.ndarray],
+                       qdq_cpu: dict[str, np.ndarray], htp: dict[str, np.ndarray] | None) -> None:
+    """Write the check input and its outputs to ``path`` (``.npz``, atomically), keyed ``input/<name>``,
+    ``fp32/<name>`` (torch, rewrites applied), ``qdq_cpu/<name>`` and, when the HTP ran, ``htp/<name>``."""
+    steps = {"input": inputs, "fp32": fp32, "qdq_cpu": qdq_cpu, "htp": htp or {}}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **{f"{step}/{name}": array for step, arrays in steps.items() for name, array in arrays.items()})
+
+
 def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PASDControlNetModel | None = None,
                  calibration: str | os.PathLike | None = None, samples: int = 4,
                  latent: tuple[int, int] | None = None, weights: str = "per-channel", param_bw: int = 8,
                  act_bw: int = 16, soc_model: str = DEFAULT_SOC_MODEL, threshold_db: float = HTP_SQNR_DB,
                  localize_divergence: bool = True, rewrites: tuple[str, ...] = (), seed: int = 0,
                  release_model: bool = False, param_encodings: str | os.PathLike | None = None,
-                 source: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+                 check_outputs: str | os.PathLike | None = None, source: dict[str, Any] | None = None,
+                 log=print) -> dict[str, Any]:
     """Export ``model`` (a UNet, PASD UNet or PASD ControlNet, in the form it is in) into ``out_dir``.
 
     ``rewrites`` (:mod:`pasd_verify.export.rewrites`) are applied to ``model`` in place before export; the
@@ -81,6 +91,9 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
     every later stage works from the ONNX files, and at SD1.5 size calibration needs that memory. The models are
     unusable afterwards. ``param_encodings`` (what ``pasd-verify adaround`` wrote beside the rounded weights
     ``model`` holds) freezes those layers' grids into the quantization (:mod:`pasd_verify.export.frozen`).
+    ``check_outputs`` names an ``.npz`` file that receives the held-out check input and what each step computed
+    from it (:func:`save_check_outputs`): two exports of one model, MHA and SHA say, are then compared output
+    for output without running either again.
     """
     # checked before anything is exported: a wrong file fails in seconds, not after the float export
     adarounded = adarounded_entries(param_encodings, model) if param_encodings is not None else None
@@ -204,6 +217,9 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
             numbers["divergence"] = found.as_dict() if found else (
                 f"the prefix ending at {worst} agrees alone; the disagreement needs the rest of the graph")
         stage("htp", started, **numbers)
+        if check_outputs is not None:
+            save_check_outputs(check_outputs, check_arrays, reference, qdq_out,
+                               htp.outputs if htp.status == "passed" else None)
 
         verdicts = [s["passed"] for s in stages.values() if "passed" in s]
         report["passed"] = all(v is not False for v in verdicts)

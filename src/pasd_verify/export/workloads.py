@@ -28,10 +28,12 @@ REWRITES = (*TORCH_REWRITES, *ONNX_REWRITES)
 
 
 def export_run(target: str, form: str, heads: int | None = None, samples: int = 4, latent: list[int] | None = None,
-               seed: int = 0, preset: str = "tiny") -> dict[str, Any]:
+               seed: int = 0, preset: str = "tiny", outputs: str | None = None) -> dict[str, Any]:
     """Export ``target`` in ``form`` (at the preset's latent size unless ``latent``) to a temporary folder; return
-    its stages' times and memory and the HTP's figures (status, op count, compile time, context binary size,
-    agreement)."""
+    its stages' times and memory and the HTP's figures (status, op count, emulated cycles, compile time, context
+    binary size, agreement). ``outputs`` keeps the check input and each step's outputs there (``.npz``,
+    :func:`pasd_verify.export.pipeline.save_check_outputs`), so that the MHA and SHA runs of one model can be
+    compared with each other afterwards."""
     if target not in TARGETS or form not in FORMS:
         raise ValueError(f"target must be one of {TARGETS} and form one of {FORMS}")
     overrides = {"attention_head_dim": heads} if heads else {}
@@ -42,9 +44,10 @@ def export_run(target: str, form: str, heads: int | None = None, samples: int = 
     with tempfile.TemporaryDirectory(prefix="pasd-verify-export-bench-") as out:
         report = export_files(model, out, controlnet=controlnet, samples=samples, latent=latent, rewrites=REWRITES,
                               localize_divergence=False, seed=seed, release_model=preset != "tiny",
-                              log=lambda *_: None)
+                              check_outputs=outputs, log=lambda *_: None)
     stages = report["stages"]
     htp = stages["htp"]["htp"]
+    profile = htp["profile"] or {}
     return {
         "passed": report["passed"],
         "stages": {name: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"]} for name, s in stages.items()},
@@ -53,7 +56,10 @@ def export_run(target: str, form: str, heads: int | None = None, samples: int = 
         "htp_compile_seconds": htp["compile_seconds"],
         "htp_run_seconds": htp["run_seconds"],
         "htp_child_peak_rss_bytes": htp["peak_rss_bytes"],
-        "htp_ops": (htp["profile"] or {}).get("htp_ops"),
+        "htp_ops": profile.get("htp_ops"),
+        "htp_execute_cycles": profile.get("execute_cycles"),
+        "htp_attention_cycles": profile.get("attention_matmul_softmax_cycles"),
+        "htp_finalize_ms": profile.get("finalize_ms"),
         "context_binary_bytes": stages["htp"].get("context_binary_bytes"),
         "cpu_vs_htp_sqnr_db": stages["htp"].get("cpu_vs_htp_sqnr_db"),
         "fp32_vs_htp_sqnr_db": stages["htp"].get("fp32_vs_htp_sqnr_db"),
