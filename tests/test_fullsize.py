@@ -1,6 +1,7 @@
 """SD1.5 size, end to end (``-m fullsize``): the whole ``pasd-verify export`` pipeline on the SD1.5-size PASD UNet
 and PASD ControlNet, each in its SHA and MHA form (seeded random weights, 64x64 latent, one calibration sample,
-W8A16 per-channel, both exact rewrites): float export, AIMET calibration, encodings and QDQ graph, HTP compile and the emulated HTP run.
+W8A16 per-channel, both exact rewrites): float export, AIMET calibration, encodings and QDQ graph, HTP compile
+and the emulated HTP run.
 
 Not in CI: the emulated HTP run of one SD1.5-size UNet alone takes longer than CI's whole budget allows beside the
 other tiers (README: Full size, with the measured durations). Each export is a fresh child process
