@@ -37,7 +37,7 @@ MEMORY_BASELINE = os.path.join(os.path.dirname(__file__), "tests", "memory_basel
 def pytest_addoption(parser):
     group = parser.getgroup("memory gate")
     group.addoption("--memory-gate", action="store_true",
-                    help="fail a memory benchmark whose peak RSS growth exceeds tests/memory_baseline.json by >10%")
+                    help="fail a memory benchmark whose held memory growth exceeds tests/memory_baseline.json by >10%")
     group.addoption("--memory-baseline", default=MEMORY_BASELINE, help="the baseline file (default: %(default)s)")
     group.addoption("--memory-baseline-update", action="store_true",
                     help="write this run's peak RSS growths into the baseline file (on purpose only)")
@@ -57,20 +57,24 @@ class MemoryRecorder:
         self.baseline = load_baseline(self.path) if self.gate else {}
         self.measured: dict[str, int] = {}
 
-    def record(self, request, benchmark, growth_bytes: int) -> None:
-        """Record one benchmark's peak RSS growth (also into its pytest-benchmark ``extra_info``); under
+    def record(self, request, benchmark, run: dict) -> None:
+        """Record one benchmark's child run (:func:`pasd_verify.memory.peak_rss_of`): its held growth, the figure
+        gated, and the RSS growth and file pages it came from, also into pytest-benchmark's ``extra_info``; under
         ``--memory-gate`` fail the test, naming the benchmark and by how much, when it regressed."""
         import pytest
 
         from pasd_verify.memory import regression
 
         name = request.node.name
-        benchmark.extra_info["peak_rss_growth_bytes"] = int(growth_bytes)
-        self.measured[name] = int(growth_bytes)
+        held = int(run["held_growth_bytes"])
+        benchmark.extra_info.update(peak_rss_growth_bytes=int(run["growth_bytes"]), held_growth_bytes=held,
+                                    file_growth_bytes=int(run["file_growth_bytes"]))
+        self.measured[name] = held
         if self.gate and not self.update:
-            why = regression(name, int(growth_bytes), self.baseline)
+            why = regression(name, held, self.baseline)
             if why:
-                pytest.fail(f"memory regression: {why}", pytrace=False)
+                pytest.fail(f"memory regression: {why} (RSS growth {run['growth_bytes'] / 2**20:.1f} MiB, of which "
+                            f"{run['file_growth_bytes'] / 2**20:.1f} MiB file pages)", pytrace=False)
 
 
 def pytest_configure(config):
@@ -87,6 +91,6 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture
 def peak_memory(request):
-    """``peak_memory(benchmark, growth_bytes)`` records a memory benchmark's figure and applies the gate."""
+    """``peak_memory(benchmark, run)`` records a memory benchmark's child run and applies the gate."""
     recorder = request.config._memory_recorder
-    return lambda benchmark, growth_bytes: recorder.record(request, benchmark, growth_bytes)
+    return lambda benchmark, run: recorder.record(request, benchmark, run)

@@ -68,7 +68,7 @@ def test_bench_sd15_checkpoint_rewrite_peak_memory(benchmark, peak_memory, sd15_
         rounds=1,
     )
     checkpoint_bytes = src.stat().st_size
-    peak_memory(benchmark, measured["growth_bytes"])
+    peak_memory(benchmark, measured)
     benchmark.extra_info.update(
         checkpoint_bytes=checkpoint_bytes,
         peak_rss_growth_over_checkpoint=measured["growth_bytes"] / checkpoint_bytes,
@@ -124,7 +124,7 @@ def test_bench_sd15_encodings_rewrite(benchmark, peak_memory, sd15_checkpoints, 
         peak_rss_of, args=("pasd_verify.convert:convert_encodings_file", str(sd15_checkpoints), str(src), str(dst)),
         rounds=1,
     )
-    peak_memory(benchmark, measured["growth_bytes"])
+    peak_memory(benchmark, measured)
     benchmark.extra_info.update(encodings_bytes=src.stat().st_size, child_seconds=measured["seconds"], **measured["result"])
     print(f"\n{version}: {src.stat().st_size / 2**20:.1f} MiB of encodings, rewrite {measured['seconds']:.2f} s, "
           f"peak RSS growth {measured['growth_bytes'] / 2**20:.0f} MiB, {measured['result']}")

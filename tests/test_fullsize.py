@@ -43,7 +43,7 @@ def test_sd15_size_export_passes_every_step(benchmark, peak_memory, check_output
                                                 [64, 64], 0, "sd15", str(check_outputs / f"{target}-{form}.npz")),
                              rounds=1)
     result = run["result"]
-    peak_memory(benchmark, run["growth_bytes"])
+    peak_memory(benchmark, run)
     benchmark.extra_info.update(result)
     stages = "; ".join(f"{name} {s['seconds']:.0f} s, peak {s['peak_rss_bytes'] / GIB:.1f} GiB"
                        for name, s in result["stages"].items())
