@@ -258,3 +258,62 @@ def test_half_precision_keeps_the_classic_processors_float32_upcast(upcast):
     assert error <= 2e-3 * reference.float().abs().max().item()
     if upcast == "upcast_attention":  # fp16 scores visibly lose precision here; the upcast must avoid that
         assert error < (without.float() - reference.float()).abs().max().item()
+
+
+def test_a_lone_attention_is_refused_with_the_way_to_wrap_it():
+    attn = Attention(16, heads=2, dim_head=8)
+    with pytest.raises(TypeError) as info:
+        convert_to_sha(attn)
+    assert str(info.value) == ("convert_to_sha rewrites the modules inside a model; wrap a lone Attention as "
+                               "SHAAttention(attn)")
+    assert isinstance(attn.to_q, nn.Linear)
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSALS))
+def test_sha_attention_itself_refuses_what_convert_to_sha_refuses_naming_the_class(kind):
+    make, reason = REFUSALS[kind]
+    attn = make()
+    with pytest.raises(UnsupportedAttentionError) as info:
+        SHAAttention(attn)
+    assert list(info.value.problems) == [type(attn).__name__]
+    assert any(reason in r for r in info.value.problems[type(attn).__name__])
+
+
+def test_skipping_logs_each_module_left_as_mha_and_the_count_converted(caplog):
+    """The log is how a user of ``--skip-unsupported`` learns what stayed MHA: the module, every reason, and how
+    many were converted (counted here from the model, not from the code's own count)."""
+    model = nn.ModuleDict({"a": Attention(16, heads=2, dim_head=8), "odd": REFUSALS["group norm"][0](),
+                           "b": Attention(16, heads=4, dim_head=4), "c": Attention(16, heads=2, dim_head=8)})
+    reasons = "; ".join(__import__("pasd_verify.sha", fromlist=["x"]).unsupported_reasons(model["odd"]))
+    assert "group norm" in reasons
+    with caplog.at_level("INFO", logger="pasd_verify.sha"):
+        convert_to_sha(model, skip_unsupported=True)
+    converted = sum(isinstance(m, SHAAttention) for m in model.modules())
+    assert converted == 3
+    assert caplog.messages == [f"left odd as MHA: {reasons}", "converted 3 attention module(s) to SHA"]
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+
+
+def test_undo_refuses_a_config_that_rebuilds_a_different_head_layout():
+    """``mha_config`` edited to the same width with other heads (2 x 16 for 4 x 8): undoing would regroup the
+    head rows, so it is refused, naming the module kind and the config."""
+    sha = SHAAttention(Attention(32, heads=4, dim_head=8))
+    assert type(sha.dim_head) is int and sha.dim_head == 8
+    sha.mha_config.update(heads=2, dim_head=16)
+    with pytest.raises(UnsupportedAttentionError) as info:
+        sha.to_attention()
+    assert list(info.value.problems) == ["SHAAttention"]
+    assert info.value.problems["SHAAttention"] == [f"rebuilding Attention from {sha.mha_config} gives a different shape"]
+
+
+def test_rewrite_forward_and_undo_keep_the_device():
+    """On the meta device (CI has no GPU): every tensor the rewrite, a masked forward and the undo make must be on
+    the module's device; one made on the default device fails to mix with the rest."""
+    attn = Attention(16, heads=2, dim_head=8).to("meta")
+    sha = SHAAttention(attn)
+    hidden = torch.empty(2, 5, 16, device="meta")
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    out = sha(hidden, attention_mask=mask)
+    assert out.device.type == "meta" and out.shape == (2, 5, 16)
+    restored = sha.to_attention()
+    assert {p.device.type for p in restored.parameters()} == {"meta"}
