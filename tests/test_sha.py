@@ -252,7 +252,10 @@ def test_half_precision_keeps_the_classic_processors_float32_upcast(upcast):
         # what SHA would give without the upcast: the same module with the flags cleared
         plain = copy.deepcopy(attn)
         plain.upcast_attention = plain.upcast_softmax = False
-        without = SHAAttention(plain)(x)
+        without_sha = SHAAttention(plain)
+        without = without_sha(x)
+    # without the flags the classic processor computes scores and softmax in fp16, and so must SHA
+    assert not without_sha.upcast_attention and not without_sha.upcast_softmax
     assert candidate.dtype == torch.float16
     error = (candidate.float() - reference.float()).abs().max().item()
     assert error <= 2e-3 * reference.float().abs().max().item()
@@ -282,10 +285,11 @@ def test_sha_attention_itself_refuses_what_convert_to_sha_refuses_naming_the_cla
 def test_skipping_logs_each_module_left_as_mha_and_the_count_converted(caplog):
     """The log is how a user of ``--skip-unsupported`` learns what stayed MHA: the module, every reason, and how
     many were converted (counted here from the model, not from the code's own count)."""
-    model = nn.ModuleDict({"a": Attention(16, heads=2, dim_head=8), "odd": REFUSALS["group norm"][0](),
+    odd = Attention(16, heads=2, dim_head=8, norm_num_groups=4, qk_norm="layer_norm")  # two reasons, joined
+    model = nn.ModuleDict({"a": Attention(16, heads=2, dim_head=8), "odd": odd,
                            "b": Attention(16, heads=4, dim_head=4), "c": Attention(16, heads=2, dim_head=8)})
     reasons = "; ".join(__import__("pasd_verify.sha", fromlist=["x"]).unsupported_reasons(model["odd"]))
-    assert "group norm" in reasons
+    assert "group norm" in reasons and "query/key norms" in reasons and "; " in reasons
     with caplog.at_level("INFO", logger="pasd_verify.sha"):
         convert_to_sha(model, skip_unsupported=True)
     converted = sum(isinstance(m, SHAAttention) for m in model.modules())
