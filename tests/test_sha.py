@@ -321,3 +321,18 @@ def test_rewrite_forward_and_undo_keep_the_device():
     assert out.device.type == "meta" and out.shape == (2, 5, 16)
     restored = sha.to_attention()
     assert {p.device.type for p in restored.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Attention(16, heads=2, dim_head=8),
+    lambda: Attention(16, cross_attention_dim=12, heads=2, dim_head=8),
+    lambda: Attention(16, heads=2, dim_head=8, out_dim=24, out_bias=False),
+], ids=["self", "cross", "out_dim"])
+def test_undo_restores_the_attributes_code_reads_off_an_attention(make):
+    """Beyond weights and outputs: ``is_cross_attention``, the widths and the out projection's bias are read by
+    diffusers and by our own refusals, so the undone module must carry the original's."""
+    original = make()
+    restored = SHAAttention(copy.deepcopy(original)).to_attention()
+    for attribute in ("is_cross_attention", "cross_attention_dim", "query_dim", "inner_dim", "out_dim", "heads"):
+        assert getattr(restored, attribute) == getattr(original, attribute), attribute
+    assert (restored.to_out[0].bias is None) == (original.to_out[0].bias is None)
