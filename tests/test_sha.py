@@ -24,6 +24,7 @@ from pasd_verify import (
     UnsupportedAttentionError,
     convert_to_sha,
 )
+from pasd_verify.sha import unsupported_reasons
 from strategies import attention_cases, sha_tolerance
 
 DTYPES = [torch.float32, torch.float64]
@@ -288,7 +289,7 @@ def test_skipping_logs_each_module_left_as_mha_and_the_count_converted(caplog):
     odd = Attention(16, heads=2, dim_head=8, norm_num_groups=4, qk_norm="layer_norm")  # two reasons, joined
     model = nn.ModuleDict({"a": Attention(16, heads=2, dim_head=8), "odd": odd,
                            "b": Attention(16, heads=4, dim_head=4), "c": Attention(16, heads=2, dim_head=8)})
-    reasons = "; ".join(__import__("pasd_verify.sha", fromlist=["x"]).unsupported_reasons(model["odd"]))
+    reasons = "; ".join(unsupported_reasons(model["odd"]))
     assert "group norm" in reasons and "query/key norms" in reasons and "; " in reasons
     with caplog.at_level("INFO", logger="pasd_verify.sha"):
         convert_to_sha(model, skip_unsupported=True)
