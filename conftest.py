@@ -40,7 +40,7 @@ def pytest_addoption(parser):
                     help="fail a memory benchmark whose held memory growth exceeds tests/memory_baseline.json by >10%")
     group.addoption("--memory-baseline", default=MEMORY_BASELINE, help="the baseline file (default: %(default)s)")
     group.addoption("--memory-baseline-update", action="store_true",
-                    help="write this run's peak RSS growths into the baseline file (on purpose only)")
+                    help="write this run's held memory growths into the baseline file (on purpose only)")
     parser.addoption("--adaround-full-sweep", action="store_true",
                      help="AdaRound benchmarks: the tiny PASD UNet at N = 4, 8, 16, 32 (hours), not N = 4 only")
 

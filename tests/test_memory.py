@@ -79,7 +79,8 @@ def test_gate_fails_an_injected_regression_and_passes_the_baseline(pytester, mon
     monkeypatch.setenv("GROWTH_BYTES", str(250 * MIB))  # +25%: an injected regression
     result = pytester.runpytest("--memory-gate", "--memory-baseline", str(baseline))
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*memory regression: test_bench_memory: held memory growth 250.0 MiB is +25.0%*RSS growth 251.0 MiB*"])
+    result.stdout.fnmatch_lines(
+        ["*memory regression: test_bench_memory: held memory growth 250.0 MiB is +25.0%*RSS growth 251.0 MiB*"])
 
     # without the gate the same run records the figure and passes
     pytester.runpytest("--memory-baseline", str(baseline)).assert_outcomes(passed=1)

@@ -308,7 +308,8 @@ def test_undo_refuses_a_config_that_rebuilds_a_different_head_layout():
     with pytest.raises(UnsupportedAttentionError) as info:
         sha.to_attention()
     assert list(info.value.problems) == ["SHAAttention"]
-    assert info.value.problems["SHAAttention"] == [f"rebuilding Attention from {sha.mha_config} gives a different shape"]
+    expected = f"rebuilding Attention from {sha.mha_config} gives a different shape"
+    assert info.value.problems["SHAAttention"] == [expected]
 
 
 def test_rewrite_forward_and_undo_keep_the_device():
