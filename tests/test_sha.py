@@ -317,6 +317,37 @@ def test_a_lone_attention_is_refused_with_the_way_to_wrap_it():
     assert isinstance(attn.to_q, nn.Linear)
 
 
+# Each attribute a diffusers Attention may carry that SHA has no counterpart for, and the reason it gives. diffusers
+# sets some only in pairs or fours (qk_norm: norm_q and norm_k); each must refuse on its own all the same.
+_UNSUPPORTED_PARTS = {
+    "group_norm": "it has a group norm (norm_num_groups)",
+    "spatial_norm": "it has a spatial norm",
+    "norm_q": "it has query/key norms (qk_norm)",
+    "norm_k": "it has query/key norms (qk_norm)",
+    "norm_cross": "it has a cross-attention norm",
+    "add_q_proj": "it has added projections (added_kv_proj_dim)",
+    "add_k_proj": "it has added projections (added_kv_proj_dim)",
+    "add_v_proj": "it has added projections (added_kv_proj_dim)",
+    "to_add_out": "it has added projections (added_kv_proj_dim)",
+}
+
+
+@pytest.mark.parametrize("part", sorted(_UNSUPPORTED_PARTS))
+def test_any_one_unsupported_part_alone_refuses_the_module(part):
+    attn = Attention(16, heads=2, dim_head=8)
+    assert unsupported_reasons(attn) == []
+    setattr(attn, part, nn.Identity())
+    assert unsupported_reasons(attn) == [_UNSUPPORTED_PARTS[part]]
+
+
+def test_an_attention_without_the_fused_projections_flag_is_converted():
+    """Older diffusers Attention classes have no ``fused_projections`` attribute: absent means not fused."""
+    attn = Attention(16, heads=2, dim_head=8)
+    del attn.fused_projections
+    assert unsupported_reasons(attn) == []
+    assert isinstance(SHAAttention(attn), SHAAttention)
+
+
 @pytest.mark.parametrize("kind", sorted(REFUSALS))
 def test_sha_attention_itself_refuses_what_convert_to_sha_refuses_naming_the_class(kind):
     make, reasons = REFUSALS[kind]
