@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -258,26 +259,57 @@ def _plant(defect: str, to: str, mha: dict, sha: dict, name_map: dict) -> tuple[
     return source, form, key
 
 
-@given(defect=st.sampled_from(["missing", "clashing", "mis-shaped", "uneven heads"]), to=st.sampled_from(["sha", "mha"]),
-       where=st.sampled_from(["memory", *FORMATS]))
-def test_checkpoint_errors_name_the_source_the_form_and_the_key(defect, to, where, tmp_path_factory):
-    mha, sha, name_map = _small_pair()
-    source, form, key = _plant(defect, to, mha, sha, name_map)
+def _rewrite_error(source: dict, name_map, to: str, where: str, folder, **kwargs) -> tuple[str, str]:
+    """(the label the error must name, the error) of rewriting ``source`` ``to`` a form, in memory or as a file.
+    In memory the default label is checked: it is what a caller that passes none reads."""
     if where == "memory":
-        label = "state dict"
         rewrite = split_state_dict if to == "sha" else merge_state_dict
         with pytest.raises(CheckpointError) as info:
-            rewrite(source, name_map, source=label)
-    else:
-        folder = tmp_path_factory.mktemp("ckpt")
-        src, dst = folder / f"in.{where}", folder / f"out.{where}"
-        save_state_dict_file(source, src)
-        label = str(src)
-        with pytest.raises(CheckpointError) as info:
-            convert_checkpoint_file(src, dst, name_map, to=to)
-        assert sorted(os.listdir(folder)) == [src.name]  # nothing written, no staging file left
-    message = str(info.value)
-    assert label in message and form in message and repr(key) in message, message
+            rewrite(source, name_map, **kwargs)
+        return "state dict", str(info.value)
+    src, dst = folder / f"in.{where}", folder / f"out.{where}"
+    save_state_dict_file(source, src)
+    with pytest.raises(CheckpointError) as info:
+        convert_checkpoint_file(src, dst, name_map, to=to, **kwargs)
+    assert sorted(os.listdir(folder)) == [src.name]  # nothing written, no staging file left
+    return str(src), str(info.value)
+
+
+def _names_form(message: str, form: str) -> bool:
+    """``form`` ("MHA", "SHA", "MHA and SHA") as words of ``message``, not inside a longer word."""
+    return re.search(rf"(?<![\w-]){form}(?![\w-])", message) is not None
+
+
+# Every defect, both directions, every input kind: a full product (24 cases), so that none is left to a draw.
+@pytest.mark.parametrize("where", ["memory", *FORMATS])
+@pytest.mark.parametrize("to", ["sha", "mha"])
+@pytest.mark.parametrize("defect", ["missing", "clashing", "mis-shaped", "uneven heads"])
+def test_checkpoint_errors_name_the_source_the_form_and_the_key(defect, to, where, tmp_path):
+    mha, sha, name_map = _small_pair()
+    source, form, key = _plant(defect, to, mha, sha, name_map)
+    label, message = _rewrite_error(source, name_map, to, where, tmp_path)
+    assert message.startswith(f"{label}: ") and _names_form(message, form) and repr(key) in message, message
+
+
+@pytest.mark.parametrize("where", ["memory", *FORMATS])
+@pytest.mark.parametrize("to", ["sha", "mha"])
+def test_projections_the_name_map_does_not_rewrite_are_refused_naming_the_form_and_key(to, where, tmp_path):
+    """A name map from another model: a q/k/v key outside it would be left half-converted, so the rewrite stops,
+    naming the input, the form and the key. Only MHA keys may be let through (modules deliberately left MHA)."""
+    mha, sha, name_map = _small_pair()
+    stray = "other.to_q.weight" if to == "sha" else "other.to_q_convs.0.weight"
+    source = dict(mha if to == "sha" else sha, **{stray: torch.zeros(4, 8) if to == "sha" else torch.zeros(4, 8, 1, 1)})
+    label, message = _rewrite_error(source, name_map, to, where, tmp_path)
+    form = "MHA" if to == "sha" else "SHA"
+    assert message.startswith(f"{label}: 1 {form} q/k/v key(s) the name map does not rewrite, e.g. {stray!r}")
+    assert message.endswith("; pass allow_unconverted=True for modules deliberately left MHA") == (to == "sha")
+    if to == "sha":  # the MHA key is kept as it is, the mapped ones split
+        kept = split_state_dict(source, name_map, allow_unconverted=True)
+        assert torch.equal(kept[stray], source[stray]) and "attn.to_q.weight" not in kept
+    elif where != "memory":  # a per-head SHA key outside the map is never valid, whatever the flag says
+        (tmp_path / "flagged").mkdir()
+        _, flagged = _rewrite_error(source, name_map, to, where, tmp_path / "flagged", allow_unconverted=True)
+        assert f"SHA q/k/v key(s) the name map does not rewrite, e.g. {stray!r}" in flagged
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

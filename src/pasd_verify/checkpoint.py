@@ -85,25 +85,29 @@ _MHA_PROJECTION = re.compile(r"(^|\.)to_[qkv]\.(weight|bias)$")
 _SHA_PROJECTION = re.compile(r"(^|\.)to_[qkv]_convs\.\d+\.(weight|bias)$")
 
 
-def _check_all_projections_mapped(keys, name_map: NameMap, to: str, source: str, allow_unconverted: bool) -> None:
-    """Every q/k/v key of a checkpoint is one the name map rewrites, or the conversion stops naming it.
+def _check_mha_projections_mapped(keys, name_map: NameMap, source: str, allow_unconverted: bool) -> None:
+    """Every MHA q/k/v key is one the name map splits, or the conversion stops naming it.
 
     ``allow_unconverted`` accepts MHA projections outside the map (modules left MHA by
-    ``convert_to_sha(..., skip_unsupported=True)``); per-head SHA keys outside the map are never valid.
+    ``convert_to_sha(..., skip_unsupported=True)``).
     """
-    if to == "sha":
-        stray = [] if allow_unconverted else [k for k in keys if _MHA_PROJECTION.search(k) and k not in name_map]
-        form = "MHA"
-    else:
-        covered = set(name_map.sha_names())
-        stray = [k for k in keys if _SHA_PROJECTION.search(k) and k not in covered]
-        form = "SHA"
+    if not allow_unconverted:
+        _refuse_stray([k for k in keys if _MHA_PROJECTION.search(k) and k not in name_map], "MHA", source,
+                      "; pass allow_unconverted=True for modules deliberately left MHA")
+
+
+def _check_sha_projections_mapped(keys, name_map: NameMap, source: str) -> None:
+    """Every per-head SHA key is one the name map merges: outside the map such a key is never valid."""
+    covered = set(name_map.sha_names())
+    _refuse_stray([k for k in keys if _SHA_PROJECTION.search(k) and k not in covered], "SHA", source, "")
+
+
+def _refuse_stray(stray: list[str], form: str, source: str, hint: str) -> None:
     if stray:
         raise CheckpointError(
             f"{source}: {len(stray)} {form} q/k/v key(s) the name map does not rewrite, e.g. {stray[0]!r}; the name "
             f"map comes from another model than this checkpoint (for PASD's folders, let pasd_verify.loading choose "
-            f"the model from the weights)"
-            + ("; pass allow_unconverted=True for modules deliberately left MHA" if to == "sha" else "")
+            f"the model from the weights){hint}"
         )
 
 
@@ -118,7 +122,7 @@ def split_state_dict(
     """
     name_map = NameMap.of(name_map)
     _check_keys(set(state_dict), list(name_map), name_map.sha_names(), source, "MHA")
-    _check_all_projections_mapped(state_dict, name_map, "sha", source, allow_unconverted)
+    _check_mha_projections_mapped(state_dict, name_map, source, allow_unconverted)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if key in name_map:
@@ -134,7 +138,7 @@ def merge_state_dict(
     """The MHA state dict of an SHA one, the exact inverse of :func:`split_state_dict`. The input is not changed."""
     name_map = NameMap.of(name_map)
     _check_keys(set(state_dict), name_map.sha_names(), list(name_map), source, "SHA")
-    _check_all_projections_mapped(state_dict, name_map, "mha", source, True)
+    _check_sha_projections_mapped(state_dict, name_map, source)
     first_head = name_map.first_heads()
     consumed = set(name_map.sha_names())
     out: dict[str, torch.Tensor] = {}
@@ -243,8 +247,12 @@ def convert_checkpoint_file(
     with _SafetensorsReader(src) as f:
         keys = f.keys()
         shapes = {k: f.dtype_and_shape(k) for k in keys}
-        _check_all_projections_mapped(keys, name_map, to, str(src), allow_unconverted)
-        plan = _sha_plan(keys, shapes, name_map, str(src)) if to == "sha" else _mha_plan(keys, shapes, name_map, str(src))
+        if to == "sha":
+            _check_mha_projections_mapped(keys, name_map, str(src), allow_unconverted)
+            plan = _sha_plan(keys, shapes, name_map, str(src))
+        else:
+            _check_sha_projections_mapped(keys, name_map, str(src))
+            plan = _mha_plan(keys, shapes, name_map, str(src))
         out_shapes = {name: shape for name, shape, _ in plan}
         with atomic_path(dst) as tmp:
             _write_safetensors(
@@ -291,7 +299,9 @@ def _mha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> 
         if key in first_head:
             mha = first_head[key]
             heads = name_map[mha]
-            merged = [shape[0] * len(heads), *shape[1:2]] if len(shape) == 4 else [shape[0] * len(heads)]
+            # a head's (rows, in, 1, 1) conv weight or (rows,) bias: the heads stack their rows. Any other shape
+            # is refused by _merge_tensors as the tensor is made, before anything is renamed into place.
+            merged = [shape[0] * len(heads), *shape[1:2]]
             plan.append((mha, (dtype, merged), lambda f, mha=mha, heads=heads: _merge_tensors(
                 mha, [f.get_tensor(k) for k in heads], source)))
         elif key not in consumed:
