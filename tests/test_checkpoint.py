@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 
 from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
                          split_state_dict)
-from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
+from pasd_verify.checkpoint import _SafetensorsReader, _sha_plan, load_state_dict_file, save_state_dict_file
 from pasd_verify.loading import name_map_from_config
 from pasd_verify.presets import build_unet, unet_inputs
 
@@ -231,8 +234,9 @@ def _small_pair():
     return mha, {k: v.clone() for k, v in model.state_dict().items()}, name_map
 
 
-def _plant(defect: str, to: str, mha: dict, sha: dict, name_map: dict) -> tuple[dict, str, str]:
-    """The input of a conversion ``to`` with ``defect``, the form word and the key its error must name."""
+def _plant(defect: str, to: str, mha: dict, sha: dict, name_map: dict) -> tuple[dict, str, str, str]:
+    """The input of a conversion ``to`` with ``defect``, and what its error must say: the form word, the key and
+    the defect, in memory and file to file alike."""
     mha_key = "attn.to_k.weight"
     heads = name_map[mha_key]
     source = dict(mha if to == "sha" else sha)
@@ -240,23 +244,29 @@ def _plant(defect: str, to: str, mha: dict, sha: dict, name_map: dict) -> tuple[
     if defect == "missing":
         key = mha_key if to == "sha" else heads[1]
         del source[key]
+        what = "missing"
     elif defect == "clashing":
         key = heads[0] if to == "sha" else mha_key
         source[key] = (sha if to == "sha" else mha)[key]
-        form = "MHA and SHA"
+        form, what = "MHA and SHA", "it is neither a clean MHA nor SHA checkpoint"
     elif defect == "mis-shaped":
         key = mha_key
         if to == "sha":
             source[key] = source[key].reshape(2, 4, 8)
+            what = "has shape (2, 4, 8), expected a Linear weight or bias"
         else:
-            source[heads[0]] = source[heads[0]].reshape(4, 1, 2, 4)  # a head that is not a 1x1 conv
+            for head in heads:  # heads alike, but 2x2 convs, not 1x1
+                source[head] = source[head].reshape(4, 2, 2, 2)
+            what = "have shape (4, 2, 2, 2), expected 1x1 conv weights or biases"
     else:  # "uneven heads"
         key = mha_key
         if to == "sha":
             source[key] = torch.zeros(9, 8)  # 9 rows for 2 heads
+            what = "has 9 rows, which 2 heads do not divide evenly"
         else:
             source[heads[1]] = torch.zeros(5, 8, 1, 1)  # heads of different sizes
-    return source, form, key
+            what = "have different shapes [(4, 8, 1, 1), (5, 8, 1, 1)]"
+    return source, form, key, what
 
 
 def _rewrite_error(source: dict, name_map, to: str, where: str, folder, **kwargs) -> tuple[str, str]:
@@ -286,9 +296,10 @@ def _names_form(message: str, form: str) -> bool:
 @pytest.mark.parametrize("defect", ["missing", "clashing", "mis-shaped", "uneven heads"])
 def test_checkpoint_errors_name_the_source_the_form_and_the_key(defect, to, where, tmp_path):
     mha, sha, name_map = _small_pair()
-    source, form, key = _plant(defect, to, mha, sha, name_map)
+    source, form, key, what = _plant(defect, to, mha, sha, name_map)
     label, message = _rewrite_error(source, name_map, to, where, tmp_path)
     assert message.startswith(f"{label}: ") and _names_form(message, form) and repr(key) in message, message
+    assert what in message, message
 
 
 @pytest.mark.parametrize("where", ["memory", *FORMATS])
@@ -337,3 +348,95 @@ def test_legacy_non_zip_pth_files_load_and_convert(tiny, tmp_path):
     assert _equal_dicts(load_state_dict_file(src), mha.state_dict())
     convert_checkpoint_file(src, tmp_path / "sha.pth", name_map)
     assert _equal_dicts(load_state_dict_file(tmp_path / "sha.pth"), sha.state_dict(), ordered=False)
+
+
+# --- how the file rewrite reads: once per tensor, nothing held past its last use ---------------------------------
+
+def test_the_safetensors_split_reads_each_tensor_once_and_lets_it_go_after_its_last_head(tmp_path):
+    """The file rewrite's memory bound (about one tensor) rests on this: every head of an MHA key is cut from one
+    read of it, and that read is released once its last head is written."""
+    mha, _, name_map = _small_pair()
+    src = tmp_path / "mha.safetensors"
+    save_state_dict_file(mha, src)
+    reads = []
+    with _SafetensorsReader(src) as f:
+        get_tensor = f.get_tensor
+
+        def counted(key):
+            tensor = get_tensor(key)
+            reads.append((key, weakref.ref(tensor)))
+            return tensor
+
+        f.get_tensor = counted
+        keys = f.keys()
+        plan = _sha_plan(keys, {k: f.dtype_and_shape(k) for k in keys}, NameMap.of(name_map), str(src))
+        heads = [make(f) for _, _, make in plan]
+        assert sorted(key for key, _ in reads) == sorted(mha)  # each tensor read exactly once
+        del heads
+        gc.collect()
+        assert [key for key, ref in reads if ref() is not None] == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_tensors_keep_their_shape_and_dtype_through_the_rewrite(tmp_path, fmt):
+    mha, _, name_map = _small_pair()
+    mha = dict(mha, **{"extra.empty": torch.zeros(0, 3, dtype=torch.float16)})
+    src, dst = tmp_path / f"mha.{fmt}", tmp_path / f"sha.{fmt}"
+    save_state_dict_file(mha, src)
+    convert_checkpoint_file(src, dst, name_map)
+    empty = load_state_dict_file(dst)["extra.empty"]
+    assert empty.shape == (0, 3) and empty.dtype == torch.float16
+
+
+def test_a_safetensors_file_cut_short_while_being_read_is_named_with_the_key(tmp_path):
+    """safe_open validates the file when it is opened; one truncated after that (rewritten by another process)
+    is caught at the read, naming the file and the tensor."""
+    src = tmp_path / "mha.safetensors"
+    save_state_dict_file({"a": torch.ones(4), "b": torch.ones(1 << 20)}, src)  # b: past any read buffer
+    with _SafetensorsReader(src) as f:
+        os.truncate(src, src.stat().st_size - 8)
+        with pytest.raises(CheckpointError) as info:
+            f.get_tensor("b")
+    assert str(info.value) == f"{src}: b is cut short; the file is truncated"
+
+
+def test_a_dtype_safetensors_cannot_hold_is_named_with_the_key_and_nothing_is_written(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        save_state_dict_file({"ok": torch.ones(2), "phase": torch.ones(2, dtype=torch.complex64)},
+                             tmp_path / "out.safetensors")
+    assert str(info.value) == "phase: dtype torch.complex64 cannot be stored in safetensors"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_files_are_named_by_their_own_format(tmp_path):
+    """torch.load reads .safetensors files too nowadays; a damaged one must still get the safetensors error."""
+    src = tmp_path / "mha.safetensors"
+    save_state_dict_file({"a": torch.ones(4)}, src)
+    src.write_bytes(src.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(src))}: not a readable safetensors file"):
+        load_state_dict_file(src)
+
+
+def test_sha_heads_that_are_not_4d_convs_or_biases_are_refused(tmp_path):
+    _, sha, name_map = _small_pair()
+    heads = name_map["attn.to_k.weight"]
+    flat = dict(sha, **{head: sha[head].reshape(4, 8) for head in heads})
+    with pytest.raises(CheckpointError) as info:
+        merge_state_dict(flat, name_map)
+    assert str(info.value) == ("state dict: the SHA heads of 'attn.to_k.weight' have shape (4, 8), expected 1x1 conv "
+                               "weights or biases")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from Linux /proc")
+def test_pth_checkpoints_are_memory_mapped_unless_asked_not_to(tmp_path):
+    """Mapped, a .pth's tensors stay in the page cache instead of being copied into the process (the documented
+    memory bound of the .pth rewrite)."""
+    src = tmp_path / "mha.pth"
+    save_state_dict_file({"a": torch.ones(1024)}, src)
+    mapped = load_state_dict_file(src)
+    assert str(src) in Path("/proc/self/maps").read_text()
+    del mapped
+    gc.collect()
+    copied = load_state_dict_file(src, mmap=False)
+    assert str(src) not in Path("/proc/self/maps").read_text()
+    assert torch.equal(copied["a"], torch.ones(1024))

@@ -37,15 +37,19 @@ _SAFETENSORS_DTYPES = {
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
-def _split_tensor(key: str, tensor: torch.Tensor, heads: int, source: str) -> list[torch.Tensor]:
-    """Contiguous per-head row blocks of a Linear weight or bias; weights become 1x1 conv weights (views)."""
-    if tensor.ndim not in (1, 2):
-        raise CheckpointError(f"{source}: MHA key {key!r} has shape {tuple(tensor.shape)}, expected a Linear weight "
+def _check_splittable(key: str, shape, heads: int, source: str) -> None:
+    """``shape`` is a Linear weight ``(rows, in)`` or bias ``(rows,)`` whose rows ``heads`` divide evenly, or an
+    error naming the key. Both rewrites (in memory and file to file) check here, before anything is written."""
+    if len(shape) not in (1, 2):
+        raise CheckpointError(f"{source}: MHA key {key!r} has shape {tuple(shape)}, expected a Linear weight "
                               "or bias")
-    if tensor.shape[0] % heads:
-        raise CheckpointError(
-            f"{source}: MHA key {key!r} has {tensor.shape[0]} rows, which {heads} heads do not divide evenly"
-        )
+    if shape[0] % heads:
+        raise CheckpointError(f"{source}: MHA key {key!r} has {shape[0]} rows, which {heads} heads do not divide "
+                              "evenly")
+
+
+def _split_tensor(tensor: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """Contiguous per-head row blocks of a checked Linear weight or bias; weights become 1x1 conv weights (views)."""
     chunks = tensor.chunk(heads, dim=0)
     if tensor.ndim == 2:
         chunks = tuple(c.reshape(*c.shape, 1, 1) for c in chunks)
@@ -126,7 +130,8 @@ def split_state_dict(
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if key in name_map:
-            out.update(zip(name_map[key], _split_tensor(key, tensor, len(name_map[key]), source)))
+            _check_splittable(key, tensor.shape, len(name_map[key]), source)
+            out.update(zip(name_map[key], _split_tensor(tensor, len(name_map[key]))))
         else:
             out[key] = tensor
     return out
@@ -278,14 +283,11 @@ def _sha_plan(keys: list[str], shapes: dict, name_map: NameMap, source: str) -> 
             continue
         heads = len(name_map[key])
         read = _shared_reader(key, heads)
-        if len(shape) not in (1, 2) or shape[0] % heads:
-            raise CheckpointError(
-                f"{source}: MHA key {key!r} has shape {shape}, which does not split into {heads} heads of whole rows"
-            )
+        _check_splittable(key, shape, heads, source)
         head_shape = [shape[0] // heads, *shape[1:]] + ([1, 1] if len(shape) == 2 else [])
         for i, name in enumerate(name_map[key]):
-            plan.append((name, (dtype, head_shape), lambda f, key=key, i=i, heads=heads, read=read: _split_tensor(
-                key, read(f), heads, source)[i]))
+            plan.append((name, (dtype, head_shape), lambda f, i=i, heads=heads, read=read: _split_tensor(
+                read(f), heads)[i]))
     return plan
 
 
