@@ -6,7 +6,9 @@ import copy
 import gc
 import os
 import re
+import struct
 import weakref
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ from torch import nn
 
 from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
                          split_state_dict)
-from pasd_verify.checkpoint import _SafetensorsReader, _sha_plan, load_state_dict_file, save_state_dict_file
+from pasd_verify.checkpoint import (_SafetensorsReader, _sha_plan, _write_safetensors, check_checkpoint_matches,
+                                    checkpoint_shapes, load_state_dict_file, save_state_dict_file)
 from pasd_verify.loading import name_map_from_config
 from pasd_verify.presets import build_unet, unet_inputs
 
@@ -314,8 +317,13 @@ def test_projections_the_name_map_does_not_rewrite_are_refused_naming_the_form_a
     form = "MHA" if to == "sha" else "SHA"
     assert message.startswith(f"{label}: 1 {form} q/k/v key(s) the name map does not rewrite, e.g. {stray!r}")
     assert message.endswith("; pass allow_unconverted=True for modules deliberately left MHA") == (to == "sha")
-    if to == "sha":  # the MHA key is kept as it is, the mapped ones split
-        kept = split_state_dict(source, name_map, allow_unconverted=True)
+    if to == "sha":  # allowed, the MHA key is kept as it is and the mapped ones split
+        if where == "memory":
+            kept = split_state_dict(source, name_map, allow_unconverted=True)
+        else:
+            convert_checkpoint_file(tmp_path / f"in.{where}", tmp_path / f"out.{where}", name_map,
+                                    allow_unconverted=True)
+            kept = load_state_dict_file(tmp_path / f"out.{where}")
         assert torch.equal(kept[stray], source[stray]) and "attn.to_q.weight" not in kept
     elif where != "memory":  # a per-head SHA key outside the map is never valid, whatever the flag says
         (tmp_path / "flagged").mkdir()
@@ -413,8 +421,9 @@ def test_damaged_files_are_named_by_their_own_format(tmp_path):
     src = tmp_path / "mha.safetensors"
     save_state_dict_file({"a": torch.ones(4)}, src)
     src.write_bytes(src.read_bytes()[:-4])
-    with pytest.raises(CheckpointError, match=f"^{re.escape(str(src))}: not a readable safetensors file"):
-        load_state_dict_file(src)
+    for read in (load_state_dict_file, checkpoint_shapes):
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(src))}: not a readable safetensors file"):
+            read(src)
 
 
 def test_sha_heads_that_are_not_4d_convs_or_biases_are_refused(tmp_path):
@@ -440,3 +449,109 @@ def test_pth_checkpoints_are_memory_mapped_unless_asked_not_to(tmp_path):
     copied = load_state_dict_file(src, mmap=False)
     assert str(src) not in Path("/proc/self/maps").read_text()
     assert torch.equal(copied["a"], torch.ones(1024))
+
+
+def _pickle_runs(marker):
+    """A pickle payload that, if unpickled without weights_only, creates ``marker``."""
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (marker,)
+    return Payload()
+
+
+def test_a_pth_whose_pickle_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code ran"
+    src = tmp_path / "evil.pth"
+    torch.save({"w": torch.ones(2), "payload": _pickle_runs(marker)}, src)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(src))}: not a readable torch checkpoint "
+                                              r"\(UnpicklingError: "):
+        load_state_dict_file(src)
+    assert not marker.exists()
+
+
+def test_a_pth_saved_on_a_gpu_loads_onto_the_cpu(tmp_path):
+    """Checkpoints saved from CUDA record their tensors' device; they must load on a CPU-only machine (and land on
+    the CPU on a GPU one). Made by rewriting the storage location a CPU save records, as a CUDA save records it."""
+    cpu_file, gpu_file = tmp_path / "cpu.pth", tmp_path / "gpu.pth"
+    torch.save({"w": torch.arange(4.0)}, cpu_file)
+    with zipfile.ZipFile(cpu_file) as z, zipfile.ZipFile(gpu_file, "w", zipfile.ZIP_STORED) as out:
+        for info in z.infolist():
+            data = z.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            out.writestr(info.filename, data)
+    for load in (load_state_dict_file, lambda p: load_state_dict_file(p, mmap=False)):
+        loaded = load(gpu_file)
+        assert loaded["w"].device.type == "cpu" and torch.equal(loaded["w"], torch.arange(4.0))
+    assert checkpoint_shapes(gpu_file) == {"w": (4,)}
+
+
+def test_load_errors_name_the_exception_and_what_was_found(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"\x00not a pickle")
+    with pytest.raises(CheckpointError, match=r"junk.pth: not a readable torch checkpoint \(UnpicklingError: "):
+        load_state_dict_file(tmp_path / "junk.pth")
+    torch.save({"w": torch.zeros(1), "epoch": 3}, tmp_path / "nested.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(tmp_path / "nested.pth")
+    assert str(info.value) == f"{tmp_path / 'nested.pth'}: expected a flat {{name: tensor}} state dict, got dict"
+
+
+def test_safetensors_headers_are_8_byte_aligned(tmp_path):
+    """The format's readers (and mmap users) expect the data to start 8-byte aligned, as safetensors writes it."""
+    for n in range(1, 9):  # header lengths of every residue
+        path = tmp_path / f"{n}.safetensors"
+        save_state_dict_file({"k" * n: torch.ones(n)}, path)
+        (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
+        assert header_len % 8 == 0
+        assert torch.equal(safetensors_load_file(path)["k" * n], torch.ones(n))
+
+
+def test_the_writer_refuses_a_tensor_other_than_it_promised(tmp_path):
+    """The header is written before the tensors; one that then comes out otherwise would corrupt the file."""
+    for made, promised in ((torch.ones(3), ("F32", [4])), (torch.ones(4, dtype=torch.float16), ("F32", [4]))):
+        with pytest.raises(CheckpointError) as info:
+            _write_safetensors(tmp_path / "out.safetensors", [("a", lambda made=made: made)], {"a": promised})
+        assert str(info.value) == f"a: got {made.dtype} {tuple(made.shape)}, expected {promised[0]} {promised[1]}"
+
+
+def test_a_checkpoint_that_does_not_match_the_config_names_every_kind_of_difference():
+    shapes = {"kept": (2,), "wrong": (3, 4), "extra.a": (1,), "extra.b": (1,)}
+    expected = {"kept": (2,), "wrong": (4, 3), "gone": (5,)}
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_matches(shapes, expected, "ckpt.safetensors")
+    assert str(info.value) == ("ckpt.safetensors: does not match the model config: 1 key(s) missing, e.g. 'gone'; "
+                               "2 unexpected key(s), e.g. 'extra.a'; 'wrong' has shape (3, 4), the model (4, 3)")
+    check_checkpoint_matches(expected, expected, "same")  # no difference, no error
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_file_conversion_reports_its_counts_and_refuses_bad_arguments(tiny, tmp_path, fmt):
+    mha, sha, name_map = tiny
+    src, dst = tmp_path / f"mha.{fmt}", tmp_path / f"sha.{fmt}"
+    save_state_dict_file(mha.state_dict(), src)
+    counts = convert_checkpoint_file(src, dst, name_map)
+    assert counts == {"tensors_in": len(mha.state_dict()), "tensors_out": len(sha.state_dict()),
+                      "keys_rewritten": len(NameMap.of(name_map))}
+    with pytest.raises(ValueError) as info:
+        convert_checkpoint_file(src, tmp_path / f"x.{fmt}", name_map, to="fp16")
+    assert str(info.value) == "to must be 'sha' or 'mha', got 'fp16'"
+    with pytest.raises(CheckpointError) as missing:
+        convert_checkpoint_file(tmp_path / f"none.{fmt}", tmp_path / f"x.{fmt}", name_map)
+    assert str(missing.value) == f"{tmp_path / f'none.{fmt}'}: no such checkpoint file"
+    with pytest.raises(CheckpointError) as missing:
+        checkpoint_shapes(tmp_path / f"none.{fmt}")
+    assert str(missing.value) == f"{tmp_path / f'none.{fmt}'}: no such checkpoint file"
+    assert not (tmp_path / f"x.{fmt}").exists()
+
+
+def test_the_safetensors_rewrite_keeps_the_data_order_with_heads_in_place(tmp_path):
+    """Tensors come out in the input's data order (not by name), each MHA key replaced where it was by its heads."""
+    mha, _, name_map = _small_pair()
+    mha = {"z.first": torch.ones(1), **mha, "a.last": torch.ones(1)}  # names that sort otherwise
+    src, dst = tmp_path / "mha.safetensors", tmp_path / "sha.safetensors"
+    save_state_dict_file(mha, src)
+    convert_checkpoint_file(src, dst, name_map)
+    expected = [name for key in mha for name in name_map.get(key, [key])]
+    with _SafetensorsReader(dst) as f:
+        assert f.keys() == expected
