@@ -637,3 +637,59 @@ def test_check_encodings_reports_every_planted_defect_whatever_the_order(version
         assert words in report, f"{kind}: {words!r} not reported in:\n{report}"
     if not kinds:
         assert problems == []
+
+
+# --- what the encodings mutation run found unproven -----------------------------------------------------------
+
+def test_float_encodings_convert_between_formats_as_aimet_writes_them():
+    """AIMET writes a float (unquantized, e.g. fp16) tensor as {"bitwidth", "dtype": "float"} in 0.6.1 and as
+    {"bw", "dtype": "FLOAT", "enc_type", "is_sym", "name"} without scale or offset in 1.0.0."""
+    v1 = {"version": "1.0.0", "param_encodings": [],
+          "activation_encodings": [{"bw": 16, "dtype": "FLOAT", "enc_type": "PER_TENSOR", "is_sym": False,
+                                    "name": "x"}]}
+    v0 = convert_version(v1, "0.6.1")
+    assert v0["activation_encodings"] == {"x": [{"bitwidth": 16, "dtype": "float"}]}
+    assert convert_version(v0, "1.0.0") == v1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_rewrite_report_counts_activations_copied_and_dropped_against_the_files(name_map, version):
+    """Each copied q/k/v output becomes one per head; each dropped one (attention internals the SHA graph lacks)
+    disappears; everything else passes through: so the counts account for the SHA file's activation entries."""
+    mha = golden("mha", "per_channel", version)
+    converted, report = mha_to_sha(mha, name_map)
+    counts = report.as_dict()
+    assert set(counts) == {"param_encodings_split", "param_encodings_copied", "param_encodings_joined",
+                           "activation_encodings_copied", "activation_encodings_dropped", "name_prefix"}
+    heads = sum(len(v) for k, v in name_map.items() if k.endswith("to_q.weight"))
+    assert counts["activation_encodings_copied"] == 3 * sum(1 for k in name_map if k.endswith("to_q.weight"))
+    assert len(activations(converted)) == (len(activations(mha)) - counts["activation_encodings_dropped"]
+                                           - counts["activation_encodings_copied"] + 3 * heads)
+    assert not set(report.activations_dropped) & set(activations(converted))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sha_to_mha_reports_the_prefix_and_names_a_missing_head(name_map, version):
+    sha, forward = mha_to_sha(golden("mha", "per_channel", version), name_map)
+    _, back = sha_to_mha(sha, name_map)
+    assert back.prefix == forward.prefix == "unet." and back.as_dict()["name_prefix"] == "unet."
+    mha_key = next(k for k, v in name_map.items() if len(v) > 1)
+    gone = ["unet." + h for h in name_map[mha_key][1:]]  # every head but the first
+    broken = copy.deepcopy(sha)
+    if version == "0.6.1":
+        for h in gone:
+            del broken["param_encodings"][h]
+    else:
+        broken["param_encodings"] = [e for e in broken["param_encodings"] if e["name"] not in gone]
+    with pytest.raises(EncodingsError) as info:
+        sha_to_mha(broken, name_map)
+    assert str(info.value) == f"encodings: {gone[0]!r} is missing; cannot join the heads of {mha_key!r}"
+
+
+@pytest.mark.parametrize("rewrite", ["mha_to_sha", "sha_to_mha"])
+def test_a_malformed_parameter_section_is_named_with_the_source(name_map, rewrite):
+    bad = {"version": "1.0.0", "param_encodings": {"not": "a list"}, "activation_encodings": []}
+    function = {"mha_to_sha": mha_to_sha, "sha_to_mha": sha_to_mha}[rewrite]
+    with pytest.raises(EncodingsError) as info:
+        function(bad, name_map, source="my.encodings")
+    assert str(info.value) == "my.encodings: param_encodings must be a list in version 1.0.0"
