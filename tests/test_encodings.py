@@ -693,3 +693,51 @@ def test_a_malformed_parameter_section_is_named_with_the_source(name_map, rewrit
     with pytest.raises(EncodingsError) as info:
         function(bad, name_map, source="my.encodings")
     assert str(info.value) == "my.encodings: param_encodings must be a list in version 1.0.0"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_per_tensor_copies_join_back_without_sharing_structure(name_map, version):
+    """AIMET's own SHA files hold per-head calibrations; the per-tensor copies mha_to_sha makes join back to the
+    MHA entry, in a new structure."""
+    mha = golden("mha", "per_tensor", version)
+    sha, _ = mha_to_sha(mha, name_map)
+    inputs = _containers(sha)
+    back, report = sha_to_mha(sha, name_map)
+    assert params(back) == params(mha) and report.params_joined == len(name_map)
+    assert not inputs.keys() & _containers(back).keys()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("per_tensor", [True, False])
+def test_a_single_head_joins_to_itself(version, per_tensor):
+    entry = ([{"bitwidth": 8, "dtype": "int", "is_symmetric": "False", "offset": -3, "scale": 0.5, "min": -1.5,
+               "max": 126.0}] if version == "0.6.1" else
+             {"name": "h0", "bw": 8, "dtype": "INT", "enc_type": "PER_TENSOR" if per_tensor else "PER_CHANNEL",
+              "is_sym": False, "scale": [0.5], "offset": [-3]})
+    joined = join_entries([copy.deepcopy(entry)], version, "w", "test", per_tensor=per_tensor)
+    assert joined == (entry if version == "0.6.1" else dict(entry, name="w"))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_per_tensor_heads_that_differ_do_not_join(version):
+    one = ([{"bitwidth": 8, "dtype": "int", "is_symmetric": "False", "offset": 0, "scale": 0.5, "min": 0.0,
+             "max": 127.5}] if version == "0.6.1" else
+           {"name": "h", "bw": 8, "dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": False, "scale": [0.5],
+            "offset": [0]})
+    other = copy.deepcopy(one)
+    (other[0] if version == "0.6.1" else other)["offset" if version == "0.6.1" else "scale"] = \
+        1 if version == "0.6.1" else [0.25]
+    with pytest.raises(EncodingsError) as info:
+        join_entries([one, other], version, "w", "enc: w", per_tensor=True)
+    assert str(info.value) == "enc: w: per-tensor encodings of the heads differ; they cannot join losslessly"
+
+
+def test_per_channel_heads_of_different_bitwidths_do_not_join_into_one_1_0_0_entry():
+    """Each 0.6.1 channel carries its own bitwidth; a 1.0.0 entry has one for all channels, so heads quantized at
+    different bitwidths (or symmetries) have no joined 1.0.0 form: refused, not silently given the first's."""
+    heads = [{"name": f"h{i}", "bw": bw, "dtype": "INT", "enc_type": "PER_CHANNEL", "is_sym": False,
+              "scale": [0.5, 0.25], "offset": [0, -1]} for i, bw in enumerate([8, 16])]
+    with pytest.raises(EncodingsError) as info:
+        join_entries(heads, "1.0.0", "w", "enc: w", per_tensor=False)
+    assert str(info.value) == ("enc: w: the heads' encodings differ in ['bw']; they cannot join into one "
+                               "per-channel encoding losslessly")

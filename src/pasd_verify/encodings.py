@@ -232,12 +232,23 @@ def join_entries(entries: list[Any], version: str, name: str, where: str, per_te
     elif version == "0.6.1":
         joined = [copy.deepcopy(e) for entry in entries for e in entry]
     else:
-        joined = copy.deepcopy(entries[0])
+        # one 1.0.0 entry holds one bitwidth, dtype and symmetry for all its channels: heads that differ in
+        # those cannot join without losing what makes them differ
+        shared = [{k: v for k, v in e.items() if k not in ("name", "scale", "offset")} for e in entries]
+        if any(s != shared[0] for s in shared):
+            raise EncodingsError(f"{where}: the heads' encodings differ in {_differing_keys(shared)}; they cannot "
+                                 "join into one per-channel encoding losslessly")
+        # (its other fields are scalars, so a shallow copy would do as well: no mutant of this line can fail)
+        joined = copy.deepcopy(entries[0])  # pragma: no mutate
         for key in ("scale", "offset"):
             joined[key] = [v for entry in entries for v in entry[key]]
     if version == "1.0.0":
         joined["name"] = name
     return joined
+
+
+def _differing_keys(dicts: list[dict]) -> list[str]:
+    return sorted(k for k in set().union(*dicts) if len({repr(d.get(k)) for d in dicts}) > 1)
 
 
 # --- activation names ---------------------------------------------------------------------------------------
