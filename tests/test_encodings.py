@@ -741,3 +741,113 @@ def test_per_channel_heads_of_different_bitwidths_do_not_join_into_one_1_0_0_ent
         join_entries(heads, "1.0.0", "w", "enc: w", per_tensor=False)
     assert str(info.value) == ("enc: w: the heads' encodings differ in ['bw']; they cannot join into one "
                                "per-channel encoding losslessly")
+
+
+def _v0_channel(**fields) -> dict:
+    channel = {"bitwidth": 8, "dtype": "int", "is_symmetric": "False", "offset": -2, "scale": 0.5, "min": -1.0,
+               "max": 126.5}
+    return {k: v for k, v in {**channel, **fields}.items() if v is not None}
+
+
+def _v0_file(entry: list) -> dict:
+    return {"version": "0.6.1", "activation_encodings": {}, "param_encodings": {"w": entry}}
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("is_symmetric", "True", "sym False != True"),
+    ("dtype", "float", "dtype 'int' != 'float'"),
+    ("bitwidth", 16, "bw 8 != 16"),
+])
+def test_compare_names_the_one_field_a_0_6_1_channel_differs_in(field, value, problem):
+    a, b = _v0_file([_v0_channel()]), _v0_file([_v0_channel(**{field: value})])
+    assert compare_encodings(a, b) == [f"encodings: param_encodings['w'][0]: {problem}"]
+
+
+def test_absent_0_6_1_dtype_and_symmetry_mean_int_and_asymmetric():
+    """AIMET leaves dtype and is_symmetric out of older 0.6.1 files: they read as int and not symmetric."""
+    bare = _v0_file([_v0_channel(dtype=None, is_symmetric=None)])
+    assert compare_encodings(bare, _v0_file([_v0_channel()])) == []
+    assert compare_encodings(bare, _v0_file([_v0_channel(is_symmetric="True")])) != []
+    v1 = convert_version(bare, "1.0.0")["param_encodings"][0]
+    assert (v1["dtype"], v1["is_sym"], v1["scale"], v1["offset"]) == ("INT", False, [0.5], [-2])
+
+
+@pytest.mark.parametrize("field, value", [("bitwidth", 16), ("dtype", "float")])
+def test_0_6_1_channels_that_differ_in_bitwidth_or_dtype_have_no_1_0_0_form(field, value):
+    mixed = _v0_file([_v0_channel(), _v0_channel(**{field: value})])
+    with pytest.raises(EncodingsError) as info:
+        convert_version(mixed, "1.0.0")
+    assert str(info.value) == ("encodings: param_encodings['w']: channels with different bitwidths or dtypes have "
+                               "no 1.0.0 form")
+
+
+def test_convert_version_errors_name_the_source_and_the_entry():
+    per_block = {"version": "1.0.0", "activation_encodings": [], "param_encodings": [
+        {"name": "w", "bw": 4, "dtype": "INT", "enc_type": "LPBQ", "is_sym": True, "scale": [1.0], "offset": [-8]}]}
+    with pytest.raises(EncodingsError) as info:
+        convert_version(per_block, "0.6.1")
+    assert str(info.value) == "encodings: param_encodings['w']: LPBQ encodings have no 0.6.1 form"
+    with pytest.raises(EncodingsError) as info:
+        convert_version({"version": "1.0.0", "param_encodings": {}, "activation_encodings": []}, "0.6.1")
+    assert str(info.value) == "encodings: param_encodings must be a list in version 1.0.0"
+    with pytest.raises(EncodingsError) as info:
+        convert_version(per_block, "2.0.0")
+    assert str(info.value) == "version '2.0.0' is not one of ('0.6.1', '1.0.0')"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_convert_version_copies_everything_it_passes_through(version):
+    """To its own version: an equal copy. To the other: top-level keys besides the sections come through equal,
+    nested ones included, and share nothing with the input."""
+    source = copy.deepcopy(golden("mha", "per_channel", version))
+    source["tool"] = {"name": "aimet", "options": [{"seed": 0}]}
+    same = convert_version(source, version)
+    assert same == source and not _containers(source).keys() & _containers(same).keys()
+    other = convert_version(source, "1.0.0" if version == "0.6.1" else "0.6.1")
+    assert other["tool"] == source["tool"]
+    assert not _containers(source).keys() & _containers(other).keys()
+
+
+def test_encodings_are_written_with_sorted_keys_as_aimet_writes_them():
+    text = dumps_encodings({"version": "1.0.0", "param_encodings": [{"name": "w", "bw": 8}],
+                            "activation_encodings": []})
+    objects = []
+    json.loads(text, object_pairs_hook=lambda pairs: objects.append([k for k, _ in pairs]) or dict(pairs))
+    assert objects and all(keys == sorted(keys) for keys in objects)
+    assert text.startswith('{\n    "activation_encodings"')  # indented by 4, as AIMET's files are
+
+
+def _one_head_pair(version: str):
+    """An MHA parameter encoding (of to_q) of a one-head attention, and the name map of that attention."""
+    entry = ([_v0_channel()] if version == "0.6.1" else
+             {"name": "a.to_q.weight", "bw": 8, "dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": False,
+              "scale": [0.5], "offset": [-2]})
+    body = {"a.to_q.weight": entry} if version == "0.6.1" else [entry]
+    return ({"version": version, "activation_encodings": {} if version == "0.6.1" else [], "param_encodings": body},
+            {f"a.to_{p}.weight": [f"a.to_{p}_convs.0.weight"] for p in "qkv"})
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_one_head_attention_rewrites_both_ways(version):
+    mha, name_map = _one_head_pair(version)
+    sha, _ = mha_to_sha(mha, name_map)
+    back, report = sha_to_mha(sha, name_map)
+    assert back == mha and report.params_joined == 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sha_to_mha_follows_the_per_tensor_override_and_names_a_join_it_refuses(name_map, version):
+    mha = golden("mha", "per_tensor", version)
+    sha, _ = mha_to_sha(mha, name_map)
+    key = next(iter(name_map))
+    heads = len(name_map[key])
+    # told the MHA encoding was per-channel, identical per-tensor heads join as one channel per head
+    back, _ = sha_to_mha(sha, name_map, per_tensor={key: False})
+    joined = params(back)["unet." + key]
+    assert (len(joined) if version == "0.6.1" else len(joined["scale"])) == heads
+    # told it was per-tensor, heads AIMET calibrated apart cannot join
+    aimet_sha = golden("sha", "per_tensor", version)
+    with pytest.raises(EncodingsError) as info:
+        sha_to_mha(aimet_sha, name_map, per_tensor={key: True})
+    assert str(info.value) == (f"encodings: {key}: per-tensor encodings of the heads differ; they cannot join "
+                               "losslessly")

@@ -142,7 +142,7 @@ def _to_v1_entry(name: str, entry: list[dict], where: str) -> dict:
         "bw": first["bitwidth"],
         "dtype": str(first.get("dtype", "int")).upper(),
         "enc_type": "PER_TENSOR" if len(entry) == 1 else "PER_CHANNEL",
-        "is_sym": str(first.get("is_symmetric", "False")) == "True",
+        "is_sym": str(first.get("is_symmetric")) == "True",
         "name": name,
     }
     if out["dtype"] == "INT":
@@ -497,7 +497,7 @@ def _channel_encodings(entry: Any, version: str) -> list[dict[str, Any]]:
     """One dict per channel with bw, dtype, sym, scale, offset and (0.6.1) min/max, in either format."""
     if version == "0.6.1":
         return [{"bw": e["bitwidth"], "dtype": str(e.get("dtype", "int")).lower(),
-                 "sym": str(e.get("is_symmetric", "False")) == "True", "scale": e.get("scale"),
+                 "sym": str(e.get("is_symmetric")) == "True", "scale": e.get("scale"),
                  "offset": e.get("offset"), "min": e.get("min"), "max": e.get("max")} for e in entry]
     common = {"bw": entry["bw"], "dtype": str(entry.get("dtype", "INT")).lower(), "sym": bool(entry.get("is_sym")),
               "enc_type": entry["enc_type"], "block_size": entry.get("block_size")}
