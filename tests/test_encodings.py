@@ -757,6 +757,8 @@ def _v0_file(entry: list) -> dict:
     ("is_symmetric", "True", "sym False != True"),
     ("dtype", "float", "dtype 'int' != 'float'"),
     ("bitwidth", 16, "bw 8 != 16"),
+    ("min", 0.5, "min -1.0 and 0.5 are more than 1 grid step(s) apart"),  # 3 steps of 0.5 away, max unmoved
+    ("max", 125.0, "max 126.5 and 125.0 are more than 1 grid step(s) apart"),
 ])
 def test_compare_names_the_one_field_a_0_6_1_channel_differs_in(field, value, problem):
     a, b = _v0_file([_v0_channel()]), _v0_file([_v0_channel(**{field: value})])
