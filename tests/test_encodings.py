@@ -853,3 +853,36 @@ def test_sha_to_mha_follows_the_per_tensor_override_and_names_a_join_it_refuses(
         sha_to_mha(aimet_sha, name_map, per_tensor={key: True})
     assert str(info.value) == (f"encodings: {key}: per-tensor encodings of the heads differ; they cannot join "
                                "losslessly")
+
+
+def _v1_file(**fields) -> dict:
+    entry = {"name": "w", "bw": 8, "dtype": "INT", "enc_type": "PER_CHANNEL", "is_sym": False, "scale": [0.5],
+             "offset": [-2]}
+    entry = {k: v for k, v in {**entry, **fields}.items() if v is not None}
+    return {"version": "1.0.0", "activation_encodings": [], "param_encodings": [entry]}
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("bw", 16, "bw 8 != 16"),
+    ("dtype", "FLOAT", "dtype 'int' != 'float'"),
+    ("is_sym", True, "sym False != True"),
+    ("enc_type", "LPBQ", "enc_type 'PER_CHANNEL' != 'LPBQ'"),
+    ("block_size", 64, "block_size None != 64"),
+])
+def test_compare_names_the_one_field_a_1_0_0_entry_differs_in(field, value, problem):
+    assert compare_encodings(_v1_file(), _v1_file(**{field: value})) == [
+        f"encodings: param_encodings['w'][0]: {problem}"]
+
+
+def test_an_absent_1_0_0_dtype_means_int():
+    assert compare_encodings(_v1_file(dtype=None), _v1_file()) == []
+    assert compare_encodings(_v1_file(dtype=None), _v1_file(dtype="FLOAT")) != []
+
+
+def test_scales_exactly_at_the_tolerance_are_the_same():
+    """The tolerance is inclusive: |a - b| <= rtol * max(|a|, |b|). With rtol 0.5, scales 1.0 and 0.5 sit on it
+    (exactly, in binary floating point); 0.4999 is past it."""
+    a = _v1_file(scale=[1.0, 1.0], offset=[0, 0])
+    assert compare_encodings(a, _v1_file(scale=[1.0, 0.5], offset=[0, 0]), scale_rtol=0.5) == []
+    assert compare_encodings(a, _v1_file(scale=[1.0, 0.4999], offset=[0, 0]), scale_rtol=0.5) == [
+        "encodings: param_encodings['w'][1]: scales 1.0 and 0.4999 differ by more than 0.5 relative"]
