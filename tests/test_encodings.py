@@ -886,3 +886,23 @@ def test_scales_exactly_at_the_tolerance_are_the_same():
     assert compare_encodings(a, _v1_file(scale=[1.0, 0.5], offset=[0, 0]), scale_rtol=0.5) == []
     assert compare_encodings(a, _v1_file(scale=[1.0, 0.4999], offset=[0, 0]), scale_rtol=0.5) == [
         "encodings: param_encodings['w'][1]: scales 1.0 and 0.4999 differ by more than 0.5 relative"]
+
+
+def test_0_6_1_min_and_max_are_compared_only_where_both_files_have_them():
+    """A 0.6.1 file may leave min/max out (they follow from scale and offset); each is compared on its own
+    where both sides have it, and a grid step exactly is still within one step."""
+    full = _v0_file([_v0_channel()])
+    assert compare_encodings(full, _v0_file([_v0_channel(min=None, max=None)])) == []
+    no_min_moved_max = _v0_file([_v0_channel(min=None, max=125.0)])
+    assert compare_encodings(full, no_min_moved_max) == [
+        "encodings: param_encodings['w'][0]: max 126.5 and 125.0 are more than 1 grid step(s) apart"]
+    one_step = _v0_file([_v0_channel(min=-0.5)])  # scale 0.5: one grid step exactly, and no scale tolerance
+    assert compare_encodings(full, one_step, scale_rtol=0.0) == []
+
+
+def test_comparing_across_formats_names_the_source_of_what_cannot_convert():
+    lpbq = {"version": "1.0.0", "activation_encodings": [], "param_encodings": [
+        {"name": "w", "bw": 4, "dtype": "INT", "enc_type": "LPBQ", "is_sym": True, "scale": [1.0], "offset": [-8]}]}
+    with pytest.raises(EncodingsError) as info:
+        compare_encodings(_v0_file([_v0_channel()]), lpbq, source="pair.encodings")
+    assert str(info.value) == "pair.encodings: param_encodings['w']: LPBQ encodings have no 0.6.1 form"
