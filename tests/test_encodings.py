@@ -906,3 +906,43 @@ def test_comparing_across_formats_names_the_source_of_what_cannot_convert():
     with pytest.raises(EncodingsError) as info:
         compare_encodings(_v0_file([_v0_channel()]), lpbq, source="pair.encodings")
     assert str(info.value) == "pair.encodings: param_encodings['w']: LPBQ encodings have no 0.6.1 form"
+
+
+def test_compare_reports_every_difference_of_every_entry_in_order():
+    a = {"version": "0.6.1", "activation_encodings": {}, "param_encodings": {
+        "w1": [_v0_channel(), _v0_channel()], "w2": [_v0_channel()], "w0": [_v0_channel()]}}
+    b = {"version": "0.6.1", "activation_encodings": {}, "param_encodings": {
+        "w1": [_v0_channel()], "w2": [_v0_channel(bitwidth=4)], "w3": [_v0_channel()]}}
+    assert compare_encodings(a, b, source="pair") == [
+        "pair: param_encodings['w0'] is only in the first",
+        "pair: param_encodings['w3'] is only in the second",
+        "pair: param_encodings['w1']: 2 channel(s) != 1",
+        "pair: param_encodings['w2'][0]: bw 8 != 4",
+    ]
+
+
+@pytest.mark.parametrize("side", ["first", "second"])
+def test_compare_names_the_source_of_a_malformed_section(side):
+    good, bad = _v1_file(), dict(_v1_file(), param_encodings={"w": []})
+    pair = (bad, good) if side == "first" else (good, bad)
+    with pytest.raises(EncodingsError) as info:
+        compare_encodings(*pair, source="pair")
+    assert str(info.value) == "pair: param_encodings must be a list in version 1.0.0"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_only_a_projection_scopes_output_0_takes_the_heads_encodings(name_map, version):
+    """In the ONNX graph a q/k/v projection's output is ``<scope>/<op>_output_0``; another tensor of that scope
+    (a second output) is an attention internal the SHA graph does not have: dropped, never copied to the heads."""
+    from pasd_verify.name_map import onnx_scope
+
+    mha = copy.deepcopy(golden("mha", "per_channel", version))
+    module = next(k for k in name_map if k.endswith("to_q.weight")).rsplit(".", 2)[0]
+    other = f"{onnx_scope('unet.' + module)}/to_q/MatMul_output_1"
+    entry = copy.deepcopy(next(iter(activations(mha).values())))
+    if version == "0.6.1":
+        mha["activation_encodings"][other] = entry
+    else:
+        mha["activation_encodings"].append(dict(entry, name=other))
+    converted, report = mha_to_sha(mha, name_map)
+    assert other in report.activations_dropped and other not in activations(converted)
