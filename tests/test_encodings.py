@@ -946,3 +946,13 @@ def test_only_a_projection_scopes_output_0_takes_the_heads_encodings(name_map, v
         mha["activation_encodings"].append(dict(entry, name=other))
     converted, report = mha_to_sha(mha, name_map)
     assert other in report.activations_dropped and other not in activations(converted)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_activations_outside_attention_pass_through_unchanged(name_map, version):
+    """Only attention internals may be dropped: every other activation (convs, norms, resnets: no ``attn`` in its
+    ONNX name) comes through with its encoding as it was."""
+    mha = golden("mha", "per_channel", version)
+    converted, _ = mha_to_sha(mha, name_map)
+    outside = {n: e for n, e in activations(mha).items() if "attn" not in n}
+    assert outside and all(activations(converted).get(n) == e for n, e in outside.items())
