@@ -956,3 +956,25 @@ def test_activations_outside_attention_pass_through_unchanged(name_map, version)
     converted, _ = mha_to_sha(mha, name_map)
     outside = {n: e for n, e in activations(mha).items() if "attn" not in n}
     assert outside and all(activations(converted).get(n) == e for n, e in outside.items())
+
+
+@pytest.mark.parametrize("bad_entry", [{"bw": 8}, {"name": 3}, ["not", "an", "object"]])
+def test_a_1_0_0_entry_without_a_string_name_is_named_by_its_place(bad_entry):
+    text = json.dumps({"version": "1.0.0", "activation_encodings": [], "param_encodings": [bad_entry]})
+    with pytest.raises(EncodingsError) as info:
+        parse_encodings(text, source="f.encodings")
+    assert str(info.value) == "f.encodings: param_encodings[0] has no string 'name'"
+
+
+def test_parse_names_the_source_of_a_section_of_the_wrong_kind():
+    text = json.dumps({"version": "0.6.1", "activation_encodings": {}, "param_encodings": []})
+    with pytest.raises(EncodingsError) as info:
+        parse_encodings(text, source="f.encodings")
+    assert str(info.value) == "f.encodings: param_encodings must be an object in version 0.6.1"
+
+
+def test_a_symmetric_encoding_off_its_grid_says_which_offsets_are_allowed():
+    """For bitwidth 8 a symmetric grid sits at offset -2^7 = -128 (signed) or 0 (unsigned)."""
+    off_grid = _v1_file(is_sym=True, offset=[-5], scale=[0.5])
+    problems = check_encodings(off_grid, {"w": (1, 4)})
+    assert problems == ["encodings: w[0]: symmetric encoding with offset -5, expected -128 or 0"]
