@@ -783,9 +783,14 @@ def test_0_6_1_channels_that_differ_in_bitwidth_or_dtype_have_no_1_0_0_form(fiel
                                "no 1.0.0 form")
 
 
-def test_convert_version_errors_name_the_source_and_the_entry():
-    per_block = {"version": "1.0.0", "activation_encodings": [], "param_encodings": [
+def _lpbq_file() -> dict:
+    """A 1.0.0 file with one per-block (LPBQ) entry, which 0.6.1 cannot hold."""
+    return {"version": "1.0.0", "activation_encodings": [], "param_encodings": [
         {"name": "w", "bw": 4, "dtype": "INT", "enc_type": "LPBQ", "is_sym": True, "scale": [1.0], "offset": [-8]}]}
+
+
+def test_convert_version_errors_name_the_source_and_the_entry():
+    per_block = _lpbq_file()
     with pytest.raises(EncodingsError) as info:
         convert_version(per_block, "0.6.1")
     assert str(info.value) == "encodings: param_encodings['w']: LPBQ encodings have no 0.6.1 form"
@@ -901,8 +906,7 @@ def test_0_6_1_min_and_max_are_compared_only_where_both_files_have_them():
 
 
 def test_comparing_across_formats_names_the_source_of_what_cannot_convert():
-    lpbq = {"version": "1.0.0", "activation_encodings": [], "param_encodings": [
-        {"name": "w", "bw": 4, "dtype": "INT", "enc_type": "LPBQ", "is_sym": True, "scale": [1.0], "offset": [-8]}]}
+    lpbq = _lpbq_file()
     with pytest.raises(EncodingsError) as info:
         compare_encodings(_v0_file([_v0_channel()]), lpbq, source="pair.encodings")
     assert str(info.value) == "pair.encodings: param_encodings['w']: LPBQ encodings have no 0.6.1 form"

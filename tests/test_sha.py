@@ -98,29 +98,29 @@ def _scaled_sdpa_attention():
     return attn
 
 
-def _without(attr: str):
+def _changed(change):
+    """A plain two-head Attention after ``change(attn)``: one supported part taken away or swapped."""
     attn = Attention(16, heads=2, dim_head=8)
-    setattr(attn, attr, None)
+    change(attn)
     return attn
+
+
+def _without(attr: str):
+    return _changed(lambda attn: setattr(attn, attr, None))
 
 
 def _fused_attention():
-    attn = Attention(16, heads=2, dim_head=8)
-    attn.fuse_projections()
-    return attn
+    return _changed(lambda attn: attn.fuse_projections())
 
 
 def _to_out(first_and_rest):
     """An Attention whose to_out is rebuilt from its own [Linear, Dropout] by ``first_and_rest``."""
-    attn = Attention(16, heads=2, dim_head=8)
-    attn.to_out = nn.ModuleList(first_and_rest(*attn.to_out))
-    return attn
+    return _changed(lambda attn: setattr(attn, "to_out", nn.ModuleList(first_and_rest(*attn.to_out))))
 
 
 def _narrow_to_v_attention():
-    attn = Attention(16, heads=2, dim_head=8)
-    attn.to_v = nn.Linear(16, 8)  # to_k stays as wide as to_q: one of the two differing is enough
-    return attn
+    # to_k stays as wide as to_q: one of the two differing is enough
+    return _changed(lambda attn: setattr(attn, "to_v", nn.Linear(16, 8)))
 
 
 # kind -> (a module refused for that reason alone, the exact reasons unsupported_reasons gives: they are what a
