@@ -172,7 +172,7 @@ def per_channel_entries(draw):
     channels = heads * draw(st.integers(1, 6))
     bw = draw(st.sampled_from([4, 8, 16]))
     scales = draw(st.lists(st.floats(1e-6, 1.0), min_size=channels, max_size=channels))
-    offsets = draw(st.lists(st.integers(-(2**bw), 0), min_size=channels, max_size=channels))
+    offsets = draw(st.lists(st.integers(-(2**bw - 1), 0), min_size=channels, max_size=channels))
     if version == "0.6.1":
         entry = [{"bitwidth": bw, "dtype": "int", "is_symmetric": "False", "offset": o, "scale": s,
                   "min": o * s, "max": (o + 2**bw - 1) * s} for s, o in zip(scales, offsets)]
@@ -523,7 +523,7 @@ def test_a_symmetric_grid_is_accepted_signed_or_unsigned_and_at_no_other_offset(
     name = sorted(body)[0] if version == "0.6.1" else body[0]["name"]
     entry = _channels_of(body, name, version)
     bw = entry[0]["bitwidth"] if version == "0.6.1" else entry["bw"]
-    offset = data.draw(st.one_of(st.sampled_from([0, -(2 ** (bw - 1))]), st.integers(-(2**bw), 0)), label="offset")
+    offset = data.draw(st.one_of(st.sampled_from([0, -(2 ** (bw - 1))]), st.integers(-(2**bw - 1), 0)), label="offset")
     if version == "0.6.1":
         channel = entry[0]
         channel.update(is_symmetric="True", offset=offset, min=offset * channel["scale"],
@@ -982,3 +982,178 @@ def test_a_symmetric_encoding_off_its_grid_says_which_offsets_are_allowed():
     off_grid = _v1_file(is_sym=True, offset=[-5], scale=[0.5])
     problems = check_encodings(off_grid, {"w": (1, 4)})
     assert problems == ["encodings: w[0]: symmetric encoding with offset -5, expected -128 or 0"]
+
+
+# --- the second encodings mutation run: refusals that name their key, channels checked whatever their kind -----
+
+def _with_param(encodings: dict, name: str, entry) -> dict:
+    out = copy.deepcopy(encodings)
+    if out["version"] == "0.6.1":
+        out["param_encodings"][name] = copy.deepcopy(entry)
+    else:
+        out["param_encodings"].append(dict(copy.deepcopy(entry), name=name))
+    return out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_mha_file_already_holding_a_head_weight_is_refused_naming_it(name_map, version):
+    """A half-converted file (one SHA head weight among the MHA ones) is refused before anything is rewritten."""
+    mha = golden("mha", "per_channel", version)
+    head = "unet." + next(iter(name_map.values()))[0]
+    mixed = _with_param(mha, head, next(iter(params(mha).values())))
+    with pytest.raises(EncodingsError) as info:
+        mha_to_sha(mixed, name_map, source="mixed.encodings")
+    assert str(info.value) == f"mixed.encodings: already holds SHA encodings, e.g. {head!r}"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_activation_file_already_holding_a_head_output_is_refused_naming_it(name_map, version):
+    """aimet-torch names activations by module (``x.to_q``); a file that has both ``x.to_q`` and a head's own
+    ``x.to_q_convs.0`` would get two encodings for that head: refused, the duplicate named."""
+    mha = golden("mha", "per_channel", version)
+    module = "unet." + next(k for k in name_map if k.endswith("to_q.weight")).rsplit(".", 1)[0]  # x.to_q
+    head = module.replace(".to_q", ".to_q_convs.0")
+    entry = copy.deepcopy(next(iter(activations(mha).values())))
+    mixed = copy.deepcopy(mha)
+    for name in (module, head):  # after golden's own activations: the duplicate is not the first name
+        if version == "0.6.1":
+            mixed["activation_encodings"][name] = copy.deepcopy(entry)
+        else:
+            mixed["activation_encodings"].append(dict(copy.deepcopy(entry), name=name))
+    with pytest.raises(EncodingsError) as info:
+        mha_to_sha(mixed, name_map, source="mixed.encodings")
+    assert str(info.value) == f"mixed.encodings: activation_encodings names {head!r} twice"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_parameter_outside_the_models_prefix_is_never_renamed(name_map, version):
+    """AIMET prefixes the model's names (``unet.``); an entry of another submodule of the same wrapper that happens
+    to end like an attention weight (``cnet.<same path>``) is not the model's: it passes through untouched."""
+    mha = golden("mha", "per_channel", version)
+    key = next(k for k in name_map if k.endswith("to_q.weight"))
+    stranger = "cnet." + key  # as long as the "unet." prefix: cutting the prefix off would make it the model's key
+    entry = params(mha)["unet." + key]
+    converted, _ = mha_to_sha(_with_param(mha, stranger, entry), name_map)
+    assert params(converted)[stranger] == params(_with_param(mha, stranger, entry))[stranger]
+    assert params(converted).keys() - {stranger} == params(mha_to_sha(mha, name_map)[0]).keys()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_attentions_to_out_activations_are_kept(name_map, version):
+    """``to_out`` is the same Linear in both graphs: its activations (AIMET's ``<scope>/to_out/...`` tensors) are
+    copied as they are, never dropped as attention internals."""
+    mha = golden("mha", "per_channel", version)
+    kept = {n: e for n, e in activations(mha).items() if "/to_out/" in n}
+    converted, report = mha_to_sha(mha, name_map)
+    assert kept and all(activations(converted).get(n) == e for n, e in kept.items())
+    assert not set(kept) & set(report.activations_dropped)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_nested_top_level_values_are_not_shared_with_the_input(name_map, version):
+    """An unknown top-level key with nested values (a later AIMET's metadata) is deep-copied like the rest."""
+    mha = copy.deepcopy(golden("mha", "per_channel", version))
+    mha["metadata"] = {"calibration": {"samples": [1, 2]}}
+    converted, _ = mha_to_sha(mha, name_map)
+    converted["metadata"]["calibration"]["samples"].append(3)
+    assert mha["metadata"] == {"calibration": {"samples": [1, 2]}}
+
+
+def test_a_split_1_0_0_entry_shares_no_list_with_its_heads():
+    """Every list of a per-channel 1.0.0 entry, those the split leaves whole included, is copied per head."""
+    entry = {"name": "w", "bw": 8, "dtype": "INT", "enc_type": "PER_CHANNEL", "is_sym": False,
+             "scale": [0.5, 0.25], "offset": [-2, -3], "extra": [1]}
+    heads = split_entry(entry, "1.0.0", ["h0", "h1"], "w")
+    heads[0]["extra"].append(2)
+    assert entry["extra"] == [1] and heads[1]["extra"] == [1]
+
+
+@pytest.mark.parametrize("rewrite", ["mha_to_sha", "required_sha_encodings"])
+def test_a_malformed_activation_or_parameter_section_is_named_with_the_source(name_map, rewrite):
+    if rewrite == "mha_to_sha":
+        bad = {"version": "1.0.0", "param_encodings": [], "activation_encodings": {"not": "a list"}}
+        section = "activation_encodings"
+        call = lambda: mha_to_sha(bad, name_map, source="my.encodings")  # noqa: E731
+    else:
+        bad = {"version": "1.0.0", "param_encodings": {"not": "a list"}, "activation_encodings": []}
+        section = "param_encodings"
+        call = lambda: required_sha_encodings(bad, name_map, source="my.encodings")  # noqa: E731
+    with pytest.raises(EncodingsError) as info:
+        call()
+    assert str(info.value) == f"my.encodings: {section} must be a list in version 1.0.0"
+
+
+def test_a_0_6_1_float_channel_has_no_grid_to_check():
+    """AIMET writes an unquantized tensor as {"bitwidth": 16, "dtype": "float"}: no scale or offset to check."""
+    enc = {"version": "0.6.1", "param_encodings": {}, "activation_encodings": {"x": [{"bitwidth": 16,
+                                                                                      "dtype": "float"}]}}
+    assert check_encodings(enc, {}) == []
+
+
+def test_a_0_6_1_channel_without_dtype_is_an_integer_grid_and_checked():
+    enc = _v0_file([_v0_channel(dtype=None, offset=3, min=1.5, max=129.0)])
+    assert check_encodings(enc, {"w": (1, 4)}) == ["encodings: w[0]: offset 3 is outside [-255, 0] for bitwidth 8"]
+
+
+def test_every_0_6_1_channel_is_checked_whatever_the_channels_before_it():
+    """A float channel before a broken integer one does not end the check of the entry."""
+    enc = _v0_file([{"bitwidth": 16, "dtype": "float"}, _v0_channel(scale=-0.5)])
+    assert check_encodings(enc, {"w": (2, 4)}) == ["encodings: w[1]: scale -0.5 is not a positive number"]
+
+
+@pytest.mark.parametrize("absent", [("min", "max"), ("min",), ("max",)])
+def test_min_and_max_are_checked_only_where_a_0_6_1_channel_has_both(absent):
+    """min/max are redundant with scale and offset; a channel that lacks either is checked on its grid alone."""
+    enc = _v0_file([_v0_channel(**{key: None for key in absent})])
+    assert check_encodings(enc, {"w": (1, 4)}) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("bw", [4, 8, 16])
+def test_an_asymmetric_grid_has_offsets_from_one_minus_2_to_the_bw_up_to_0(version, bw):
+    """offset = round(min / scale) with min <= 0 <= max and scale = (max - min) / (2^bw - 1), so an asymmetric
+    grid's offset lies in [-(2^bw - 1), 0]: the bounds are accepted, one step beyond either is not."""
+    def problems(offset):
+        if version == "0.6.1":
+            enc = _v0_file([_v0_channel(bitwidth=bw, offset=offset, min=offset * 0.5,
+                                        max=(offset + 2**bw - 1) * 0.5)])
+        else:
+            enc = _v1_file(bw=bw, offset=[offset])
+        return check_encodings(enc, {"w": (1, 4)})
+
+    assert problems(0) == [] and problems(-(2**bw - 1)) == []
+    for offset in (1, -(2**bw)):
+        assert problems(offset) == [f"encodings: w[0]: offset {offset} is outside [{-(2**bw - 1)}, 0] for bitwidth {bw}"]
+
+
+def _per_block_entry(kind: str, channels: range, blocks: int, name: str) -> dict:
+    """A 1.0.0 per-block entry as AIMET writes it for these output channels, built channel by channel: PER_BLOCK
+    has a scale and offset per (channel, block); LPBQ a float scale and offset per channel and an integer scale
+    per (channel, block)."""
+    common = {"name": name, "bw": 4, "dtype": "INT", "enc_type": kind, "is_sym": True, "block_size": 16}
+    if kind == "PER_BLOCK":
+        return {**common, "scale": [0.1 * (c + 1) + 0.01 * b for c in channels for b in range(blocks)],
+                "offset": [-8 for c in channels for b in range(blocks)]}
+    return {**common, "compressed_bw": 8, "scale": [0.1 * (c + 1) for c in channels], "offset": [-8 for c in channels],
+            "per_block_int_scale": [c * blocks + b + 1 for c in channels for b in range(blocks)]}
+
+
+@given(kind=st.sampled_from(["PER_BLOCK", "LPBQ"]), heads=st.integers(1, 4), head_channels=st.integers(1, 3),
+       blocks=st.integers(1, 3))
+def test_a_per_block_entry_splits_into_the_entries_of_each_heads_channels(kind, heads, head_channels, blocks):
+    """Each head's encoding is the one AIMET would write for that head's output channels alone, every per-channel
+    and per-block list included; joined back, the heads give the MHA entry."""
+    whole = _per_block_entry(kind, range(heads * head_channels), blocks, "w")
+    names = [f"h{i}" for i in range(heads)]
+    split = split_entry(whole, "1.0.0", names, "w")
+    assert split == [_per_block_entry(kind, range(i * head_channels, (i + 1) * head_channels), blocks, n)
+                     for i, n in enumerate(names)]
+    assert join_entries(split, "1.0.0", "w", "w", per_tensor=False) == whole
+
+
+def test_a_per_block_list_that_does_not_divide_into_the_heads_is_named():
+    entry = _per_block_entry("LPBQ", range(2), 2, "w")
+    entry["per_block_int_scale"] = entry["per_block_int_scale"][:3]
+    with pytest.raises(EncodingsError) as info:
+        split_entry(entry, "1.0.0", ["h0", "h1"], "f.encodings: w")
+    assert str(info.value) == "f.encodings: w: 3 values of 'per_block_int_scale' do not split into 2 heads"

@@ -196,6 +196,12 @@ def _is_per_tensor(entry: Any, version: str) -> bool:
     return len(entry) == 1 if version == "0.6.1" else entry["enc_type"] == "PER_TENSOR"
 
 
+# The lists of a 1.0.0 entry that hold one value per channel (PER_CHANNEL) or per block (PER_BLOCK; LPBQ's
+# per_block_int_scale, beside its per-channel scale and offset). AIMET writes each channel-major, channel 0's
+# values first (its encoding spec, section 3.1), so a head's values are one contiguous slice of each.
+_PER_CHANNEL_LISTS = ("scale", "offset", "per_block_int_scale", "zero_point_shift")
+
+
 def split_entry(entry: Any, version: str, names: list[str], where: str) -> list[Any]:
     """One parameter encoding cut into per-head encodings named ``names``: contiguous chunks of a per-channel
     (or per-block) encoding, copies of a per-tensor one."""
@@ -210,15 +216,25 @@ def split_entry(entry: Any, version: str, names: list[str], where: str) -> list[
         if version == "0.6.1":
             chunks = [copy.deepcopy(entry[i * size:(i + 1) * size]) for i in range(heads)]
         else:
-            chunks = []
-            for i in range(heads):
-                chunk = copy.deepcopy(entry)
-                for key in ("scale", "offset"):
-                    chunk[key] = entry[key][i * size:(i + 1) * size]
-                chunks.append(chunk)
+            chunks = _split_lists(entry, heads, where)
     if version == "1.0.0":
         for chunk, name in zip(chunks, names):
             chunk["name"] = name
+    return chunks
+
+
+def _split_lists(entry: dict, heads: int, where: str) -> list[dict]:
+    lists = [key for key in _PER_CHANNEL_LISTS if key in entry]
+    for key in lists:
+        if len(entry[key]) % heads:
+            raise EncodingsError(f"{where}: {len(entry[key])} values of {key!r} do not split into {heads} heads")
+    chunks = []
+    for i in range(heads):
+        chunk = copy.deepcopy({k: v for k, v in entry.items() if k not in lists})
+        for key in lists:
+            size = len(entry[key]) // heads
+            chunk[key] = entry[key][i * size:(i + 1) * size]
+        chunks.append(chunk)
     return chunks
 
 
@@ -234,14 +250,15 @@ def join_entries(entries: list[Any], version: str, name: str, where: str, per_te
     else:
         # one 1.0.0 entry holds one bitwidth, dtype and symmetry for all its channels: heads that differ in
         # those cannot join without losing what makes them differ
-        shared = [{k: v for k, v in e.items() if k not in ("name", "scale", "offset")} for e in entries]
+        shared = [{k: v for k, v in e.items() if k != "name" and k not in _PER_CHANNEL_LISTS} for e in entries]
         if any(s != shared[0] for s in shared):
             raise EncodingsError(f"{where}: the heads' encodings differ in {_differing_keys(shared)}; they cannot "
                                  "join into one per-channel encoding losslessly")
         # (its other fields are scalars, so a shallow copy would do as well: no mutant of this line can fail)
         joined = copy.deepcopy(entries[0])  # pragma: no mutate
-        for key in ("scale", "offset"):
-            joined[key] = [v for entry in entries for v in entry[key]]
+        for key in _PER_CHANNEL_LISTS:
+            if key in joined:
+                joined[key] = [v for entry in entries for v in entry[key]]
     if version == "1.0.0":
         joined["name"] = name
     return joined
@@ -353,10 +370,11 @@ def mha_to_sha(encodings: dict[str, Any], name_map: NameMap, *, source: str = "e
         else:
             new_acts.append((name, copy.deepcopy(entry)))
 
+    _check_unique("param_encodings", new_params, source)
+    _check_unique("activation_encodings", new_acts, source)
     out = {k: copy.deepcopy(v) for k, v in encodings.items() if k not in ("param_encodings", "activation_encodings")}
     out["param_encodings"] = _build(encodings, new_params)
     out["activation_encodings"] = _build(encodings, new_acts)
-    _check_unique(out, source)
     return out, report
 
 
@@ -398,12 +416,14 @@ def _strip(entry: Any) -> Any:
     return {k: v for k, v in entry.items() if k != "name"} if isinstance(entry, dict) else entry
 
 
-def _check_unique(encodings: dict, source: str) -> None:
-    for section in ("param_encodings", "activation_encodings"):
-        names = [n for n, _ in _entries(encodings, section, source)]
-        if len(names) != len(set(names)):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise EncodingsError(f"{source}: {section} names {dup!r} twice")
+def _check_unique(section: str, items: list[tuple[str, Any]], source: str) -> None:
+    """Checked on the (name, entry) pairs, before a section is built: a 0.6.1 section is a JSON object, in which a
+    second entry of a name would silently replace the first."""
+    seen = set()
+    for name, _ in items:
+        if name in seen:
+            raise EncodingsError(f"{source}: {section} names {name!r} twice")
+        seen.add(name)
 
 
 # --- validation ---------------------------------------------------------------------------------------------
@@ -412,8 +432,9 @@ def _int_range_problems(bw: int, symmetric: bool, scale: float, offset: float, w
     problems = []
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         problems.append(f"{where}: scale {scale!r} is not a positive number")
-    if not (-(2**bw) <= offset <= 0):
-        problems.append(f"{where}: offset {offset} is outside [-2^{bw}, 0] for bitwidth {bw}")
+    # offset = round(min / scale), min <= 0 <= max, scale = (max - min) / (2^bw - 1): so -(2^bw - 1) <= offset <= 0
+    if not (-(2**bw - 1) <= offset <= 0):
+        problems.append(f"{where}: offset {offset} is outside [{-(2**bw - 1)}, 0] for bitwidth {bw}")
     elif symmetric and offset not in (-(2 ** (bw - 1)), 0):
         problems.append(f"{where}: symmetric encoding with offset {offset}, expected {-(2 ** (bw - 1))} or 0")
     return problems
@@ -427,7 +448,7 @@ def _entry_problems(entry: Any, version: str, where: str) -> list[str]:
             if enc.get("dtype", "int") != "int":
                 continue
             bw, scale, offset = enc["bitwidth"], enc["scale"], enc["offset"]
-            symmetric = str(enc.get("is_symmetric", "False")) == "True"
+            symmetric = str(enc.get("is_symmetric")) == "True"  # absent: asymmetric, as AIMET reads it
             problems += _int_range_problems(bw, symmetric, scale, offset, w)
             if "min" in enc and "max" in enc and scale > 0:
                 tolerance = scale  # AIMET rounds min/max to the grid: within one step
