@@ -2,6 +2,8 @@
 
     tox -- python tests/mutation_gate.py --all             every mutant (hours on 2 cores), each file's score
     tox -- python tests/mutation_gate.py --all --file sha.py   every mutant of one file (a run that fits a sitting)
+    tox -- python tests/mutation_gate.py --all --file sha.py --pending   only those with no verdict yet: after an
+                                           edit, mutmut resets the verdicts of the functions that changed alone
     tox -- python tests/mutation_gate.py --sample 10       10 seeded mutants per file (CI: minutes), gated
     tox -- python tests/mutation_gate.py --report          the scores of what mutants/ holds already; runs nothing
 
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--sample", type=int, metavar="K", help="run K seeded mutants per file; fail on a clear drop")
     mode.add_argument("--report", action="store_true", help="score what mutants/ holds; run nothing")
     parser.add_argument("--file", help="with --all: only this mutated file's mutants (its score alone)")
+    parser.add_argument("--pending", action="store_true",
+                        help="with --all --file: run only the mutants without a verdict in mutants/ (those of functions "
+                             "changed since); the kept verdicts stay sound only where tests were added, not removed")
     parser.add_argument("--seed", type=int, default=0)
     # Each worker is a fork of a server that holds torch and the collected tests (measured: server 1.1 GB resident,
     # workers 0.7-0.8 GB, partly shared): more than four costs memory for little speed on a 40-mutant sample.
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.file and not args.all:
         parser.error("--file goes with --all")
+    if args.pending and not args.file:
+        parser.error("--pending goes with --all --file")
 
     os.chdir(ROOT)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
     if not args.report:
@@ -234,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         run_mutmut(sorted(names), args.workers)
     elif args.file:
         names = of_file(population, args.file)
-        run_mutmut(sorted(names), args.workers)
+        statuses = {n: s for verdicts in population.values() for n, s in verdicts.items()}
+        chosen = [n for n in sorted(names) if not args.pending or statuses[n] == "not checked"]
+        if chosen:  # mutmut given no names would run every file's pending mutants
+            run_mutmut(chosen, args.workers)
     elif args.all:
         run_mutmut([], args.workers)
     scores, stale = score(mutants_by_file(), names)

@@ -19,6 +19,7 @@ from pasd_verify.encodings import (
     EncodingsError,
     check_encodings,
     compare_encodings,
+    detect_prefix,
     convert_version,
     dumps_encodings,
     join_entries,
@@ -1068,19 +1069,19 @@ def test_a_split_1_0_0_entry_shares_no_list_with_its_heads():
     assert entry["extra"] == [1] and heads[1]["extra"] == [1]
 
 
-@pytest.mark.parametrize("rewrite", ["mha_to_sha", "required_sha_encodings"])
-def test_a_malformed_activation_or_parameter_section_is_named_with_the_source(name_map, rewrite):
-    if rewrite == "mha_to_sha":
-        bad = {"version": "1.0.0", "param_encodings": [], "activation_encodings": {"not": "a list"}}
-        section = "activation_encodings"
-        call = lambda: mha_to_sha(bad, name_map, source="my.encodings")  # noqa: E731
-    else:
-        bad = {"version": "1.0.0", "param_encodings": {"not": "a list"}, "activation_encodings": []}
-        section = "param_encodings"
-        call = lambda: required_sha_encodings(bad, name_map, source="my.encodings")  # noqa: E731
+@pytest.mark.parametrize("source", [None, "my.encodings"])  # None: the default label, "encodings"
+@pytest.mark.parametrize("call, section", [
+    (lambda bad, name_map, **kw: mha_to_sha(bad, name_map, **kw), "activation_encodings"),
+    (lambda bad, name_map, **kw: required_sha_encodings(bad, name_map, **kw), "param_encodings"),
+    (lambda bad, name_map, **kw: check_encodings(bad, {}, **kw), "param_encodings"),
+    (lambda bad, name_map, **kw: check_encodings(dict(bad, param_encodings=[]), {}, **kw), "activation_encodings"),
+], ids=["mha_to_sha", "required_sha_encodings", "check_encodings params", "check_encodings activations"])
+def test_a_malformed_section_is_named_with_the_source(name_map, call, section, source):
+    bad = {"version": "1.0.0", "param_encodings": [], "activation_encodings": []}
+    bad[section] = {"not": "a list"}
     with pytest.raises(EncodingsError) as info:
-        call()
-    assert str(info.value) == f"my.encodings: {section} must be a list in version 1.0.0"
+        call(bad, name_map, **({} if source is None else {"source": source}))
+    assert str(info.value) == f"{source or 'encodings'}: {section} must be a list in version 1.0.0"
 
 
 def test_a_0_6_1_float_channel_has_no_grid_to_check():
@@ -1157,3 +1158,129 @@ def test_a_per_block_list_that_does_not_divide_into_the_heads_is_named():
     with pytest.raises(EncodingsError) as info:
         split_entry(entry, "1.0.0", ["h0", "h1"], "f.encodings: w")
     assert str(info.value) == "f.encodings: w: 3 values of 'per_block_int_scale' do not split into 2 heads"
+
+
+# Each malformed file, and the words that refuse it: the source and the key, as the user wrote them.
+_V1 = '{{"version": "1.0.0", "activation_encodings": [], "param_encodings": [{}]}}'
+_V0 = '{{"version": "0.6.1", "activation_encodings": {{}}, "param_encodings": {{"w": {}}}}}'
+_W1 = '"name": "w", "bw": 8, "dtype": "INT", "enc_type": "PER_CHANNEL", "is_sym": false'
+_REFUSALS = [
+    ("[]", "expected a JSON object, got list"),
+    ('{"version": "0.6.1", "param_encodings": {}}', "missing 'activation_encodings'"),
+    ('{"version": "0.6.1", "param_encodings": {}, "activation_encodings": {}, "version": "0.6.1"}',
+     "duplicate key 'version'"),
+    (_V0.format("[]"), "param_encodings['w']: expected a non-empty list of encodings"),
+    (_V0.format("[1]"), "param_encodings['w']: expected a non-empty list of encodings"),
+    (_V0.format("5"), "param_encodings['w']: expected a non-empty list of encodings"),
+    (_V0.format('[{"bitwidth": 8, "scale": "x", "offset": 0}]'),
+     "param_encodings['w']: field 'scale' must be a number, got 'x'"),
+    (_V1.format('{"name": "w", "enc_type": "PER_TENSOR"}'), "param_encodings['w']: missing field 'bw'"),
+    (_V1.format('{"name": "w", "bw": 8, "enc_type": "PER_ROW"}'), "param_encodings['w']: unknown enc_type 'PER_ROW'"),
+    (_V1.format('{' + _W1 + ', "scale": [], "offset": []}'),
+     "param_encodings['w']: field 'scale' must be a non-empty list of numbers"),
+    (_V1.format('{' + _W1 + ', "scale": ["x"], "offset": [0]}'),
+     "param_encodings['w']: field 'scale' must be a non-empty list of numbers"),
+    (_V1.format('{"name": "w", "bw": 8, "enc_type": "PER_CHANNEL", "scale": ["x"], "offset": [0]}'),  # no dtype: INT
+     "param_encodings['w']: field 'scale' must be a non-empty list of numbers"),
+    (_V1.format('{' + _W1 + ', "scale": [0.5, 0.5], "offset": [0]}'), "param_encodings['w']: 2 scales but 1 offsets"),
+]
+
+
+@pytest.mark.parametrize("source", [None, "f.encodings"])  # None: the default label, "encodings"
+@pytest.mark.parametrize("text, words", _REFUSALS)
+def test_every_malformed_file_is_refused_naming_the_source_and_the_key(text, words, source):
+    with pytest.raises(EncodingsError) as info:
+        parse_encodings(text, **({} if source is None else {"source": source}))
+    assert str(info.value) == f"{source or 'encodings'}: {words}"
+
+
+def test_load_names_a_missing_or_binary_file(tmp_path):
+    missing, binary = tmp_path / "none.encodings", tmp_path / "binary.encodings"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(EncodingsError) as info:
+        load_encodings(missing)
+    assert str(info.value) == f"{missing}: no such encodings file"
+    with pytest.raises(EncodingsError) as info:
+        load_encodings(binary)
+    assert str(info.value).startswith(f"{binary}: not a text file (")
+
+
+def test_per_block_lpbq_and_float_entries_are_well_formed_1_0_0():
+    """The 1.0.0 kinds AIMET writes beside per-tensor and per-channel ones parse: per-block and LPBQ grids, and
+    float entries, which have no grid (no scale or offset)."""
+    encodings = {"version": "1.0.0", "param_encodings": [_per_block_entry("PER_BLOCK", range(2), 2, "a"),
+                                                         _per_block_entry("LPBQ", range(2), 2, "b")],
+                 "activation_encodings": [{"name": "x", "bw": 16, "dtype": "FLOAT", "enc_type": "PER_TENSOR",
+                                           "is_sym": False}]}
+    assert parse_encodings(dumps_encodings(encodings)) == encodings
+
+
+def test_a_1_0_0_float_entry_has_no_grid_to_check():
+    enc = {"version": "1.0.0", "param_encodings": [], "activation_encodings": [
+        {"name": "x", "bw": 16, "dtype": "FLOAT", "enc_type": "PER_TENSOR", "is_sym": False}]}
+    assert check_encodings(enc, {}) == []
+
+
+def test_a_1_0_0_entry_without_dtype_is_reported_and_its_grid_still_checked():
+    enc = _v1_file(dtype=None, offset=[3])
+    assert check_encodings(enc, {"w": (1, 4)}) == [
+        "encodings: w: has no dtype (a 1.0.0 entry says INT or FLOAT)",
+        "encodings: w[0]: offset 3 is outside [-255, 0] for bitwidth 8"]
+
+
+def test_an_activations_problem_names_the_activation():
+    enc = {"version": "1.0.0", "param_encodings": [], "activation_encodings": [
+        {"name": "a", "bw": 8, "dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": False, "scale": [0.0],
+         "offset": [0]}]}
+    assert check_encodings(enc, {}, source="x") == ["x: activation a[0]: scale 0.0 is not a positive number"]
+
+
+def test_a_duplicate_activation_name_is_reported():
+    """A 1.0.0 section is a list, which can name an activation twice (a 0.6.1 object cannot: the parser refuses)."""
+    entry = {"name": "a", "bw": 8, "dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": False, "scale": [0.5],
+             "offset": [0]}
+    enc = {"version": "1.0.0", "param_encodings": [], "activation_encodings": [entry, dict(entry), dict(entry, name="b")]}
+    assert check_encodings(enc, {}, source="x") == ["x: activation_encodings names 'a' more than once"]
+
+
+def test_every_parameter_entry_is_checked_whatever_comes_before_it():
+    """An entry naming no parameter does not end the check: the broken entry after it is reported too."""
+    enc = _v1_file(name="stray")
+    enc["param_encodings"].append(dict(enc["param_encodings"][0], name="w", scale=[-0.5]))
+    assert check_encodings(enc, {"w": (1, 4)}) == ["encodings: stray: names no parameter of the model",
+                                                   "encodings: w[0]: scale -0.5 is not a positive number"]
+
+
+def test_an_entry_outside_the_models_prefix_names_no_parameter():
+    """With the model's names found under ``unet.``, ``cnet.w`` (another submodule, as long a prefix) is not the
+    model's ``w``."""
+    enc = _v1_file(name="unet.w")
+    enc["param_encodings"].append(dict(enc["param_encodings"][0], name="cnet.w"))
+    assert check_encodings(enc, {"w": (1, 4)}) == ["encodings: cnet.w: names no parameter of the model"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_scalar_parameter_has_one_channel(version):
+    """A 0-d parameter (shape ()) is one channel: a per-tensor encoding fits it, a two-channel one does not."""
+    one = _v0_file([_v0_channel()]) if version == "0.6.1" else _v1_file(enc_type="PER_TENSOR")
+    two = _v0_file([_v0_channel(), _v0_channel()]) if version == "0.6.1" else _v1_file(scale=[0.5] * 2, offset=[-2] * 2)
+    assert check_encodings(one, {"w": ()}) == []
+    assert check_encodings(two, {"w": ()}) == ["encodings: w: 2 per-channel encodings for 1 output channels"]
+
+
+def test_no_prefix_is_found_where_no_name_matches():
+    assert detect_prefix(["a.b", "c"], ["x.y"]) == ""
+
+
+def test_min_and_max_exactly_one_step_off_the_grid_are_within_aimets_rounding():
+    """AIMET rounds min/max to the grid: up to one step (= scale) away is accepted, on either end."""
+    for shifted in ({"min": -1.0 - 0.5}, {"max": 126.5 + 0.5}):
+        assert check_encodings(_v0_file([_v0_channel(**shifted)]), {"w": (1, 4)}) == []
+    beyond = _v0_file([_v0_channel(min=-1.0 - 0.5 - 0.25)])
+    assert check_encodings(beyond, {"w": (1, 4)}) == [
+        "encodings: w[0]: min/max -1.75/126.5 disagree with scale and offset, which give -1/126.5"]
+
+
+def test_a_zero_scale_is_reported_once_not_as_a_min_max_disagreement_too():
+    enc = _v0_file([_v0_channel(scale=0.0, offset=-2, min=-1.0, max=1.0)])
+    assert check_encodings(enc, {"w": (1, 4)}) == ["encodings: w[0]: scale 0.0 is not a positive number"]

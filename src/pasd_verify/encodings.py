@@ -186,10 +186,8 @@ def convert_version(encodings: dict[str, Any], version: str, *, source: str = "e
 # --- one entry: split into heads, join back -----------------------------------------------------------------
 
 def _channels(entry: Any, version: str) -> int:
-    """How many per-channel values an entry holds (1 for a per-tensor encoding)."""
-    if version == "0.6.1":
-        return len(entry)
-    return 1 if entry["enc_type"] == "PER_TENSOR" else len(entry["scale"])
+    """How many per-channel (or per-block) values a per-channel entry holds."""
+    return len(entry) if version == "0.6.1" else len(entry["scale"])
 
 
 def _is_per_tensor(entry: Any, version: str) -> bool:
@@ -475,10 +473,11 @@ def check_encodings(encodings: dict[str, Any], parameters: dict[str, tuple[int, 
     problems = []
     entries = list(_entries(encodings, "param_encodings", source))
     names = [n for n, _ in entries]
-    prefix = detect_prefix(names, list(parameters)) if names else ""
+    prefix = detect_prefix(names, list(parameters))
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{source}: param_encodings names {dup!r} more than once")
-    act_names = [n for n, _ in _entries(encodings, "activation_encodings", source)]
+    activations = list(_entries(encodings, "activation_encodings", source))
+    act_names = [n for n, _ in activations]
     for dup in sorted({n for n in act_names if act_names.count(n) > 1}):
         problems.append(f"{source}: activation_encodings names {dup!r} more than once")
     encoded = set()
@@ -489,13 +488,12 @@ def check_encodings(encodings: dict[str, Any], parameters: dict[str, tuple[int, 
             problems.append(f"{where}: names no parameter of the model")
             continue
         encoded.add(bare)
-        count, channels = _channels(entry, version), parameters[bare][0] if parameters[bare] else 1
-        if not _is_per_tensor(entry, version) and count != channels and (
-            version == "0.6.1" or entry["enc_type"] == "PER_CHANNEL"
-        ):
-            problems.append(f"{where}: {count} per-channel encodings for {channels} output channels")
+        if not _is_per_tensor(entry, version) and (version == "0.6.1" or entry["enc_type"] == "PER_CHANNEL"):
+            count, channels = _channels(entry, version), parameters[bare][0] if parameters[bare] else 1
+            if count != channels:
+                problems.append(f"{where}: {count} per-channel encodings for {channels} output channels")
         problems += _entry_problems(entry, version, where)
-    for name, entry in _entries(encodings, "activation_encodings", source):
+    for name, entry in activations:
         problems += _entry_problems(entry, version, f"{source}: activation {name}")
     for name in required:
         if name not in encoded:
