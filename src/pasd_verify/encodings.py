@@ -210,8 +210,8 @@ def split_entry(entry: Any, version: str, names: list[str], where: str) -> list[
         count = _channels(entry, version)
         if count % heads:
             raise EncodingsError(f"{where}: {count} per-channel encodings do not split into {heads} heads")
-        size = count // heads
         if version == "0.6.1":
+            size = count // heads
             chunks = [copy.deepcopy(entry[i * size:(i + 1) * size]) for i in range(heads)]
         else:
             chunks = _split_lists(entry, heads, where)
