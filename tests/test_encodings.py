@@ -987,12 +987,13 @@ def test_a_symmetric_encoding_off_its_grid_says_which_offsets_are_allowed():
 
 # --- the second encodings mutation run: refusals that name their key, channels checked whatever their kind -----
 
-def _with_param(encodings: dict, name: str, entry) -> dict:
+def _with_entry(encodings: dict, section: str, name: str, entry) -> dict:
+    """A copy of ``encodings`` with ``entry`` added to ``section`` under ``name`` (last, in either format)."""
     out = copy.deepcopy(encodings)
     if out["version"] == "0.6.1":
-        out["param_encodings"][name] = copy.deepcopy(entry)
+        out[section][name] = copy.deepcopy(entry)
     else:
-        out["param_encodings"].append(dict(copy.deepcopy(entry), name=name))
+        out[section].append(dict(copy.deepcopy(entry), name=name))
     return out
 
 
@@ -1001,7 +1002,7 @@ def test_an_mha_file_already_holding_a_head_weight_is_refused_naming_it(name_map
     """A half-converted file (one SHA head weight among the MHA ones) is refused before anything is rewritten."""
     mha = golden("mha", "per_channel", version)
     head = "unet." + next(iter(name_map.values()))[0]
-    mixed = _with_param(mha, head, next(iter(params(mha).values())))
+    mixed = _with_entry(mha, "param_encodings", head, next(iter(params(mha).values())))
     with pytest.raises(EncodingsError) as info:
         mha_to_sha(mixed, name_map, source="mixed.encodings")
     assert str(info.value) == f"mixed.encodings: already holds SHA encodings, e.g. {head!r}"
@@ -1014,13 +1015,10 @@ def test_an_activation_file_already_holding_a_head_output_is_refused_naming_it(n
     mha = golden("mha", "per_channel", version)
     module = "unet." + next(k for k in name_map if k.endswith("to_q.weight")).rsplit(".", 1)[0]  # x.to_q
     head = module.replace(".to_q", ".to_q_convs.0")
-    entry = copy.deepcopy(next(iter(activations(mha).values())))
-    mixed = copy.deepcopy(mha)
+    entry = next(iter(activations(mha).values()))
+    mixed = mha
     for name in (module, head):  # after golden's own activations: the duplicate is not the first name
-        if version == "0.6.1":
-            mixed["activation_encodings"][name] = copy.deepcopy(entry)
-        else:
-            mixed["activation_encodings"].append(dict(copy.deepcopy(entry), name=name))
+        mixed = _with_entry(mixed, "activation_encodings", name, entry)
     with pytest.raises(EncodingsError) as info:
         mha_to_sha(mixed, name_map, source="mixed.encodings")
     assert str(info.value) == f"mixed.encodings: activation_encodings names {head!r} twice"
@@ -1033,9 +1031,9 @@ def test_a_parameter_outside_the_models_prefix_is_never_renamed(name_map, versio
     mha = golden("mha", "per_channel", version)
     key = next(k for k in name_map if k.endswith("to_q.weight"))
     stranger = "cnet." + key  # as long as the "unet." prefix: cutting the prefix off would make it the model's key
-    entry = params(mha)["unet." + key]
-    converted, _ = mha_to_sha(_with_param(mha, stranger, entry), name_map)
-    assert params(converted)[stranger] == params(_with_param(mha, stranger, entry))[stranger]
+    with_stranger = _with_entry(mha, "param_encodings", stranger, params(mha)["unet." + key])
+    converted, _ = mha_to_sha(with_stranger, name_map)
+    assert params(converted)[stranger] == params(with_stranger)[stranger]
     assert params(converted).keys() - {stranger} == params(mha_to_sha(mha, name_map)[0]).keys()
 
 
