@@ -42,7 +42,8 @@ def pytest_addoption(parser):
     group.addoption("--memory-baseline-update", action="store_true",
                     help="write this run's held memory growths into the baseline file (on purpose only)")
     parser.addoption("--adaround-full-sweep", action="store_true",
-                     help="AdaRound benchmarks: the tiny PASD UNet at N = 4, 8, 16, 32 (hours), not N = 4 only")
+                     help="AdaRound benchmarks: every implementation at N = 4, 8, 16, 32 on both targets "
+                          "(hours), not CI's subset")
 
 
 class MemoryRecorder:
