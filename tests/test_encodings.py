@@ -163,6 +163,49 @@ def test_converted_golden_encodings_validate_against_the_sha_model(name_map):
             assert check_encodings(golden("sha", weights, version), shapes) == []
 
 
+@pytest.mark.aimet
+def test_aimets_own_lpbq_encodings_split_into_the_lpbq_encodings_aimet_gives_the_sha_model(name_map, sha_shapes,
+                                                                                         tmp_path):
+    """A real AIMET export of LPBQ weights (4-bit blocks of 16 input channels under 8-bit per-channel scales,
+    format 1.0.0), not a hand-made entry: the converted MHA file holds what AIMET computes on the SHA model
+    (per-channel scales and ``per_block_int_scale`` depend only on each output channel's weights), validates
+    against the SHA model, and joins back into the MHA file."""
+    import torch
+    from aimet_torch.quantsim import QuantizationSimModel
+    from aimet_torch.quantsim.config_utils import set_grouped_blockwise_quantization_for_weights
+
+    from pasd_verify.presets import build_unet, unet_inputs
+    from pasd_verify.quant import QUANTSIM_CONFIGS, UNetForQuantization, export_encodings
+    from pasd_verify.sha import convert_to_sha
+
+    mha_model = build_unet("tiny", seed=0)
+    sha_model = copy.deepcopy(mha_model)
+    convert_to_sha(sha_model)
+    inputs = unet_inputs(mha_model, batch=1, seed=0)
+    dummy = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    exported = {}
+    for form, model in (("mha", mha_model), ("sha", sha_model)):
+        sim = QuantizationSimModel(UNetForQuantization(model), dummy_input=dummy, default_param_bw=8,
+                                   default_output_bw=16, config_file=str(QUANTSIM_CONFIGS["per_channel"]))
+        set_grouped_blockwise_quantization_for_weights(
+            sim, lambda m: isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.shape[1] % 16 == 0,
+            bitwidth=4, symmetric=True, decompressed_bw=8, block_size=16)
+        sim.compute_encodings(lambda m, _: m(*dummy), None)
+        exported[form] = load_encodings(export_encodings(sim, dummy, tmp_path / f"{form}.encodings"))
+
+    mha, aimet_sha = exported["mha"], params(exported["sha"])
+    lpbq = {n: e for n, e in params(mha).items() if e["enc_type"] == "LPBQ" and n.removeprefix("unet.") in name_map}
+    assert lpbq and all(len(e["per_block_int_scale"]) > len(e["scale"]) for e in lpbq.values())
+    converted, report = mha_to_sha(mha, name_map)
+    assert report.params_split == len(lpbq)
+    sha_names = ["unet." + sha for mha_name in lpbq for sha in name_map[mha_name.removeprefix("unet.")]]
+    assert all(close(params(converted)[n], aimet_sha[n]) for n in sha_names)
+    assert params(converted).keys() == aimet_sha.keys()
+    assert check_encodings(converted, sha_shapes, required=required_sha_encodings(mha, name_map)) == []
+    back, _ = sha_to_mha(converted, name_map)
+    assert params(back) == params(mha)
+
+
 # --- properties of one entry ---------------------------------------------------------------------------------
 
 @st.composite
