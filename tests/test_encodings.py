@@ -1052,6 +1052,28 @@ def test_an_mha_file_already_holding_a_head_weight_is_refused_naming_it(name_map
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_a_weight_held_with_and_without_the_prefix_is_refused_naming_the_head_both_would_give(name_map, version):
+    """``unet.x.to_q.weight`` and a bare ``x.to_q.weight`` in one file both split into ``unet.x.to_q_convs.*``:
+    refused, the head named, rather than one silently replacing the other."""
+    mha = golden("mha", "per_channel", version)
+    key = next(k for k in name_map if k.endswith("to_q.weight"))
+    mixed = _with_entry(mha, "param_encodings", key, params(mha)["unet." + key])
+    with pytest.raises(EncodingsError) as info:
+        mha_to_sha(mixed, name_map, source="mixed.encodings")
+    assert str(info.value) == f"mixed.encodings: param_encodings names {'unet.' + name_map[key][0]!r} twice"
+
+
+def test_a_parameter_named_twice_in_a_list_is_refused_by_the_rewrite(name_map):
+    """A 1.0.0 section is a list and can name a weight twice; the rewrite refuses it, naming it, where a 0.6.1
+    output would keep only one of the two."""
+    mha = golden("mha", "per_channel", "1.0.0")
+    first = mha["param_encodings"][0]
+    with pytest.raises(EncodingsError) as info:
+        mha_to_sha(_with_entry(mha, "param_encodings", first["name"], first), name_map, source="twice.encodings")
+    assert str(info.value) == f"twice.encodings: param_encodings names {first['name']!r} twice"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_an_activation_file_already_holding_a_head_output_is_refused_naming_it(name_map, version):
     """aimet-torch names activations by module (``x.to_q``); a file that has both ``x.to_q`` and a head's own
     ``x.to_q_convs.0`` would get two encodings for that head: refused, the duplicate named."""
