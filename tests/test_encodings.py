@@ -171,12 +171,16 @@ def test_aimets_own_lpbq_encodings_split_into_the_lpbq_encodings_aimet_gives_the
     (per-channel scales and ``per_block_int_scale`` depend only on each output channel's weights), validates
     against the SHA model, and joins back into the MHA file."""
     import torch
-    from aimet_torch.quantsim import QuantizationSimModel
     from aimet_torch.quantsim.config_utils import set_grouped_blockwise_quantization_for_weights
 
     from pasd_verify.presets import build_unet, unet_inputs
-    from pasd_verify.quant import QUANTSIM_CONFIGS, UNetForQuantization, export_encodings
+    from pasd_verify.quant import UNetForQuantization, export_encodings, quantize
     from pasd_verify.sha import convert_to_sha
+
+    def lpbq(sim):
+        set_grouped_blockwise_quantization_for_weights(
+            sim, lambda m: isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.shape[1] % 16 == 0,
+            bitwidth=4, symmetric=True, decompressed_bw=8, block_size=16)
 
     mha_model = build_unet("tiny", seed=0)
     sha_model = copy.deepcopy(mha_model)
@@ -185,12 +189,7 @@ def test_aimets_own_lpbq_encodings_split_into_the_lpbq_encodings_aimet_gives_the
     dummy = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
     exported = {}
     for form, model in (("mha", mha_model), ("sha", sha_model)):
-        sim = QuantizationSimModel(UNetForQuantization(model), dummy_input=dummy, default_param_bw=8,
-                                   default_output_bw=16, config_file=str(QUANTSIM_CONFIGS["per_channel"]))
-        set_grouped_blockwise_quantization_for_weights(
-            sim, lambda m: isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.shape[1] % 16 == 0,
-            bitwidth=4, symmetric=True, decompressed_bw=8, block_size=16)
-        sim.compute_encodings(lambda m, _: m(*dummy), None)
+        sim = quantize(UNetForQuantization(model), dummy, configure=lpbq)
         exported[form] = load_encodings(export_encodings(sim, dummy, tmp_path / f"{form}.encodings"))
 
     mha, aimet_sha = exported["mha"], params(exported["sha"])

@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,13 +50,18 @@ class UNetForQuantization(nn.Module):
 
 
 def quantize(model: nn.Module, dummy_inputs: Sequence[torch.Tensor], *, weights: str = "per_channel",
-             param_bw: int = 8, output_bw: int = 16) -> QuantizationSimModel:
-    """An AIMET ``QuantizationSimModel`` of ``model`` (not changed), calibrated on ``dummy_inputs``."""
+             param_bw: int = 8, output_bw: int = 16,
+             configure: Callable[[QuantizationSimModel], None] | None = None) -> QuantizationSimModel:
+    """An AIMET ``QuantizationSimModel`` of ``model`` (not changed), calibrated on ``dummy_inputs``. ``configure``
+    is given the sim before calibration, to change its quantizers (AIMET's
+    ``set_grouped_blockwise_quantization_for_weights`` for LPBQ, say)."""
     if weights not in QUANTSIM_CONFIGS:
         raise ValueError(f"weights must be one of {sorted(QUANTSIM_CONFIGS)}, got {weights!r}")
     dummy = tuple(dummy_inputs)
     sim = QuantizationSimModel(model, dummy_input=dummy, default_param_bw=param_bw, default_output_bw=output_bw,
                                config_file=str(QUANTSIM_CONFIGS[weights]))
+    if configure is not None:
+        configure(sim)
     sim.compute_encodings(lambda m, _: m(*dummy), None)
     return sim
 
