@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from pasd_verify import convert_to_sha
+from pasd_verify.kinds import graph_of
 from pasd_verify.presets import build_unet, unet_inputs
-from pasd_verify.quant import QUANTSIM_CONFIGS, UNetForQuantization, export_encodings, quantize
+from pasd_verify.quant import QUANTSIM_CONFIGS, export_encodings, quantize
 
 FORMS = ("mha", "sha")
 VERSIONS = ("0.6.1", "1.0.0")
@@ -39,7 +40,7 @@ def generate(out_dir: Path) -> list[Path]:
     written = []
     for form, model in (("mha", mha), ("sha", sha)):
         for weights in QUANTSIM_CONFIGS:
-            sim = quantize(UNetForQuantization(copy.deepcopy(model)), dummy, weights=weights)
+            sim = quantize(graph_of(copy.deepcopy(model)).module, dummy, weights=weights)
             for version in VERSIONS:
                 written.append(export_encodings(sim, dummy, out_dir / golden_name(form, weights, version),
                                                 version=version))

@@ -93,8 +93,8 @@ def _adaround_encodings(unet, controlnet, form: str, config: AdaroundConfig) -> 
     model = copy.deepcopy(unet)
     if form == "sha":
         convert_to_sha(model)
-    samples = seeded_samples(model, 1, latent=(8, 8), control=True)
-    result = adaround(model, model_calls(model, samples, controlnet=controlnet), config, progress=False)
+    samples = seeded_samples(model, 1, latent=(8, 8))
+    result = adaround(model, model_calls(model, samples, partner=controlnet), config, progress=False)
     return param_encodings_file(result, "1.0.0")
 
 
@@ -157,8 +157,8 @@ def test_only_rounds_the_named_modules_and_leaves_the_rest_float():
     unet, controlnet = build_pasd("tiny", seed=0)
     convert_to_sha(unet)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    samples = seeded_samples(unet, 1, latent=(8, 8), control=True)
-    result = adaround(unet, model_calls(unet, samples, controlnet=controlnet),
+    samples = seeded_samples(unet, 1, latent=(8, 8))
+    result = adaround(unet, model_calls(unet, samples, partner=controlnet),
                       AdaroundConfig(iterations=1, only=("up_blocks.1", "conv_out")), progress=False)
     rounded = {r.name for r in result.layers}
     assert rounded and all(n == "conv_out" or n.startswith("up_blocks.1.") for n in rounded)
@@ -168,7 +168,7 @@ def test_only_rounds_the_named_modules_and_leaves_the_rest_float():
         if layer not in rounded or not key.endswith(".weight"):
             assert torch.equal(value, before[key]), key
     with pytest.raises(AdaroundError, match="no Conv2d or Linear layer under"):
-        adaround(unet, model_calls(unet, samples, controlnet=controlnet),
+        adaround(unet, model_calls(unet, samples, partner=controlnet),
                  AdaroundConfig(iterations=1, only=("no_such_block",)), progress=False)
 
 
@@ -179,11 +179,11 @@ def test_layers_sharing_an_input_capture_it_once_and_round_exactly_as_alone():
     module around a group from its cached inputs gives what replaying the whole top-level block gives."""
     unet, controlnet = build_pasd("tiny", seed=0)
     convert_to_sha(unet)
-    samples = seeded_samples(unet, 2, latent=(8, 8), control=True)
+    samples = seeded_samples(unet, 2, latent=(8, 8))
     plans, rounded = {}, {}
     for share, nested in ((True, True), (False, True), (True, False)):
         model = copy.deepcopy(unet)
-        calls = model_calls(model, samples, controlnet=controlnet)
+        calls = model_calls(model, samples, partner=controlnet)
         plans[share, nested] = plan_layers(model, calls[0], share_inputs=share, nested=nested)
         adaround(model, calls, AdaroundConfig(iterations=3, share_inputs=share, nested_replay=nested), progress=False)
         rounded[share, nested] = model.state_dict()

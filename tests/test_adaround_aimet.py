@@ -23,7 +23,9 @@ from pasd_verify.presets import build_pasd
 from pasd_verify.quant import QUANTSIM_CONFIGS
 from pasd_verify.quant.adaround import LAYER_TYPES, NEAREST_TYPES, AdaroundConfig, adaround, aimet_act_funcs, aimet_quantizer
 from pasd_verify.quant.calibration import model_calls, seeded_samples
-from pasd_verify.quant.reference import PASDUNetForQuantization, aimet_adaround, pasd_unet_rows
+from pasd_verify.kinds import graph_of
+from pasd_verify.quant import aimet_torch_session
+from pasd_verify.quant.reference import aimet_adaround, aimet_rows
 from pasd_verify.quant.workflow import param_encodings_file
 
 pytestmark = pytest.mark.aimet
@@ -36,16 +38,16 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adaround")
     unet, controlnet = build_pasd("tiny", seed=0)
     convert_to_sha(unet)
-    samples = seeded_samples(unet, SAMPLES, latent=(8, 8), control=True)
-    rows = pasd_unet_rows(controlnet, samples)
+    samples = seeded_samples(unet, SAMPLES, latent=(8, 8))
+    wrapped, rows = aimet_rows(unet, samples, controlnet)
     dummy = tuple(t.unsqueeze(0) for t in rows[0])
-    aimet_model, _ = aimet_adaround(PASDUNetForQuantization(unet), rows, iterations=ITERATIONS, param_bw=PARAM_BW,
+    aimet_model, _ = aimet_adaround(wrapped, rows, iterations=ITERATIONS, param_bw=PARAM_BW,
                                     folder=folder)
     aimet_model = aimet_model.unet
 
     ours = copy.deepcopy(unet)
-    acts = aimet_act_funcs(PASDUNetForQuantization(ours), dummy, prefix="unet.")
-    result = adaround(ours, model_calls(ours, samples, controlnet=controlnet),
+    acts = aimet_act_funcs(graph_of(ours).module, dummy, prefix="unet.")
+    result = adaround(ours, model_calls(ours, samples, partner=controlnet),
                       AdaroundConfig(param_bw=PARAM_BW, iterations=ITERATIONS), act_funcs=acts, progress=False)
     for version in ("0.6.1", "1.0.0"):
         (folder / f"ours_{version}.encodings").write_text(
@@ -76,8 +78,8 @@ def _layer_mses(float_model, rounded_model, grids, rows) -> dict[str, float]:
     with torch.no_grad():
         for row in rows:
             batch = tuple(t.unsqueeze(0) for t in row)
-            PASDUNetForQuantization(rounded)(*batch)
-            PASDUNetForQuantization(float_model)(*batch)
+            graph_of(rounded).module(*batch)
+            graph_of(float_model).module(*batch)
     for h in hooks:
         h.remove()
     mses = {}
@@ -129,9 +131,10 @@ def _sqnr(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 def _sim(model, runs, encodings=None) -> QuantizationSimModel:
     """AIMET's W4A16 sim of ``model``: frozen AdaRound parameter encodings where given, activations calibrated
     on the calibration rows."""
-    sim = QuantizationSimModel(PASDUNetForQuantization(copy.deepcopy(model)), runs["dummy"], default_param_bw=PARAM_BW,
-                               default_output_bw=16, quant_scheme=QuantScheme.post_training_tf_enhanced,
-                               config_file=str(QUANTSIM_CONFIGS["per_channel"]))
+    with aimet_torch_session():
+        sim = QuantizationSimModel(graph_of(copy.deepcopy(model)).module, runs["dummy"], default_param_bw=PARAM_BW,
+                                   default_output_bw=16, quant_scheme=QuantScheme.post_training_tf_enhanced,
+                                   config_file=str(QUANTSIM_CONFIGS["per_channel"]))
     if encodings is not None:
         sim.set_and_freeze_param_encodings(str(encodings))
     batches = [tuple(t.unsqueeze(0) for t in row) for row in runs["rows"]]
@@ -141,7 +144,7 @@ def _sim(model, runs, encodings=None) -> QuantizationSimModel:
 
 def test_output_sqnr_matches_aimets_adaround_and_beats_nearest_rounding(runs):
     unet, controlnet = runs["float"], runs["controlnet"]
-    held_out = pasd_unet_rows(controlnet, seeded_samples(unet, 2, latent=(8, 8), seed=7, control=True))
+    _, held_out = aimet_rows(unet, seeded_samples(unet, 2, latent=(8, 8), seed=7), controlnet)
     aimet_file = runs["folder"] / "aimet_full.encodings"
     aimet_file.write_text(json.dumps(load_encodings_0_6_1(runs["folder"] / "aimet.encodings")))
     sims = {"nearest": _sim(unet, runs), "aimet": _sim(runs["aimet"], runs, aimet_file),
@@ -149,7 +152,7 @@ def test_output_sqnr_matches_aimets_adaround_and_beats_nearest_rounding(runs):
     sqnr = {}
     with torch.no_grad():
         for name, sim in sims.items():
-            pairs = [(PASDUNetForQuantization(unet)(*b), sim.model(*b))
+            pairs = [(graph_of(unet).module(*b), sim.model(*b))
                      for b in (tuple(t.unsqueeze(0) for t in row) for row in held_out)]
             sqnr[name] = _sqnr(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
     print(f"\nW4A16 output SQNR vs fp32: nearest {sqnr['nearest']:.2f} dB, AIMET AdaRound {sqnr['aimet']:.2f} dB, "
@@ -162,8 +165,9 @@ def test_output_sqnr_matches_aimets_adaround_and_beats_nearest_rounding(runs):
 def test_aimet_loads_our_encodings(runs, how):
     # aimet-torch 2.42 loads parameter encodings keyed by name (the 0.6.1 layout); its loader indexes a 1.0.0
     # file's list by name and fails, so the 1.0.0 file (for the QNN converter) is checked against this one below.
-    sim = QuantizationSimModel(PASDUNetForQuantization(copy.deepcopy(runs["ours"])), runs["dummy"],
-                               default_param_bw=PARAM_BW, config_file=str(QUANTSIM_CONFIGS["per_channel"]))
+    with aimet_torch_session():
+        sim = QuantizationSimModel(graph_of(copy.deepcopy(runs["ours"])).module, runs["dummy"],
+                                   default_param_bw=PARAM_BW, config_file=str(QUANTSIM_CONFIGS["per_channel"]))
     path = str(runs["folder"] / "ours_0.6.1.encodings")
     if how == "load_encodings":
         sim.load_encodings(path, strict=False, partial=True)

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pasd_verify.export import pipeline
-from pasd_verify.export.graphs import export_graph
+from pasd_verify.kinds import graph_of as export_graph, preset_model
 from pasd_verify.export.htp import HtpResult
 from pasd_verify.export.localize import extract_prefix, graph_blocks
 from pasd_verify.export.onnx_io import export_float, large_constants, relative_error, run_onnx, sqnr_db
@@ -26,7 +26,6 @@ from pasd_verify.export.quantize import (_quiet_aimet, check_encoding_names, exp
                                          place_static_encodings, quantization_sim, sim_outputs)
 from pasd_verify.export.rewrites import SiLUAsDivision, apply_onnx_rewrites, apply_rewrites
 from pasd_verify.quant.calibration import seeded_samples
-from pasd_verify.quant.workflow import preset_model
 from pasd_verify.sha import convert_to_sha
 
 KINDS = ("unet", "pasd-unet", "pasd-controlnet")
@@ -37,11 +36,10 @@ def _numpy(feeds):
 
 
 def _graph_and_feeds(kind: str, form: str, latent: tuple[int, int], seed: int = 0):
-    model, controlnet = preset_model("tiny", kind)
-    if form == "sha":
-        convert_to_sha(model)
+    loaded = preset_model("tiny", kind, form=form)
+    model, controlnet = loaded.model, loaded.partner
     graph = export_graph(model)
-    sample = seeded_samples(model, 1, latent=latent, seed=seed, control=kind != "unet")[0]
+    sample = seeded_samples(model, 1, latent=latent, seed=seed)[0]
     return model, graph, graph.feeds(sample, controlnet)
 
 
@@ -66,14 +64,15 @@ def test_float_onnx_matches_the_torch_model(tmp_path_factory, kind, form, latent
 
 
 def test_pasd_graphs_name_every_residual_and_side_output():
-    unet, controlnet = preset_model("tiny", "pasd-unet")
+    loaded = preset_model("tiny", "pasd-unet")
+    unet, controlnet = loaded.model, loaded.partner
     unet_graph, cn_graph = export_graph(unet), export_graph(controlnet)
     skips = sum(len(b.resnets) for b in unet.up_blocks)
     assert unet_graph.input_names[3:] == [f"down_residual_{i}" for i in range(skips)] + ["mid_residual"]
     assert cn_graph.output_names == [f"rgb_{i}" for i in range(3)] + [f"down_residual_{i}" for i in range(skips)] + [
         "mid_residual"]
     # the ControlNet graph's outputs are the PASD UNet graph's inputs, shape for shape
-    sample = seeded_samples(unet, 1, control=True)[0]
+    sample = seeded_samples(unet, 1)[0]
     produced = cn_graph(cn_graph.feeds(sample))
     consumed = unet_graph.feeds(sample, controlnet)
     for name in unet_graph.input_names[3:]:
@@ -142,7 +141,7 @@ def test_large_export_stores_each_weight_once(tmp_path, monkeypatch):
     edits the graph alone (saving the weights again appended a second, dead copy: 4.4 GB at SD1.5 size)."""
     monkeypatch.setattr(pipeline, "EXTERNAL_DATA_BYTES", 0)  # the tiny model in the SD1.5 layout
     monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # the HTP steps are not what this is about
-    model, _ = preset_model("tiny", "unet")
+    model = preset_model("tiny", "unet").model
     convert_to_sha(model)
     report = pipeline.export_files(model, tmp_path, samples=1, rewrites=("layernorm-identity-mul",),
                                    localize_divergence=False, log=lambda line: None)
@@ -175,7 +174,7 @@ def test_nothing_of_aimet_waits_for_a_collection_at_the_htp_step(tmp_path, monke
         return HtpResult("skipped", error="not what this test is about")
 
     monkeypatch.setattr(pipeline, "run_on_htp", htp_step)
-    model, _ = preset_model("tiny", "unet")
+    model = preset_model("tiny", "unet").model
     gc.collect()
     gc.disable()  # whether a collection happens on its own depends on how much Python allocates meanwhile
     try:
@@ -191,9 +190,10 @@ def test_check_outputs_hold_the_check_input_and_what_each_step_computed_from_it(
     torch model and the written QDQ graph on its stored input gives its stored outputs; without an HTP it stores
     no HTP outputs; it is no part of the export folder."""
     monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)
-    model, controlnet = preset_model("tiny", "pasd-unet")
+    loaded = preset_model("tiny", "pasd-unet")
+    model, controlnet = loaded.model, loaded.partner
     path = tmp_path / "check.npz"
-    report = pipeline.export_files(model, tmp_path / "out", controlnet=controlnet, samples=1,
+    report = pipeline.export_files(model, tmp_path / "out", partner=controlnet, samples=1,
                                    localize_divergence=False, check_outputs=path, log=lambda line: None)
     graph = export_graph(model)
     with np.load(path) as stored:

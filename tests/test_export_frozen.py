@@ -21,7 +21,7 @@ from pasd_verify.cli import main
 from pasd_verify.encodings import EncodingsError, save_encodings
 from pasd_verify.export.frozen import (ON_GRID_STEPS, adarounded_entries, initializers_holding, off_grid_steps,
                                        onnx_param_encodings)
-from pasd_verify.export.graphs import export_graph
+from pasd_verify.kinds import graph_of as export_graph
 from pasd_verify.export.htp import htp_available
 from pasd_verify.export.onnx_io import export_float
 from pasd_verify.presets import build_unet

@@ -13,24 +13,25 @@ import onnx
 import pytest
 import torch
 
-from pasd_verify.export.graphs import ExportGraph, export_graph
+from pasd_verify.kinds import ExportGraph, preset_model
+from pasd_verify.kinds import graph_of as export_graph
 from pasd_verify.export.htp import htp_available, run_on_htp
 from pasd_verify.export.onnx_io import export_float, run_onnx, sqnr_db
 from pasd_verify.export.pipeline import HTP_SQNR_DB, export_files
 from pasd_verify.export.quantize import export_quantized, quantization_sim
 from pasd_verify.export.rewrites import apply_onnx_rewrites, apply_rewrites
 from pasd_verify.quant.calibration import seeded_samples
-from pasd_verify.quant.workflow import preset_model
 from pasd_verify.sha import convert_to_sha
 
 pytestmark = [pytest.mark.htp, pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))]
 
 
 def _export(tmp_path, kind="unet", form="mha", **kwargs):
-    model, controlnet = preset_model("tiny", kind)
+    loaded = preset_model("tiny", kind)
+    model, controlnet = loaded.model, loaded.partner
     if form == "sha":
         convert_to_sha(model)
-    report = export_files(model, tmp_path, controlnet=controlnet, samples=2, log=lambda line: None, **kwargs)
+    report = export_files(model, tmp_path, partner=controlnet, samples=2, log=lambda line: None, **kwargs)
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     return report
 
@@ -107,7 +108,7 @@ class _NormLinear(torch.nn.Module):
 def _cpu_vs_htp(module, folder, shape=(1, 32, 8, 8), onnx_rewrites=()):
     """Export ``module`` as this package exports a model (float ONNX, aimet-onnx W8A16, QDQ) and compare the HTP
     with the CPU on the QDQ graph."""
-    graph = ExportGraph(module.eval(), ["x"], ["y"], "module")
+    graph = ExportGraph(module.eval(), ["x"], ["y"])
     feeds = {"x": torch.randn(*shape, generator=torch.Generator().manual_seed(1))}
     export_float(graph, feeds, folder / "model.onnx")
     if onnx_rewrites:
@@ -170,8 +171,9 @@ def test_release_model_frees_the_weights_and_changes_no_output(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # the HTP steps are not what this is about
     written = {}
     for release in (False, True):
-        model, controlnet = preset_model("tiny", "pasd-unet")
-        export_files(model, tmp_path / str(release), controlnet=controlnet, samples=2, localize_divergence=False,
+        loaded = preset_model("tiny", "pasd-unet")
+        model, controlnet = loaded.model, loaded.partner
+        export_files(model, tmp_path / str(release), partner=controlnet, samples=2, localize_divergence=False,
                      release_model=release, log=lambda line: None)
         on_meta = [p.is_meta for m in (model, controlnet) for p in m.parameters()]
         assert all(on_meta) if release else not any(on_meta)
@@ -187,7 +189,7 @@ def test_mha_and_sha_agree_on_the_htp_and_their_context_binaries_load(tmp_path):
     other and with the CPU; the profile counts the SHA's per-head ops."""
     rewrites = ("silu-as-division", "layernorm-identity-mul")
     reports, outputs = {}, {}
-    model, _ = preset_model("tiny", "unet")
+    model = preset_model("tiny", "unet").model
     graph = export_graph(model)
     # the export's own held-out check input (seed + 7919), rebuilt here
     feeds = {k: v.numpy() for k, v in graph.feeds(seeded_samples(model, 1, seed=7919)[0]).items()}

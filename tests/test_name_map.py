@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pasd_verify import NameMap, NameMapError, convert_to_sha
+from pasd_verify.name_map import holds_sha_projections, is_projection_key
 from pasd_verify.sha import SHAAttention
 from pasd_verify.presets import build_pasd
 
@@ -119,3 +120,20 @@ def test_without_a_prefix_scopes_and_activations_are_the_models_own():
 def test_a_name_map_that_is_not_json_is_refused_naming_the_source():
     with pytest.raises(NameMapError, match=r"^name_map\.json: not JSON"):
         NameMap.from_json('{"to_q.weight": [', source="name_map.json")
+
+
+@given(heads=st.integers(1, 4), module=st.sampled_from(["", "a.attn1", "down_blocks.0.attentions.1.t.attn2"]),
+       has_bias=st.booleans())
+def test_projection_keys_are_read_in_the_form_the_name_map_writes(heads, module, has_bias):
+    """Every MHA key a map splits is an MHA projection key and every SHA name it gives is an SHA one, never both; a
+    checkpoint holds SHA projections exactly when it has one of those SHA names."""
+    name_map = NameMap()
+    name_map.add(module, heads, has_bias)
+    for mha, shas in name_map.items():
+        assert is_projection_key(mha, "mha") and not is_projection_key(mha, "sha")
+        for sha in shas:
+            assert is_projection_key(sha, "sha") and not is_projection_key(sha, "mha")
+    others = ["x.to_out.0.weight", "x.to_q_convs.weight", "x.to_qq.weight", "x.to_q.weight.extra", "to_k_convs.1.gain"]
+    assert not any(is_projection_key(k, form) for k in others for form in ("mha", "sha"))
+    assert not holds_sha_projections(list(name_map) + others)
+    assert holds_sha_projections(list(name_map) + others + name_map.sha_names()[-1:])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import CheckpointError
 from .io import atomic_path
-from .name_map import NameMap
+from .name_map import NameMap, is_projection_key
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -83,10 +82,8 @@ def _check_keys(keys: set[str], present: list[str], absent: list[str], source: s
         )
 
 
-# Attention projections in each form: a key of this shape that the name map does not cover means the map came
-# from another model (say, a stock UNet config for PASD's UNet), and converting would leave a half-SHA file.
-_MHA_PROJECTION = re.compile(r"(^|\.)to_[qkv]\.(weight|bias)$")
-_SHA_PROJECTION = re.compile(r"(^|\.)to_[qkv]_convs\.\d+\.(weight|bias)$")
+# A projection key (name_map.is_projection_key) that the name map does not cover means the map came from another
+# model (say, a stock UNet config for PASD's UNet), and converting would leave a half-SHA file.
 
 
 def _check_mha_projections_mapped(keys, name_map: NameMap, source: str, allow_unconverted: bool) -> None:
@@ -96,14 +93,14 @@ def _check_mha_projections_mapped(keys, name_map: NameMap, source: str, allow_un
     ``convert_to_sha(..., skip_unsupported=True)``).
     """
     if not allow_unconverted:
-        _refuse_stray([k for k in keys if _MHA_PROJECTION.search(k) and k not in name_map], "MHA", source,
+        _refuse_stray([k for k in keys if is_projection_key(k, "mha") and k not in name_map], "MHA", source,
                       "; pass allow_unconverted=True for modules deliberately left MHA")
 
 
 def _check_sha_projections_mapped(keys, name_map: NameMap, source: str) -> None:
     """Every per-head SHA key is one the name map merges: outside the map such a key is never valid."""
     covered = set(name_map.sha_names())
-    _refuse_stray([k for k in keys if _SHA_PROJECTION.search(k) and k not in covered], "SHA", source, "")
+    _refuse_stray([k for k in keys if is_projection_key(k, "sha") and k not in covered], "SHA", source, "")
 
 
 def _refuse_stray(stray: list[str], form: str, source: str, hint: str) -> None:

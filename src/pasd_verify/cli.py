@@ -13,6 +13,8 @@ from .errors import PasdVerifyError
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
 # pasd_verify.loading.MODEL_CLASSES).
 MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DConditionModel", "PASDControlNetModel")
+# The registry's kinds (pasd_verify.kinds.KINDS), spelled here for the same reason and checked by the same test.
+KIND_NAMES = ("pasd-unet", "pasd-controlnet", "unet")
 
 # Numbers worth a column in the stage table, in the order shown.
 _SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "tolerance",
@@ -83,9 +85,10 @@ def _parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 8GiB, 512MiB, 1e9)") from None
 
 
-def _model_from_args(args: argparse.Namespace, outputs_check) -> tuple[Any, Any, dict[str, Any]]:
-    """The model (in ``--form``), its ControlNet when a PASD UNet needs one, and where they came from."""
-    from .quant.workflow import load_for_adaround, preset_model
+def _model_from_args(args: argparse.Namespace, outputs_check):
+    """The model in ``--form``, its partner when its kind needs one, and where they came from
+    (:class:`pasd_verify.kinds.LoadedModel`)."""
+    from .kinds import load_model_form, preset_model
 
     if (args.preset is None) == (args.model_config is None):
         raise PasdVerifyError("give either --preset or --model-config with --state-dict")
@@ -93,26 +96,15 @@ def _model_from_args(args: argparse.Namespace, outputs_check) -> tuple[Any, Any,
         raise PasdVerifyError("--model-config needs --state-dict")
     outputs_check(args.out, [args.state_dict, args.model_config, args.calibration,
                              getattr(args, "param_encodings", None)])
-    controlnet = None
     if args.preset is not None:
-        model, controlnet = preset_model(args.preset, args.kind, seed=args.seed)
-        source = {"preset": args.preset, "kind": args.kind, "seed": args.seed}
+        loaded = preset_model(args.preset, args.kind, seed=args.seed, form=args.form)
         if args.latent is None:  # a ControlNet's config has no sample_size; the preset's UNet has
             from .presets import UNET_PRESETS
 
             args.latent = [UNET_PRESETS[args.preset]["sample_size"]] * 2
-        if args.form == "sha":
-            from .sha import convert_to_sha
-
-            convert_to_sha(model)
-    else:
-        model = load_for_adaround(args.model_config, args.state_dict, form=args.form, model_class=args.model_class)
-        source = {"model_config": args.model_config, "state_dict": args.state_dict}
-        if args.controlnet is not None:
-            from .loading import load_model
-
-            controlnet = load_model(args.controlnet)
-    return model, controlnet, {**source, "form": args.form, "model_class": type(model).__name__}
+        return loaded
+    return load_model_form(args.model_config, args.state_dict, form=args.form, model_class=args.model_class,
+                           partner=args.controlnet)
 
 
 def _adaround(args: argparse.Namespace) -> int:
@@ -122,11 +114,12 @@ def _adaround(args: argparse.Namespace) -> int:
     config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights.replace("-", "_"),
                             cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
                             seed=args.seed, only=tuple(args.only or ()))
-    model, controlnet, source = _model_from_args(args, check_output_folder)
-    report = adaround_files(model, args.out, config, controlnet=controlnet, calibration=args.calibration,
+    loaded = _model_from_args(args, check_output_folder)
+    model = loaded.model
+    report = adaround_files(model, args.out, config, partner=loaded.partner, calibration=args.calibration,
                             samples=args.samples, latent=tuple(args.latent) if args.latent else None,
                             encodings_version=args.encodings_version, both_versions=args.both_versions,
-                            source=source)
+                            source=loaded.source)
     totals = report["totals"]
     print(f"AdaRounded {totals['layers']} layers of {type(model).__name__} ({args.form.upper()}) on "
           f"{report['samples']} samples in {totals['seconds_total']:.1f} s")
@@ -143,15 +136,15 @@ def _export(args: argparse.Namespace) -> int:
 
     from .logs import library_warnings
 
-    model, controlnet, source = _model_from_args(args, check_output_folder)
+    loaded = _model_from_args(args, check_output_folder)
     with library_warnings("export", logging.getLogger("pasd_verify.export")) as caught:
-        report = export_files(model, args.out, controlnet=controlnet, calibration=args.calibration,
+        report = export_files(loaded.model, args.out, partner=loaded.partner, calibration=args.calibration,
                               samples=args.samples, latent=tuple(args.latent) if args.latent else None,
                               weights=args.weights, param_bw=args.param_bw, act_bw=args.act_bw,
                               soc_model=args.soc_model, threshold_db=args.htp_threshold_db,
                               localize_divergence=not args.no_localize, rewrites=tuple(args.rewrite or ()),
                               seed=args.seed, release_model=True, param_encodings=args.param_encodings,
-                              source=source,
+                              source=loaded.source,
                               log=lambda line: print(line, flush=True))
     if caught and not args.verbose:
         print(f"({len(caught)} warnings from torch, diffusers and AIMET went to the log; -v shows them)")
@@ -179,7 +172,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     where.add_argument("--model-class", choices=MODEL_CLASS_NAMES, help="override the model class")
     where.add_argument("--controlnet", help="PASD UNet only: the ControlNet folder whose residuals it is calibrated on")
     where.add_argument("--preset", choices=["tiny", "sd15"], help="an embedded seeded model instead of files")
-    where.add_argument("--kind", choices=["unet", "pasd-unet", "pasd-controlnet"], default="pasd-unet",
+    where.add_argument("--kind", choices=KIND_NAMES, default="pasd-unet",
                        help="with --preset: which model (default pasd-unet)")
     where.add_argument("--form", choices=["sha", "mha"], default="sha",
                        help=f"{verb} the SHA rewrite (default; names follow the SHA name map) or the MHA model")
@@ -267,10 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose:
-        from .quant import set_aimet_log_level
-
-        set_aimet_log_level(logging.INFO)
     try:
         return args.func(args)
     except PasdVerifyError as e:

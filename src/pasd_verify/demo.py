@@ -159,10 +159,11 @@ class _Demo:
             required_sha_encodings,
             save_encodings,
         )
-        from .quant import UNetForQuantization, export_encodings, quantize
+        from .kinds import graph_of
+        from .quant import export_encodings, quantize
 
         dummy = tuple(unet_inputs(self.mha, batch=1, seed=self.seed).values())
-        mha_file = export_encodings(quantize(UNetForQuantization(copy.deepcopy(self.mha)), dummy), dummy,
+        mha_file = export_encodings(quantize(graph_of(copy.deepcopy(self.mha)).module, dummy), dummy,
                                     self.out_dir / "parameters_mha.encodings")
         mha_encodings = load_encodings(mha_file)
         start = time.perf_counter()
@@ -173,7 +174,7 @@ class _Demo:
                                    required=required_sha_encodings(mha_encodings, self.name_map))
         save_encodings(sha_encodings, self.out_dir / "parameters_sha.encodings")
 
-        aimet_file = export_encodings(quantize(UNetForQuantization(copy.deepcopy(self.sha)), dummy), dummy,
+        aimet_file = export_encodings(quantize(graph_of(copy.deepcopy(self.sha)).module, dummy), dummy,
                                       self.out_dir / "parameters_sha_aimet.encodings")
         # Per-channel weight encodings depend only on each channel's weights, so AIMET's own SHA calibration
         # must give the same ones: the same names, scales to float tolerance, grids within one step.
@@ -201,9 +202,9 @@ class _Demo:
 
         unet, controlnet = build_pasd("tiny", seed=self.seed)
         convert_to_sha(unet)
-        samples = seeded_samples(unet, ADAROUND_SAMPLES, latent=(8, 8), seed=self.seed, control=True)
+        samples = seeded_samples(unet, ADAROUND_SAMPLES, latent=(8, 8), seed=self.seed)
         config = AdaroundConfig(iterations=ADAROUND_ITERATIONS, cache_budget=0, seed=self.seed)
-        result = adaround(unet, model_calls(unet, samples, controlnet=controlnet), config, progress=False)
+        result = adaround(unet, model_calls(unet, samples, partner=controlnet), config, progress=False)
         totals = result.summary()
         return {
             # AdaRound minimises the reconstruction error from the nearest-rounding start: summed over layers it
@@ -230,8 +231,8 @@ class _Demo:
         for model in (unet, controlnet):
             convert_to_sha(model)
         numbers: dict[str, Any] = {"passed": True}
-        for name, model in (("controlnet", controlnet), ("unet", unet)):
-            report = export_files(model, self.out_dir / f"export_{name}", controlnet=controlnet,
+        for name, model, partner in (("controlnet", controlnet, None), ("unet", unet, controlnet)):
+            report = export_files(model, self.out_dir / f"export_{name}", partner=partner,
                                   samples=EXPORT_SAMPLES, latent=(8, 8), seed=self.seed, rewrites=EXPORT_REWRITES,
                                   localize_divergence=True, log=logger.info)
             stages = report["stages"]

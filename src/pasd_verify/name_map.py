@@ -15,12 +15,30 @@ what users read; :meth:`NameMap.of` checks a plain dict (such a file, loaded) an
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 
 from .errors import PasdVerifyError
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
 _KINDS = ("weight", "bias")
+
+
+# State-dict keys of an attention projection in each form, as :meth:`NameMap.add` names them: what a checkpoint
+# holds is read from these, whether or not a name map is at hand.
+_PROJECTION_KEYS = {"mha": re.compile(r"(^|\.)to_[qkv]\.(weight|bias)$"),
+                    "sha": re.compile(r"(^|\.)to_[qkv]_convs\.\d+\.(weight|bias)$")}
+
+
+def is_projection_key(key: str, form: str) -> bool:
+    """Whether ``key`` is a q/k/v projection parameter in ``form``: ``mha`` (``x.to_q.weight``) or ``sha``
+    (``x.to_q_convs.3.weight``)."""
+    return _PROJECTION_KEYS[form].search(key) is not None
+
+
+def holds_sha_projections(keys: Iterable[str]) -> bool:
+    """Whether a checkpoint with these keys is in SHA form (has any per-head projection)."""
+    return any(is_projection_key(key, "sha") for key in keys)
 
 
 class NameMapError(PasdVerifyError):

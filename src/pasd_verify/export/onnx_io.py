@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .graphs import ExportGraph
+from ..kinds import ExportGraph
 
 OPSET = 20
 # Below protobuf's 2 GiB limit with room for the graph itself.

@@ -36,10 +36,9 @@ from .. import __version__
 from ..encodings import save_encodings
 from ..io import atomic_path, refuse_overwriting_inputs, write_json
 from ..memory import peak_rss_bytes, trim_heap
-from ..models import PASDControlNetModel, PASDUNet2DConditionModel
+from ..kinds import graph_of
 from ..quant.calibration import calibration_samples, seeded_samples
 from .frozen import adarounded_entries, frozen_changes, onnx_param_encodings
-from .graphs import export_graph
 from .htp import DEFAULT_SOC_MODEL, run_on_htp
 from .localize import localize
 from .onnx_io import (EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, relative_error, run_onnx,
@@ -75,7 +74,7 @@ def save_check_outputs(path: str | os.PathLike, inputs: dict[str, np.ndarray], f
         np.savez(f, **{f"{step}/{name}": array for step, arrays in steps.items() for name, array in arrays.items()})
 
 
-def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PASDControlNetModel | None = None,
+def export_files(model: nn.Module, out_dir: str | os.PathLike, *, partner: nn.Module | None = None,
                  calibration: str | os.PathLike | None = None, samples: int = 4,
                  latent: tuple[int, int] | None = None, weights: str = "per-channel", param_bw: int = 8,
                  act_bw: int = 16, soc_model: str = DEFAULT_SOC_MODEL, threshold_db: float = HTP_SQNR_DB,
@@ -87,7 +86,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
 
     ``rewrites`` (:mod:`pasd_verify.export.rewrites`) are applied to ``model`` in place before export; the
     float stage reports how far the rewritten model is from the original on the check input. ``release_model``
-    frees the weights of ``model`` and ``controlnet`` (moved to the meta device) once the float graph is written:
+    frees the weights of ``model`` and ``partner`` (moved to the meta device) once the float graph is written:
     every later stage works from the ONNX files, and at SD1.5 size calibration needs that memory. The models are
     unusable afterwards. ``param_encodings`` (what ``pasd-verify adaround`` wrote beside the rounded weights
     ``model`` holds) freezes those layers' grids into the quantization (:mod:`pasd_verify.export.frozen`).
@@ -97,16 +96,14 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
     """
     # checked before anything is exported: a wrong file fails in seconds, not after the float export
     adarounded = adarounded_entries(param_encodings, model) if param_encodings is not None else None
-    control = isinstance(model, (PASDUNet2DConditionModel, PASDControlNetModel))
-    data = calibration_samples(model, folder=calibration, count=samples, latent=latent, seed=seed,
-                               controlnet=controlnet)
+    data = calibration_samples(model, folder=calibration, count=samples, latent=latent, seed=seed, partner=partner)
     shape = data[0]["latent"].shape[-2:]
     # the check input is held out from calibration: agreement on data the encodings were not fitted to
-    check = seeded_samples(model, 1, latent=tuple(shape), seed=seed + 7919, control=control)[0]
-    graph = export_graph(model)
-    check_feeds = graph.feeds(check, controlnet)
+    check = seeded_samples(model, 1, latent=tuple(shape), seed=seed + 7919)[0]
+    graph = graph_of(model)
+    check_feeds = graph.feeds(check, partner)
     check_arrays = _numpy(check_feeds)  # what every onnxruntime and HTP run of the check input takes
-    calibration_feeds = [_numpy(graph.feeds(s, controlnet)) for s in data]
+    calibration_feeds = [_numpy(graph.feeds(s, partner)) for s in data]
     large = parameter_bytes(model) > EXTERNAL_DATA_BYTES
 
     out_dir = Path(out_dir)
@@ -115,7 +112,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
     stages: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {
         "tool": "pasd-verify", "version": __version__, "command": "export", "source": source or {},
-        "graph": {"kind": graph.kind, "inputs": graph.input_names, "outputs": graph.output_names,
+        "graph": {"kind": graph.kind.name, "inputs": graph.input_names, "outputs": graph.output_names,
                   "latent": list(shape), "timestep": "float input; sinusoidal embedding computed in the graph"},
         "config": {"rewrites": list(rewrites), "weights": weights, "param_bw": param_bw, "act_bw": act_bw, "soc_model": soc_model,
                    "calibration": str(calibration) if calibration else f"{len(data)} seeded samples",
@@ -157,7 +154,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, *, controlnet: PA
             frozen_path = staging / "adarounded_param.encodings"
             save_encodings(frozen, frozen_path)
         if release_model:
-            for torch_model in (model, controlnet):
+            for torch_model in (model, partner):
                 if torch_model is not None:
                     torch_model.to("meta")
             trim_heap()

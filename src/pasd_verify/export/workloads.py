@@ -16,9 +16,8 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from ..kinds import preset_model
 from ..presets import UNET_PRESETS
-from ..quant.workflow import preset_model
-from ..sha import convert_to_sha
 from .pipeline import export_files
 from .rewrites import ONNX_REWRITES, TORCH_REWRITES
 
@@ -37,12 +36,10 @@ def export_run(target: str, form: str, heads: int | None = None, samples: int = 
     if target not in TARGETS or form not in FORMS:
         raise ValueError(f"target must be one of {TARGETS} and form one of {FORMS}")
     overrides = {"attention_head_dim": heads} if heads else {}
-    model, controlnet = preset_model(preset, target.replace("_", "-"), seed=seed, **overrides)
-    if form == "sha":
-        convert_to_sha(model)
+    loaded = preset_model(preset, target.replace("_", "-"), seed=seed, form=form, **overrides)
     latent = tuple(latent or [UNET_PRESETS[preset]["sample_size"]] * 2)
     with tempfile.TemporaryDirectory(prefix="pasd-verify-export-bench-") as out:
-        report = export_files(model, out, controlnet=controlnet, samples=samples, latent=latent, rewrites=REWRITES,
+        report = export_files(loaded.model, out, partner=loaded.partner, samples=samples, latent=latent, rewrites=REWRITES,
                               localize_divergence=False, seed=seed, release_model=preset != "tiny",
                               check_outputs=outputs, log=lambda *_: None)
     stages = report["stages"]

@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,33 +20,33 @@ from torch import nn
 
 from ..encodings import SUPPORTED_VERSIONS, EncodingsError
 
-# AIMET has no quantized definition of diffusers' sinusoidal Timesteps (it computes an embedding from integer
-# timesteps, which quantizing would only damage); leave it in float, as the QNN reference flow does.
-QuantizationMixin.ignore(Timesteps)
 
+@contextmanager
+def aimet_torch_session() -> Iterator[None]:
+    """What building an aimet-torch simulation needs, for its duration only (importing this package changes nothing).
 
-def set_aimet_log_level(level: int) -> None:
-    """AIMET logs every quantizer decision at INFO/WARNING to the console; our tools show it only when asked."""
-    for area in AimetLogger.LogAreas:
-        logging.getLogger(area.value).setLevel(level)
+    - AIMET has no quantized definition of diffusers' sinusoidal ``Timesteps`` (it computes an embedding from integer
+      timesteps, which quantizing would only damage): it stays float, as the QNN reference flow leaves it (AIMET
+      keeps that choice for the process; it is the same choice every simulation here makes).
+    - AIMET logs every quantizer decision at INFO/WARNING to the console: quiet unless pasd-verify's own logging is
+      at INFO (``--verbose``).
+    """
+    QuantizationMixin.ignore(Timesteps)
+    loggers = [logging.getLogger(area.value) for area in AimetLogger.LogAreas]
+    levels = [logger.level for logger in loggers]
+    if not logging.getLogger("pasd_verify").isEnabledFor(logging.INFO):
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
-
-set_aimet_log_level(logging.ERROR)
 
 _CONFIGS = Path(aimet_quantsim_settings.__file__).parent / "quantsim_config"
 QUANTSIM_CONFIGS = {"per_channel": _CONFIGS / "default_config_per_channel.json",
                     "per_tensor": _CONFIGS / "default_config.json"}
-
-
-class UNetForQuantization(nn.Module):
-    """A UNet whose forward takes plain tensors and returns one, as AIMET's tracing needs."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
 def quantize(model: nn.Module, dummy_inputs: Sequence[torch.Tensor], *, weights: str = "per_channel",
@@ -58,11 +58,12 @@ def quantize(model: nn.Module, dummy_inputs: Sequence[torch.Tensor], *, weights:
     if weights not in QUANTSIM_CONFIGS:
         raise ValueError(f"weights must be one of {sorted(QUANTSIM_CONFIGS)}, got {weights!r}")
     dummy = tuple(dummy_inputs)
-    sim = QuantizationSimModel(model, dummy_input=dummy, default_param_bw=param_bw, default_output_bw=output_bw,
-                               config_file=str(QUANTSIM_CONFIGS[weights]))
-    if configure is not None:
-        configure(sim)
-    sim.compute_encodings(lambda m, _: m(*dummy), None)
+    with aimet_torch_session():
+        sim = QuantizationSimModel(model, dummy_input=dummy, default_param_bw=param_bw, default_output_bw=output_bw,
+                                   config_file=str(QUANTSIM_CONFIGS[weights]))
+        if configure is not None:
+            configure(sim)
+        sim.compute_encodings(lambda m, _: m(*dummy), None)
     return sim
 
 
@@ -83,7 +84,7 @@ def export_encodings(sim: QuantizationSimModel, dummy_inputs: Sequence[torch.Ten
                      *, version: str = "1.0.0") -> Path:
     """Export ``sim`` with AIMET and keep only its ``.encodings`` file, written to ``path``."""
     path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp, _encoding_version(version):
+    with tempfile.TemporaryDirectory() as tmp, _encoding_version(version), aimet_torch_session():
         sim.export(tmp, "model", dummy_input=tuple(dummy_inputs))
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(os.path.join(tmp, "model.encodings"), path)

@@ -18,35 +18,23 @@ from aimet_torch.common.defs import QuantScheme
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..models import PASDControlNetModel
-from . import QUANTSIM_CONFIGS
-from .calibration import Sample
+from ..kinds import Sample, graph_of
+from . import QUANTSIM_CONFIGS, aimet_torch_session
 
 SCHEMES = {"tf_enhanced": QuantScheme.post_training_tf_enhanced, "tf": QuantScheme.post_training_tf}
 
 
-class PASDUNetForQuantization(nn.Module):
-    """The PASD UNet with plain tensor inputs (the ControlNet's down residuals, then its mid residual, last), as
-    AIMET's tracing needs."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
-        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=list(residuals[:-1]),
-                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]
-
-
-def pasd_unet_rows(controlnet: PASDControlNetModel, samples: Sequence[Sample]) -> list[tuple[torch.Tensor, ...]]:
-    """Per sample ``(latent, timestep, text, *down residuals, mid residual)`` of the float ControlNet, with the
-    batch axis dropped (AIMET's DataLoader adds it back): the inputs of :class:`PASDUNetForQuantization`."""
+def aimet_rows(model: nn.Module, samples: Sequence[Sample],
+               partner: nn.Module | None = None) -> tuple[nn.Module, list[tuple[torch.Tensor, ...]]]:
+    """``model`` as its kind's flat-signature graph module (what AIMET traces) and, per sample, that graph's inputs
+    (a partner's outputs computed by the float partner) with the batch axis dropped: AIMET's DataLoader adds it
+    back."""
+    graph = graph_of(model)
     rows = []
-    with torch.no_grad():
-        for s in samples:
-            _, down, mid = controlnet(s["latent"], s["timestep"], s["encoder_hidden_states"], s["control_image"])
-            rows.append(tuple(t[0] for t in (s["latent"], s["timestep"], s["encoder_hidden_states"], *down, mid)))
-    return rows
+    for s in samples:
+        feeds = graph.feeds(s, partner)
+        rows.append(tuple(feeds[name][0] for name in graph.input_names))
+    return graph.module, rows
 
 
 def aimet_adaround(model: nn.Module, rows: Sequence[tuple[torch.Tensor, ...]], *, iterations: int, param_bw: int = 4,
@@ -68,7 +56,7 @@ def aimet_adaround(model: nn.Module, rows: Sequence[tuple[torch.Tensor, ...]], *
     AdaroundOptimizer.is_activation_caching_enabled = cached
     torch.manual_seed(seed)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, aimet_torch_session():
             out = str(folder) if folder is not None else tmp
             copied = copy.deepcopy(model)
             rounded = Adaround.apply_adaround(

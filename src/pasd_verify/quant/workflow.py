@@ -19,19 +19,12 @@ from typing import Any
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file, save_state_dict_file
+from ..checkpoint import save_state_dict_file
 from ..encodings import SUPPORTED_VERSIONS, convert_version, save_encodings
 from ..errors import PasdVerifyError
 from ..io import refuse_overwriting_inputs, write_json
-from ..loading import build_model, choose_model, load_model, parameter_shapes
-from ..models import PASDControlNetModel
-from ..presets import build_pasd, build_unet
-from ..sha import convert_to_sha
 from .adaround import AdaroundConfig, AdaroundResult, adaround
 from .calibration import calibration_samples, model_calls
-
-_SHA_KEY = "_convs."
-
 
 def param_encodings_file(result: AdaroundResult, version: str = "1.0.0", prefix: str = "") -> dict[str, Any]:
     """The AdaRounded layers' parameter encodings as an AIMET encodings file of ``version``."""
@@ -40,49 +33,13 @@ def param_encodings_file(result: AdaroundResult, version: str = "1.0.0", prefix:
     return convert_version(encodings, version)
 
 
-def load_for_adaround(model_config: str | os.PathLike, state_dict: str | os.PathLike, *, form: str = "sha",
-                      model_class: str | None = None) -> nn.Module:
-    """The model a config and an MHA or SHA checkpoint describe, in ``form``: an MHA checkpoint is rewritten
-    to SHA in memory for ``form="sha"``; an SHA checkpoint loads into the SHA model directly."""
-    state_dict = Path(state_dict)
-    shapes = checkpoint_shapes(state_dict)
-    is_sha = any(_SHA_KEY in k for k in shapes)
-    if not is_sha:
-        model = load_model(model_config, model_class=model_class, weights=state_dict)
-        if form == "sha":
-            convert_to_sha(model)
-        return model
-    if form != "sha":
-        raise PasdVerifyError(f"{state_dict}: holds an SHA checkpoint; AdaRound it with --form sha")
-    choice = choose_model(model_config, shapes, model_class=model_class)
-    model = build_model(model_config, choice, device="meta")
-    convert_to_sha(model)
-    check_checkpoint_matches(shapes, parameter_shapes(model), f"{state_dict} (SHA form)")
-    model.load_state_dict(load_state_dict_file(state_dict), strict=True, assign=True)
-    return model.eval()
-
-
-def preset_model(preset: str, kind: str, *, seed: int = 0,
-                 **overrides: Any) -> tuple[nn.Module, PASDControlNetModel | None]:
-    """An embedded seeded model: ``kind`` is ``unet``, ``pasd-unet`` (with its ControlNet) or ``pasd-controlnet``;
-    ``overrides`` replace entries of the plain UNet's config (:func:`pasd_verify.presets.build_unet`)."""
-    if kind == "unet":
-        return build_unet(preset, seed=seed, **overrides), None
-    if overrides:
-        raise ValueError(f"config overrides apply to the plain UNet only, not to {kind}")
-    unet, controlnet = build_pasd(preset, seed=seed)
-    return (unet, controlnet) if kind == "pasd-unet" else (controlnet, None)
-
-
 def plot_report(layers: list[dict[str, Any]], path: Path) -> None:
     """Peak memory and reconstruction error per layer, as ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no global backend switched
 
     x = range(len(layers))
-    fig, (mem, loss) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    fig = Figure(figsize=(10, 6))
+    mem, loss = fig.subplots(2, 1, sharex=True)
     mem.plot(x, [r["peak_rss_bytes"] / 2**20 for r in layers], label="peak RSS so far")
     mem.plot(x, [r["cache_bytes_in_memory"] / 2**20 for r in layers], label="activation cache in memory")
     mem.plot(x, [r["cache_bytes_on_disk"] / 2**20 for r in layers], label="activation cache on disk")
@@ -96,26 +53,25 @@ def plot_report(layers: list[dict[str, Any]], path: Path) -> None:
     fig.suptitle(f"AdaRound: {len(layers)} layers")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def adaround_files(model: nn.Module, out_dir: str | os.PathLike, config: AdaroundConfig, *,
-                   controlnet: PASDControlNetModel | None = None, calibration: str | os.PathLike | None = None,
+                   partner: nn.Module | None = None, calibration: str | os.PathLike | None = None,
                    samples: int = 8, latent: tuple[int, int] | None = None, encodings_version: str = "1.0.0",
                    both_versions: bool = False, source: dict[str, Any] | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """AdaRound ``model`` (in place) on calibration samples and write the outputs into ``out_dir``, all or none.
 
     ``calibration`` is a folder of samples (:mod:`pasd_verify.quant.calibration`); without it, ``samples``
-    seeded ones at ``latent`` (default: the config's sample size). A PASD UNet needs its ``controlnet``.
+    seeded ones at ``latent`` (default: the config's sample size). A kind with a partner (the PASD UNet) needs it.
     Returns the report that is also written as ``report.json``.
     """
     if encodings_version not in SUPPORTED_VERSIONS:
         raise PasdVerifyError(f"encodings version {encodings_version!r} is not one of {SUPPORTED_VERSIONS}")
     out_dir = Path(out_dir)
     data = calibration_samples(model, folder=calibration, count=samples, latent=latent, seed=config.seed,
-                               controlnet=controlnet)
-    calls = model_calls(model, data, controlnet=controlnet, device=config.device)
+                               partner=partner)
+    calls = model_calls(model, data, partner=partner, device=config.device)
 
     started = time.perf_counter()
     result = adaround(model, calls, config, progress=progress)

@@ -29,7 +29,7 @@ from aimet_torch._base.adaround.adaround_optimizer import AdaroundOptimizer
 
 from .adaround import LAYER_TYPES, AdaroundConfig, adaround, aimet_act_funcs
 from .calibration import model_calls, seeded_samples
-from .reference import PASDUNetForQuantization, aimet_adaround, pasd_unet_rows
+from .reference import aimet_adaround, aimet_rows
 
 IMPLEMENTATIONS = ("aimet_cached", "aimet_uncached", "ours", "ours_disk")
 TARGETS = ("sd15_ff_layer", "tiny_pasd_unet", "sd15_pasd_unet")
@@ -47,7 +47,7 @@ def _ff_layer(samples: int, seed: int) -> tuple[nn.Module, list[tuple[torch.Tens
 def _pasd_unet(preset: str, samples: int, seed: int, latent: tuple[int, int]):
     unet, controlnet = build_pasd(preset, seed=seed)
     convert_to_sha(unet)
-    data = seeded_samples(unet, samples, latent=latent, seed=seed, control=True)
+    data = seeded_samples(unet, samples, latent=latent, seed=seed)
     return unet.eval(), controlnet.eval(), data
 
 
@@ -68,10 +68,10 @@ def adaround_run(target: str, implementation: str, samples: int, iterations: int
     else:
         preset = "tiny" if target == "tiny_pasd_unet" else "sd15"
         model, controlnet, data = _pasd_unet(preset, samples, seed, tuple(latent or (8, 8)))
-        rows = pasd_unet_rows(controlnet, data)
-        wrapped, prefix = PASDUNetForQuantization(model), "unet."
+        wrapped, rows = aimet_rows(model, data, controlnet)
+        prefix = "unet."
         acts = aimet_act_funcs(wrapped, tuple(t.unsqueeze(0) for t in rows[0]), prefix=prefix)
-        calls = model_calls(model, data, controlnet=controlnet)
+        calls = model_calls(model, data, partner=controlnet)
     start = time.perf_counter()
     if implementation.startswith("aimet"):
         aimet_adaround(wrapped, rows, iterations=iterations, param_bw=param_bw,
@@ -115,9 +115,8 @@ def aimet_sampled_run(preset: str, samples: int, iterations: int, latent: list[i
     from which a whole run's time is estimated."""
     np.random.seed(seed)
     model, controlnet, data = _pasd_unet(preset, samples, seed, tuple(latent))
-    rows = pasd_unet_rows(controlnet, data)
+    wrapped, rows = aimet_rows(model, data, controlnet)
     del controlnet
-    wrapped = PASDUNetForQuantization(model)
     names = [f"unet.{n}" for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
     step = max(1, len(names) // layers)
     chosen = names[step // 2::step][:layers]

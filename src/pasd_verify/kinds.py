@@ -1,0 +1,364 @@
+"""Model kinds: one registry entry per kind of network, read by every stage.
+
+As diffusers' tester configs do for its tests, a :class:`ModelKind` states once what the rest of pasd-verify needs to
+know about a kind of model: its class, how to build it from a preset and a seed, which seeded inputs and calibration
+samples it takes and how to check a user's, how to run it as a graph with plain named tensor inputs and outputs (what
+ONNX export, AIMET and the HTP see), and which partner it needs (the PASD UNet runs on its ControlNet's residuals).
+Export, AdaRound, calibration, the command line and the demo read the registry; no other module branches on a
+model's class or a kind's name.
+
+Graph signatures (the timestep is a float ``(batch,)`` input whose sinusoidal embedding is computed in the graph:
+the scheduler hands the model a timestep, the HTP takes Sin and Cos, and a graph fed a precomputed embedding would
+move part of the model into every caller):
+
+- ``unet``: ``sample, timestep, encoder_hidden_states -> noise``;
+- ``pasd-unet``: the same plus ``down_residual_{i}`` (one per skip, 12 for SD1.5) and ``mid_residual``;
+- ``pasd-controlnet``: ``sample, timestep, encoder_hidden_states, control_image -> rgb_{i}..., down_residual_{i}...,
+  mid_residual``. A partner's outputs feed the inputs of the same names.
+
+Adding a kind: write its model (``models/``), its flat-signature wrapper below, and one :data:`KINDS` entry; add its
+name to ``cli.KIND_NAMES`` (a test checks the two agree, so that ``--help`` needs no torch import).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file
+from .errors import PasdVerifyError
+from .loading import build_model, choose_model, load_model, parameter_shapes
+from .models import PASDControlNetModel, PASDUNet2DConditionModel
+from .name_map import NameMap, holds_sha_projections
+from .presets import UNET_PRESETS, build_pasd, build_unet
+from .ranges import LATENT_FACTOR
+from .sha import convert_to_sha
+
+# A calibration sample: one denoising step's inputs, as a user's pipeline dumps them (quant.calibration's files).
+Sample = dict[str, torch.Tensor]
+SAMPLE_KEYS = ("latent", "timestep", "encoder_hidden_states")
+CONTROL_KEY = "control_image"
+TEXT_LENGTH = 77
+BASE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+
+
+class CalibrationError(PasdVerifyError):
+    """A calibration sample is missing, malformed, or does not fit the model."""
+
+
+# --- flat-signature wrappers: what tracing, ONNX export and AIMET call ---------------------------------------
+
+class _UNetGraph(nn.Module):
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _PASDUNetGraph(nn.Module):
+    def __init__(self, unet: PASDUNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        *down, mid = residuals
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+class _PASDControlNetGraph(nn.Module):
+    def __init__(self, controlnet: PASDControlNetModel):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, control_image):
+        rgbs, down, mid = self.controlnet(sample, timestep, encoder_hidden_states, control_image)
+        return (*(rgbs or ()), *down, mid)
+
+
+def skip_count(unet: UNet2DConditionModel) -> int:
+    """How many down residuals a UNet's up path consumes (12 for SD1.5)."""
+    return sum(len(block.resnets) for block in unet.up_blocks)
+
+
+def _residual_names(count: int) -> list[str]:
+    return [f"down_residual_{i}" for i in range(count)] + ["mid_residual"]
+
+
+# --- the graph a kind's model is exported and quantized as ---------------------------------------------------
+
+@dataclass
+class ExportGraph:
+    """A model wrapped with a flat tensor signature, its input and output names in order, and its kind (None for a
+    bare module exported as it is, which is fed by name)."""
+
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    kind: ModelKind | None = None
+
+    def feeds(self, sample: Sample, partner: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The graph's inputs for one calibration sample; a kind with a partner takes the inputs the partner's graph
+        outputs under the same names (a PASD UNet's residuals, from its ControlNet run on the same sample)."""
+        if self.kind is None:
+            raise ValueError("a bare module's graph has no sample layout; feed it by input name")
+        latent = sample["latent"]
+        feeds = {"sample": latent,
+                 "timestep": sample["timestep"].float().reshape(-1).expand(latent.shape[0]).contiguous(),
+                 "encoder_hidden_states": sample["encoder_hidden_states"]}
+        if CONTROL_KEY in self.input_names:
+            feeds[CONTROL_KEY] = sample[CONTROL_KEY]
+        if self.kind.partner is not None:
+            if partner is None:
+                raise ValueError(f"a {self.kind.name} graph's inputs {self.input_names[len(feeds)]}... come from its "
+                                 f"{self.kind.partner}; pass it")
+            producer = graph_of(partner)
+            produced = producer(producer.feeds(sample))
+            feeds.update({name: produced[name] for name in self.input_names if name not in feeds})
+        return feeds
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            outputs = self.module(*(feeds[name] for name in self.input_names))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return dict(zip(self.output_names, outputs))
+
+
+# --- the kinds -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What every stage needs to know about one kind of model.
+
+    ``preset(name, seed, **overrides)`` builds the seeded model and its partner (or None) together, as one draw;
+    ``wrapper`` is its flat-signature module; ``inputs``/``outputs`` name the graph's tensors for a given model;
+    ``control`` says whether its samples carry a [0, 1] control image 8x the latent; ``partner`` names the kind whose
+    outputs feed it.
+    """
+
+    name: str
+    model_class: type[nn.Module]
+    preset: Callable[..., tuple[nn.Module, nn.Module | None]]
+    wrapper: type[nn.Module]
+    inputs: Callable[[nn.Module], list[str]]
+    outputs: Callable[[nn.Module], list[str]]
+    control: bool = False
+    partner: str | None = None
+    description: str = ""
+
+    def graph(self, model: nn.Module) -> ExportGraph:
+        """``model`` with a flat tensor signature (``model`` is wrapped, not copied)."""
+        return ExportGraph(self.wrapper(model).eval(), self.inputs(model), self.outputs(model), self)
+
+    def seeded_samples(self, model: nn.Module, count: int, *, latent: tuple[int, int] | None = None,
+                       seed: int = 0) -> list[Sample]:
+        """``count`` seeded samples of batch 1 for ``model``'s config (latent size defaults to its sample_size)."""
+        config = model.config
+        if latent is None and config.get("sample_size") is None:
+            raise CalibrationError(f"{type(model).__name__} has no sample_size in its config: give the latent size "
+                                   "(--latent H W)")
+        height, width = latent or (config.sample_size, config.sample_size)
+        samples = []
+        for i in range(count):
+            g = torch.Generator().manual_seed(seed * 100003 + i)
+            sample = {
+                "latent": torch.randn(1, config.in_channels, height, width, generator=g),
+                "timestep": torch.randint(0, 1000, (1,), generator=g),
+                "encoder_hidden_states": torch.randn(1, TEXT_LENGTH, config.cross_attention_dim, generator=g),
+            }
+            if self.control:
+                sample[CONTROL_KEY] = torch.rand(1, 3, height * LATENT_FACTOR, width * LATENT_FACTOR, generator=g)
+            samples.append(sample)
+        return samples
+
+    @property
+    def sample_keys(self) -> tuple[str, ...]:
+        return SAMPLE_KEYS + ((CONTROL_KEY,) if self.control else ())
+
+    def check_sample(self, sample: Sample, model: nn.Module, source: str, *, like: Sample | None = None) -> None:
+        """Raise naming ``source`` and the key for anything in ``sample`` that does not fit ``model``."""
+        config = model.config
+        wanted = self.sample_keys
+        for key in wanted:
+            if key not in sample:
+                raise CalibrationError(f"{source}: missing key {key!r}; a sample holds {list(wanted)}")
+        for key, tensor in sample.items():
+            if key not in wanted:
+                raise CalibrationError(f"{source}: unexpected key {key!r}; a sample holds {list(wanted)}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CalibrationError(f"{source}: {key} holds NaN or Inf")
+        latent, text = sample["latent"], sample["encoder_hidden_states"]
+        if latent.ndim != 4 or latent.shape[1] != config.in_channels:
+            raise CalibrationError(f"{source}: latent has shape {tuple(latent.shape)}, expected "
+                                   f"(B, {config.in_channels}, h, w)")
+        batch = latent.shape[0]
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != config.cross_attention_dim:
+            raise CalibrationError(f"{source}: encoder_hidden_states has shape {tuple(text.shape)}, expected "
+                                   f"({batch}, tokens, {config.cross_attention_dim})")
+        timestep = sample["timestep"]
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] != batch):
+            raise CalibrationError(f"{source}: timestep has shape {tuple(timestep.shape)}, expected ({batch},) or ()")
+        if self.control:
+            image = sample[CONTROL_KEY]
+            expected = (batch, 3, latent.shape[2] * LATENT_FACTOR, latent.shape[3] * LATENT_FACTOR)
+            if tuple(image.shape) != expected:
+                raise CalibrationError(f"{source}: control_image has shape {tuple(image.shape)}, expected {expected} "
+                                       "(8x the latent, as PASD's images are)")
+            if image.min() < 0 or image.max() > 1:
+                raise CalibrationError(f"{source}: control_image has values in [{image.min():.3g}, "
+                                       f"{image.max():.3g}]; the ControlNet takes images in [0, 1]")
+        if like is not None:
+            for key in wanted:
+                if sample[key].shape != like[key].shape:
+                    raise CalibrationError(f"{source}: {key} has shape {tuple(sample[key].shape)}, the first sample "
+                                           f"{tuple(like[key].shape)}; every sample must have the same shapes")
+
+    def calls(self, model: nn.Module, samples: Sequence[Sample], *, partner: nn.Module | None = None,
+              device: str | torch.device = "cpu") -> list[Callable[[nn.Module], Any]]:
+        """One call per sample that runs a model of this kind on it, through its flat signature; a partner's outputs
+        are computed once here, by the float partner."""
+        if self.partner is not None and partner is None:
+            raise CalibrationError(f"a {self.name} is calibrated on its {self.partner}'s outputs: give the "
+                                   f"{self.partner} too")
+        graph = self.graph(model)
+        if partner is not None:
+            partner.to(device)
+        calls = []
+        for sample in samples:
+            feeds = graph.feeds({k: v.to(device) for k, v in sample.items()}, partner)
+            args = tuple(feeds[name] for name in graph.input_names)
+            calls.append(lambda m, args=args: self.wrapper(m)(*args))
+        return calls
+
+
+def _base_inputs(model: nn.Module) -> list[str]:
+    return list(BASE_INPUTS)
+
+
+def _noise(model: nn.Module) -> list[str]:
+    return ["noise"]
+
+
+def _unet_preset(preset: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, None]:
+    return build_unet(preset, seed=seed, **overrides), None
+
+
+def _no_overrides(kind: str, overrides: dict[str, Any]) -> None:
+    if overrides:
+        raise ValueError(f"config overrides apply to the plain UNet only, not to {kind}")
+
+
+def _pasd_unet_preset(preset: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, nn.Module]:
+    _no_overrides("pasd-unet", overrides)
+    return build_pasd(preset, seed=seed)
+
+
+def _pasd_controlnet_preset(preset: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, None]:
+    _no_overrides("pasd-controlnet", overrides)
+    return build_pasd(preset, seed=seed)[1], None
+
+
+def _controlnet_outputs(model: nn.Module) -> list[str]:
+    rgbs = len(model.controlnet_cond_embedding.to_rgbs) if model.config.return_rgbs else 0
+    return [f"rgb_{i}" for i in range(rgbs)] + _residual_names(len(model.controlnet_down_blocks))
+
+
+# In lookup order: a subclass before the class it extends (a PASD UNet is a UNet2DConditionModel).
+KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
+    ModelKind("pasd-unet", PASDUNet2DConditionModel, _pasd_unet_preset, _PASDUNetGraph,
+              inputs=lambda m: _base_inputs(m) + _residual_names(skip_count(m)), outputs=_noise, control=True,
+              partner="pasd-controlnet", description="PASD's UNet, run on its ControlNet's residuals"),
+    ModelKind("pasd-controlnet", PASDControlNetModel, _pasd_controlnet_preset, _PASDControlNetGraph,
+              inputs=lambda m: _base_inputs(m) + [CONTROL_KEY], outputs=_controlnet_outputs, control=True,
+              description="PASD's ControlNet: RGB side outputs and the UNet's residuals"),
+    ModelKind("unet", UNet2DConditionModel, _unet_preset, _UNetGraph, inputs=_base_inputs, outputs=_noise,
+              description="SD1.5's UNet2DConditionModel"),
+)}
+
+
+def get_kind(name: str) -> ModelKind:
+    """The registry entry called ``name``."""
+    if name not in KINDS:
+        raise PasdVerifyError(f"unknown model kind {name!r}; choose one of {sorted(KINDS)}")
+    return KINDS[name]
+
+
+def kind_of(model: nn.Module) -> ModelKind:
+    """The registry entry of ``model`` (MHA or SHA form alike: the rewrite swaps modules inside it)."""
+    for kind in KINDS.values():
+        if isinstance(model, kind.model_class):
+            return kind
+    raise PasdVerifyError(f"{type(model).__name__} is not a kind pasd-verify knows; expected one of "
+                          f"{', '.join(k.model_class.__name__ for k in KINDS.values())}")
+
+
+def graph_of(model: nn.Module) -> ExportGraph:
+    """``model`` as the flat-signature graph its kind defines."""
+    return kind_of(model).graph(model)
+
+
+# --- models in the form a command works on -------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A model in the form a command asked for, its partner when its kind needs one, and where they came from."""
+
+    model: nn.Module
+    partner: nn.Module | None
+    kind: ModelKind
+    source: dict[str, Any]
+    name_map: NameMap | None = None
+
+
+def preset_model(preset: str, kind: str, *, seed: int = 0, form: str = "mha", **overrides: Any) -> LoadedModel:
+    """An embedded seeded model of ``kind`` and its partner, in ``form`` (the partner stays float MHA: it makes the
+    model's inputs); ``overrides`` replace entries of the plain UNet's config (:func:`pasd_verify.presets.build_unet`)."""
+    if preset not in UNET_PRESETS:
+        raise PasdVerifyError(f"unknown preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
+    entry = get_kind(kind)
+    model, partner = entry.preset(preset, seed, **overrides)
+    name_map = convert_to_sha(model) if _form(form) == "sha" else None
+    source = {"preset": preset, "kind": kind, "seed": seed, "form": form, "model_class": type(model).__name__}
+    return LoadedModel(model, partner, entry, source, name_map)
+
+
+def _form(form: str) -> str:
+    if form not in ("mha", "sha"):
+        raise PasdVerifyError(f"form must be 'mha' or 'sha', got {form!r}")
+    return form
+
+
+def load_model_form(model_config: str | os.PathLike, state_dict: str | os.PathLike, *, form: str = "sha",
+                    model_class: str | None = None, partner: str | os.PathLike | None = None) -> LoadedModel:
+    """The model a config and an MHA or SHA checkpoint describe, in ``form``, and its partner from the folder
+    ``partner``: an MHA checkpoint is rewritten to SHA in memory for ``form="sha"``; an SHA checkpoint (the
+    ``NameMap`` naming scheme) loads into the SHA model directly."""
+    state_dict = Path(state_dict)
+    shapes = checkpoint_shapes(state_dict)
+    name_map = None
+    if not holds_sha_projections(shapes):
+        model = load_model(model_config, model_class=model_class, weights=state_dict)
+        if _form(form) == "sha":
+            name_map = convert_to_sha(model)
+    else:
+        if _form(form) != "sha":
+            raise PasdVerifyError(f"{state_dict}: holds an SHA checkpoint; use --form sha")
+        model = build_model(model_config, choose_model(model_config, shapes, model_class=model_class), device="meta")
+        name_map = convert_to_sha(model)
+        check_checkpoint_matches(shapes, parameter_shapes(model), f"{state_dict} (SHA form)")
+        model.load_state_dict(load_state_dict_file(state_dict), strict=True, assign=True)
+        model.eval()
+    kind = kind_of(model)
+    loaded_partner = load_model(partner) if partner is not None else None
+    source = {"model_config": str(model_config), "state_dict": str(state_dict), "form": form,
+              "model_class": type(model).__name__}
+    return LoadedModel(model, loaded_partner, kind, source, name_map)
