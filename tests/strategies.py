@@ -9,6 +9,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from hypothesis import strategies as st
 
+from encodings_helpers import VERSIONS as ENCODINGS_VERSIONS
+
 SD15_HEAD_DIMS = (40, 80, 160)
 SD15_WIDTHS = (320, 768)
 TEXT_LENGTH = 77
@@ -268,3 +270,21 @@ def layer_cases(draw) -> LayerCase:
         weight_scale=draw(st.sampled_from([1e-3, 1.0, 50.0])),
         seed=draw(st.integers(0, 2**16)),
     )
+
+
+@st.composite
+def per_channel_encodings(draw):
+    """A per-channel encoding of either format, with a channel count that ``heads`` divides."""
+    version = draw(st.sampled_from(ENCODINGS_VERSIONS))
+    heads = draw(st.integers(1, 8))
+    channels = heads * draw(st.integers(1, 6))
+    bw = draw(st.sampled_from([4, 8, 16]))
+    scales = draw(st.lists(st.floats(1e-6, 1.0), min_size=channels, max_size=channels))
+    offsets = draw(st.lists(st.integers(-(2**bw - 1), 0), min_size=channels, max_size=channels))
+    if version == "0.6.1":
+        entry = [{"bitwidth": bw, "dtype": "int", "is_symmetric": "False", "offset": o, "scale": s,
+                  "min": o * s, "max": (o + 2**bw - 1) * s} for s, o in zip(scales, offsets)]
+    else:
+        entry = {"name": "w", "bw": bw, "dtype": "INT", "enc_type": "PER_CHANNEL", "is_sym": False,
+                 "scale": scales, "offset": offsets}
+    return version, heads, entry
