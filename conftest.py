@@ -6,6 +6,7 @@ HYPOTHESIS_PROFILE selects a profile: ``ci`` (the default; bounded so the defaul
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,24 @@ def peak_memory(request):
     """``peak_memory(benchmark, run)`` records a memory benchmark's child run and applies the gate."""
     recorder = request.config._memory_recorder
     return lambda benchmark, run: recorder.record(request, benchmark, run)
+
+
+# --- the tiny UNet the golden encodings were made from (golden/generate.py) ------------------------------------
+
+@pytest.fixture(scope="module")
+def name_map():
+    """The golden MHA -> SHA name map of the tiny UNet, as a plain dict (as a user's name_map.json loads)."""
+    import json
+
+    return json.loads((Path(__file__).parent / "golden" / "unet_tiny_name_map.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sha_shapes():
+    """Every parameter shape of the tiny UNet after the SHA rewrite: what check_encodings validates against."""
+    from pasd_verify.presets import build_unet
+    from pasd_verify.sha import convert_to_sha
+
+    model = build_unet("tiny")
+    convert_to_sha(model)
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}

@@ -1,17 +1,15 @@
 """What the encodings tests share: the golden AIMET files, views of an encodings file whatever its version, and
 small hand-made files of either format.
 
-The golden files are real AIMET exports (golden/generate.py). ``name_map`` and ``sha_shapes`` are pytest fixtures:
-a test module imports them by name (``from encodings_helpers import name_map``) and gets its own module-scoped copy.
+The golden files are real AIMET exports (golden/generate.py); the ``name_map`` and ``sha_shapes`` fixtures of the
+tiny UNet they were made from are in conftest.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import pytest
 
 from pasd_verify.encodings import load_encodings
 
@@ -22,22 +20,6 @@ WEIGHTS = ["per_channel", "per_tensor"]
 
 def golden(form: str, weights: str, version: str) -> dict:
     return load_encodings(GOLDEN / f"unet_tiny_{form}_{weights}_{version}.encodings")
-
-
-@pytest.fixture(scope="module")
-def name_map():
-    return json.loads((GOLDEN / "unet_tiny_name_map.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def sha_shapes():
-    """Every parameter shape of the tiny UNet after the SHA rewrite: what check_encodings validates against."""
-    from pasd_verify.presets import build_unet
-    from pasd_verify.sha import convert_to_sha
-
-    model = build_unet("tiny")
-    convert_to_sha(model)
-    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
 
 
 def params(encodings: dict) -> dict:

@@ -23,10 +23,8 @@ from encodings_helpers import (
     close,
     containers,
     golden,
-    name_map,  # noqa: F401 (a fixture)
     params,
     per_block_entry,
-    sha_shapes,  # noqa: F401 (a fixture)
     v0_channel,
 )
 from pasd_verify.encodings import (

@@ -19,9 +19,7 @@ from encodings_helpers import (
     VERSIONS,
     WEIGHTS,
     golden,
-    name_map,  # noqa: F401 (a fixture)
     params,
-    sha_shapes,  # noqa: F401 (a fixture)
     v0_channel,
     v0_file,
     v1_file,

@@ -8,10 +8,6 @@ SHA checkpoint, the SHA encodings and the name map into one folder: all of them 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,7 @@ from .encodings import (
     required_sha_encodings,
     save_encodings,
 )
-from .errors import PasdVerifyError
+from .io import refuse_overwriting_inputs, staged_outputs
 from .loading import ModelChoice, build_model, choose_model, parameter_shapes
 from .name_map import NameMap
 from .sha import convert_to_sha
@@ -58,17 +54,6 @@ def _plan(config: str | os.PathLike | dict, checkpoint: Path, form: str, model_c
     return conversion
 
 
-@contextmanager
-def _staging(folder: Path) -> Iterator[Path]:
-    """A hidden folder beside the outputs; whatever is left in it is removed, so a failure leaves nothing."""
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=folder))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _rewrite_checked(conversion: _Conversion, src: Path, staged: Path, final: Path, to: str) -> dict[str, int]:
     """Rewrite ``src`` into ``staged``, then read the written file back and check it fits the model in form ``to``."""
     counts = convert_checkpoint_file(src, staged, conversion.name_map, to=to)
@@ -86,13 +71,11 @@ def convert_checkpoint(config: str | os.PathLike | dict, src: str | os.PathLike,
     src, dst = Path(src), Path(dst)
     if to not in ("sha", "mha"):
         raise ValueError(f"to must be 'sha' or 'mha', got {to!r}")
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise PasdVerifyError(f"{dst}: refusing to overwrite the input checkpoint")
+    refuse_overwriting_inputs(dst.parent, [dst.name], [src])
     checkpoint_format(dst)
     conversion = _plan(config, src, "mha" if to == "sha" else "sha", model_class)
-    with _staging(dst.parent) as staging:
+    with staged_outputs(dst.parent, [dst.name]) as staging:
         counts = _rewrite_checked(conversion, src, staging / dst.name, dst, to)
-        os.replace(staging / dst.name, dst)
     return {**counts, "model_class": conversion.choice.name}
 
 
@@ -143,10 +126,7 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
     outputs = {"state_dict": out_dir / f"state_dict_sha{suffix}", "name_map": out_dir / "name_map.json"}
     if encodings is not None:
         outputs["encodings"] = out_dir / "parameters_sha.encodings"
-    inputs = {p.resolve() for p in (config_path, state_dict, *([Path(encodings)] if encodings else [])) if p.exists()}
-    for path in outputs.values():
-        if path.exists() and path.resolve() in inputs:
-            raise PasdVerifyError(f"{path}: refusing to overwrite an input; choose another --out")
+    refuse_overwriting_inputs(out_dir, [p.name for p in outputs.values()], [config_path, state_dict, encodings])
 
     name_map = conversion.name_map
     summary: dict[str, Any] = {"model_class": conversion.choice.describe(),
@@ -158,14 +138,12 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
                                                encodings_version)
         summary.update(counts)
 
-    with _staging(out_dir) as staging:
+    with staged_outputs(out_dir, [p.name for p in outputs.values()]) as staging:
         staged = {key: staging / path.name for key, path in outputs.items()}
         counts = _rewrite_checked(conversion, state_dict, staged["state_dict"], outputs["state_dict"], "sha")
         summary["checkpoint_tensors_out"] = counts["tensors_out"]
         if sha_encodings is not None:
             save_encodings(sha_encodings, staged["encodings"])
         staged["name_map"].write_text(name_map.to_json())
-        for key, path in outputs.items():
-            os.replace(staged[key], path)
     summary["outputs"] = {key: str(path) for key, path in outputs.items()}
     return summary

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: tuple[str, ...],
-                              inputs: list[str | os.PathLike | None]) -> None:
+def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: Iterable[str],
+                              inputs: Iterable[str | os.PathLike | None]) -> None:
     """Raise before any work when one of the outputs ``out_dir/<name>`` would replace one of ``inputs``."""
     from .errors import PasdVerifyError
 
@@ -48,3 +49,27 @@ def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: tuple[st
     for path in inputs:
         if path is not None and Path(path).exists() and Path(path).resolve() in outputs:
             raise PasdVerifyError(f"{path}: an output would overwrite this input; choose another --out")
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | os.PathLike, output_names: Iterable[str]) -> Iterator[Path]:
+    """All or none: yield a hidden staging folder inside ``out_dir`` to write the outputs into; when the block ends
+    without error, each of ``output_names`` present there replaces ``out_dir/<name>`` (a file, or a folder); on any
+    error nothing is moved. The staging folder, and whatever else a library left in it, is removed either way.
+
+    Staged in ``out_dir`` itself, so that every move is a rename on one file system.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
+    try:
+        yield staging
+        for name in output_names:
+            if not (staging / name).exists():
+                continue
+            target = out_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

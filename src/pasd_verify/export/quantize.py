@@ -27,16 +27,16 @@ from ..errors import PasdVerifyError
 from ..io import write_json
 from ..memory import trim_heap
 
-WEIGHT_GRANULARITY = ("per-channel", "per-tensor")
+WEIGHT_GRANULARITY = ("per_channel", "per_tensor")
 
 
 def _config_file(weights: str, folder: Path) -> str:
-    """aimet-onnx's default config, with per-channel weights switched off for ``per-tensor``."""
+    """aimet-onnx's default config, with per-channel weights switched off for ``per_tensor``."""
     if weights not in WEIGHT_GRANULARITY:
         raise PasdVerifyError(f"weights must be one of {WEIGHT_GRANULARITY}, got {weights!r}")
     source = resources.files("aimet_onnx.common.quantsim_config") / "default_config_per_channel.json"
     config = json.loads(source.read_text())
-    if weights == "per-tensor":
+    if weights == "per_tensor":
         for op in config.get("op_type", {}).values():
             if "per_channel_quantization" in op:
                 op["per_channel_quantization"] = "False"
@@ -46,7 +46,7 @@ def _config_file(weights: str, folder: Path) -> str:
 
 
 def quantization_sim(model_path: str | os.PathLike, calibration: list[dict[str, np.ndarray]], *, param_bw: int = 8,
-                     act_bw: int = 16, weights: str = "per-channel", workdir: str | os.PathLike,
+                     act_bw: int = 16, weights: str = "per_channel", workdir: str | os.PathLike,
                      frozen_param_encodings: str | os.PathLike | None = None):
     """An aimet-onnx sim of the graph at ``model_path``, calibrated (min-max) on ``calibration`` feeds; the
     parameters named in ``frozen_param_encodings`` (a 1.0.0 file keyed by initializer names) keep its grids."""

@@ -9,8 +9,6 @@ the outputs are staged in a hidden folder and moved into place only when all of 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +20,7 @@ from .. import __version__
 from ..checkpoint import save_state_dict_file
 from ..encodings import SUPPORTED_VERSIONS, convert_version, save_encodings
 from ..errors import PasdVerifyError
-from ..io import refuse_overwriting_inputs, write_json
+from ..io import refuse_overwriting_inputs, staged_outputs, write_json
 from .adaround import AdaroundConfig, AdaroundResult, adaround
 from .calibration import calibration_samples, model_calls
 
@@ -83,9 +81,7 @@ def adaround_files(model: nn.Module, out_dir: str | os.PathLike, config: Adaroun
         "totals": {**result.summary(), "seconds_total": time.perf_counter() - started}, "layers": layers,
     }
     other = [v for v in SUPPORTED_VERSIONS if v != encodings_version]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
-    try:
+    with staged_outputs(out_dir, OUTPUT_NAMES) as staging:
         save_state_dict_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                              staging / "adarounded.safetensors")
         save_encodings(param_encodings_file(result, encodings_version), staging / "param_encodings.encodings")
@@ -94,10 +90,6 @@ def adaround_files(model: nn.Module, out_dir: str | os.PathLike, config: Adaroun
         plot_report(layers, staging / "adaround.png")
         report["outputs"] = sorted(p.name for p in staging.iterdir()) + ["report.json"]
         write_json(staging / "report.json", report)
-        for path in staging.iterdir():
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

@@ -21,39 +21,13 @@ As in AIMET's quantization sim, the quantized path also rounds GroupNorm/LayerNo
 
 from __future__ import annotations
 
-import logging
-
-# the parts, in dependency order: config <- grid <- cache <- plan <- optimize <- capture <- model. The private
-# names are re-exported too: code and tests that reached into the single module still find them here.
-from .cache import ActivationCache, _cache_dtype_for, _FileRows, _MemoryRows, _Rows, _StructureCache
-from .capture import _capture, _capture_block_inputs, _Level, _Levels, _replay, _Stop
-from .config import _ANALYZERS, _CACHE_DTYPES, LAYER_TYPES, MINIBATCH, NEAREST_TYPES, AdaroundConfig, AdaroundError
-from .grid import (
-    WeightGrid,
-    _code_dtype,
-    _rectified_sigmoid,
-    aimet_quantizer,
-    dequantize,
-    initial_alpha,
-    integer_codes,
-    soft_rounded,
-    weight_grid,
-)
-from .model import AdaroundResult, _grid_on, adaround, aimet_act_funcs
-from .optimize import LayerReport, _layer_output, optimize_layer, reconstruction_backward
-from .plan import (
-    _block_roots,
-    _CallTrace,
-    _Group,
-    _InputIdentity,
-    _Plan,
-    _QuantizedMode,
-    _selected,
-    _unit_path,
-    plan_layers,
-)
-
-logger = logging.getLogger(__name__)
+# the parts, in dependency order: config <- grid <- cache <- plan <- optimize <- capture <- model
+from .cache import ActivationCache
+from .config import LAYER_TYPES, MINIBATCH, NEAREST_TYPES, AdaroundConfig, AdaroundError
+from .grid import WeightGrid, aimet_quantizer, dequantize, initial_alpha, integer_codes, soft_rounded, weight_grid
+from .model import AdaroundResult, adaround, aimet_act_funcs
+from .optimize import LayerReport, optimize_layer, reconstruction_backward
+from .plan import plan_layers
 
 __all__ = [
     "LAYER_TYPES",
