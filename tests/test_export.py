@@ -143,8 +143,8 @@ def test_large_export_stores_each_weight_once(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # the HTP steps are not what this is about
     model = preset_model("tiny", "unet").model
     convert_to_sha(model)
-    report = pipeline.export_files(model, tmp_path, samples=1, rewrites=("layernorm-identity-mul",),
-                                   localize_divergence=False, log=lambda line: None)
+    report = pipeline.export_files(model, tmp_path, pipeline.ExportConfig(
+        samples=1, rewrites=("layernorm-identity-mul",), localize=False))
     assert report["stages"]["float_export"]["rewrites"]["layernorm-identity-mul"] > 0
     for graph in ("model", "model.qdq"):
         ranges = _external_ranges(tmp_path / f"{graph}.onnx")
@@ -178,7 +178,7 @@ def test_nothing_of_aimet_waits_for_a_collection_at_the_htp_step(tmp_path, monke
     gc.collect()
     gc.disable()  # whether a collection happens on its own depends on how much Python allocates meanwhile
     try:
-        pipeline.export_files(model, tmp_path, samples=1, localize_divergence=False, log=lambda line: None)
+        pipeline.export_files(model, tmp_path, pipeline.ExportConfig(samples=1, localize=False))
     finally:
         gc.enable()
     waiting, alive = counts
@@ -193,8 +193,8 @@ def test_check_outputs_hold_the_check_input_and_what_each_step_computed_from_it(
     loaded = preset_model("tiny", "pasd-unet")
     model, controlnet = loaded.model, loaded.partner
     path = tmp_path / "check.npz"
-    report = pipeline.export_files(model, tmp_path / "out", partner=controlnet, samples=1,
-                                   localize_divergence=False, check_outputs=path, log=lambda line: None)
+    report = pipeline.export_files(model, tmp_path / "out", pipeline.ExportConfig(
+        samples=1, localize=False, check_outputs=str(path)), partner=controlnet)
     graph = export_graph(model)
     with np.load(path) as stored:
         saved = {key: stored[key] for key in stored.files}

@@ -17,7 +17,7 @@ from pasd_verify.kinds import ExportGraph, preset_model
 from pasd_verify.kinds import graph_of as export_graph
 from pasd_verify.export.htp import htp_available, run_on_htp
 from pasd_verify.export.onnx_io import export_float, run_onnx, sqnr_db
-from pasd_verify.export.pipeline import HTP_SQNR_DB, export_files
+from pasd_verify.export.pipeline import HTP_SQNR_DB, ExportConfig, export_files
 from pasd_verify.export.quantize import export_quantized, quantization_sim
 from pasd_verify.export.rewrites import apply_onnx_rewrites, apply_rewrites
 from pasd_verify.quant.calibration import seeded_samples
@@ -31,7 +31,7 @@ def _export(tmp_path, kind="unet", form="mha", **kwargs):
     model, controlnet = loaded.model, loaded.partner
     if form == "sha":
         convert_to_sha(model)
-    report = export_files(model, tmp_path, partner=controlnet, samples=2, log=lambda line: None, **kwargs)
+    report = export_files(model, tmp_path, ExportConfig(samples=2, **kwargs), partner=controlnet)
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     return report
 
@@ -158,7 +158,7 @@ def test_with_both_rewrites_the_tiny_unet_passes_on_the_htp(tmp_path, form):
 def test_without_the_backend_the_htp_steps_are_skipped_not_passed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # import now raises ImportError, as off x86_64
     assert "onnxruntime-qnn is not installed" in htp_available()
-    report = _export(tmp_path, localize_divergence=False)
+    report = _export(tmp_path, localize=False)
     htp = report["stages"]["htp"]
     assert htp["htp"]["status"] == "skipped" and htp["passed"] is None
     assert report["htp_skipped"] is True
@@ -173,8 +173,8 @@ def test_release_model_frees_the_weights_and_changes_no_output(tmp_path, monkeyp
     for release in (False, True):
         loaded = preset_model("tiny", "pasd-unet")
         model, controlnet = loaded.model, loaded.partner
-        export_files(model, tmp_path / str(release), partner=controlnet, samples=2, localize_divergence=False,
-                     release_model=release, log=lambda line: None)
+        export_files(model, tmp_path / str(release), ExportConfig(samples=2, localize=False, release_model=release),
+                     partner=controlnet)
         on_meta = [p.is_meta for m in (model, controlnet) for p in m.parameters()]
         assert all(on_meta) if release else not any(on_meta)
         folder = tmp_path / str(release)

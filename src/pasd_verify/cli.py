@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ def stage_table(stages: list[dict[str, Any]]) -> str:
         numbers = ", ".join(f"{k}={_format(stage[k], k)}" for k in _SHOWN if k in stage)
         if "error" in stage:
             numbers = stage["error"].splitlines()[0]
+        elif "reason" in stage:
+            numbers = stage["reason"]
         rows.append((stage["name"], stage["status"].upper(), f"{stage['seconds_total']:.2f}", numbers))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(
@@ -85,6 +88,36 @@ def _parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 8GiB, 512MiB, 1e9)") from None
 
 
+def _preset_latent(args: argparse.Namespace) -> None:
+    """A preset's latent size where none is given: a ControlNet's config has no sample_size; the preset's UNet has."""
+    if args.preset is not None and args.latent is None:
+        from .presets import UNET_PRESETS
+
+        if args.preset in UNET_PRESETS:
+            args.latent = [UNET_PRESETS[args.preset]["sample_size"]] * 2
+
+
+@contextlib.contextmanager
+def _stage_lines(name: str):
+    """Each stage's line on the terminal as it ends (the library logs it at INFO), unless logging shows it already."""
+    progress = logging.getLogger(name)
+    if progress.isEnabledFor(logging.INFO):
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = progress.level, progress.propagate
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    try:
+        yield
+    finally:
+        progress.removeHandler(handler)
+        progress.setLevel(level)
+        progress.propagate = propagate
+
+
 def _model_from_args(args: argparse.Namespace, outputs_check):
     """The model in ``--form``, its partner when its kind needs one, and where they came from
     (:class:`pasd_verify.kinds.LoadedModel`)."""
@@ -97,12 +130,7 @@ def _model_from_args(args: argparse.Namespace, outputs_check):
     outputs_check(args.out, [args.state_dict, args.model_config, args.calibration,
                              getattr(args, "param_encodings", None)])
     if args.preset is not None:
-        loaded = preset_model(args.preset, args.kind, seed=args.seed, form=args.form)
-        if args.latent is None:  # a ControlNet's config has no sample_size; the preset's UNet has
-            from .presets import UNET_PRESETS
-
-            args.latent = [UNET_PRESETS[args.preset]["sample_size"]] * 2
-        return loaded
+        return preset_model(args.preset, args.kind, seed=args.seed, form=args.form)
     return load_model_form(args.model_config, args.state_dict, form=args.form, model_class=args.model_class,
                            partner=args.controlnet)
 
@@ -111,9 +139,10 @@ def _adaround(args: argparse.Namespace) -> int:
     from .quant.adaround import AdaroundConfig
     from .quant.workflow import adaround_files, check_output_folder
 
-    config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights.replace("-", "_"),
+    config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights,
                             cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
                             seed=args.seed, only=tuple(args.only or ()))
+    _preset_latent(args)
     loaded = _model_from_args(args, check_output_folder)
     model = loaded.model
     report = adaround_files(model, args.out, config, partner=loaded.partner, calibration=args.calibration,
@@ -132,20 +161,19 @@ def _adaround(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export.pipeline import check_output_folder, export_files
-
+    from .export.pipeline import ExportConfig, check_output_folder, export_files
     from .logs import library_warnings
 
+    _preset_latent(args)
+    # one field per flag; release_model: the command needs the memory, and no caller uses the model afterwards
+    config = ExportConfig(calibration=args.calibration, samples=args.samples, latent=args.latent,
+                          weights=args.weights, param_bw=args.param_bw, act_bw=args.act_bw, soc_model=args.soc_model,
+                          htp_threshold_db=args.htp_threshold_db, localize=not args.no_localize,
+                          rewrites=args.rewrite or (), param_encodings=args.param_encodings, seed=args.seed,
+                          release_model=True)
     loaded = _model_from_args(args, check_output_folder)
-    with library_warnings("export", logging.getLogger("pasd_verify.export")) as caught:
-        report = export_files(loaded.model, args.out, partner=loaded.partner, calibration=args.calibration,
-                              samples=args.samples, latent=tuple(args.latent) if args.latent else None,
-                              weights=args.weights, param_bw=args.param_bw, act_bw=args.act_bw,
-                              soc_model=args.soc_model, threshold_db=args.htp_threshold_db,
-                              localize_divergence=not args.no_localize, rewrites=tuple(args.rewrite or ()),
-                              seed=args.seed, release_model=True, param_encodings=args.param_encodings,
-                              source=loaded.source,
-                              log=lambda line: print(line, flush=True))
+    with _stage_lines("pasd_verify.export"), library_warnings("export", logging.getLogger("pasd_verify.export")) as caught:
+        report = export_files(loaded.model, args.out, config, partner=loaded.partner, source=loaded.source)
     if caught and not args.verbose:
         print(f"({len(caught)} warnings from torch, diffusers and AIMET went to the log; -v shows them)")
     htp = report["stages"]["htp"]
@@ -219,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt = ada.add_argument_group("optimisation")
     opt.add_argument("--param-bw", type=int, default=4, help="weight bitwidth (default 4)")
     opt.add_argument("--iterations", type=int, help="per layer (default AIMET's: 10000, 15000 below 8 bits)")
-    opt.add_argument("--weights", choices=["per-channel", "per-tensor"], default="per-channel")
+    opt.add_argument("--weights", choices=["per_channel", "per_tensor"], default="per_channel")
     opt.add_argument("--cache-budget", type=_parse_bytes,
                      help="bytes of activation cache in memory (e.g. 4GiB); the rest goes to files")
     opt.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32")
@@ -236,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="quantize with aimet-onnx, export ONNX + encodings + QDQ, compile for the HTP, check each step")
     _add_model_arguments(exp, "export")
     q = exp.add_argument_group("quantization and the HTP")
-    q.add_argument("--weights", choices=["per-channel", "per-tensor"], default="per-channel")
+    q.add_argument("--weights", choices=["per_channel", "per_tensor"], default="per_channel")
     q.add_argument("--param-bw", type=int, default=8, help="weight bitwidth (default 8)")
     q.add_argument("--act-bw", type=int, default=16, help="activation bitwidth (default 16)")
     q.add_argument("--soc-model", default="57", help="QNN soc_model to compile for (default 57)")

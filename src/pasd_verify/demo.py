@@ -1,8 +1,11 @@
 """The main job on embedded default models: rewrite to SHA, prove it equivalent, rewrite the checkpoint, and
 run the tiny PASD pair on a real photo.
 
-Each stage measures numbers and passes or fails on a tolerance; :func:`run_demo` collects them into the
-report that ``pasd-verify demo`` prints and writes to ``report.json``.
+Each stage is a function of explicit inputs that measures numbers and passes or fails on a tolerance; what a
+stage makes for later ones (the SHA model, its name map) exists only when that stage passed. A stage whose inputs
+are missing because the stage making them failed is reported ``skipped`` with the reason, never run on stand-ins.
+:func:`run_demo` collects the results into the report that ``pasd-verify demo`` prints and writes to
+``report.json``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import copy
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from .io import write_json
 from .logs import library_warnings
 from .name_map import NameMap
 from .models import pasd_forward
+from .kinds import graph_of, preset_model
 from .presets import build_pasd, build_unet, unet_inputs
 from .ranges import check_control_image, latent_size, prepare_control_image
 from .sha import SHAAttention, convert_to_mha, convert_to_sha
@@ -57,241 +62,234 @@ def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).sample
 
 
-class _Demo:
-    """State shared by the stages: the reference MHA model, its SHA rewrite and the output folder."""
+# --- the stages: numbers, pass or fail, and what they make for later stages -----------------------------------
 
-    def __init__(self, out_dir: Path, seed: int):
-        self.out_dir = out_dir
-        self.seed = seed
-        self.mha = build_unet("tiny", seed=seed)
-        self.sha = copy.deepcopy(self.mha)
-        self.name_map: NameMap = NameMap()
-        self.inputs = unet_inputs(self.mha, seed=seed)
-
-    def sha_rewrite(self) -> dict[str, Any]:
-        start = time.perf_counter()
-        self.name_map = convert_to_sha(self.sha)
-        seconds = time.perf_counter() - start
-        converted = sum(isinstance(m, SHAAttention) for m in self.sha.modules())
-        left = sum(isinstance(m, Attention) for m in self.sha.modules())
-        return {
-            "passed": converted > 0 and left == 0,
-            "attention_modules_converted": converted,
-            "attention_modules_left_mha": left,
-            "parameters_split": len(self.name_map),
-            "seconds": seconds,
-        }
-
-    def equivalence_fp32(self) -> dict[str, Any]:
-        numbers = relative_error(_forward(self.mha, self.inputs), _forward(self.sha, self.inputs))
-        return {"passed": numbers["relative_error"] <= FP32_TOLERANCE, **numbers, "tolerance": FP32_TOLERANCE}
-
-    def equivalence_fp64(self) -> dict[str, Any]:
-        inputs = unet_inputs(self.mha, seed=self.seed, dtype=torch.float64)
-        mha, sha = copy.deepcopy(self.mha).double(), copy.deepcopy(self.sha).double()
-        numbers = relative_error(_forward(mha, inputs), _forward(sha, inputs))
-        return {"passed": numbers["relative_error"] <= FP64_TOLERANCE, **numbers, "tolerance": FP64_TOLERANCE}
-
-    def checkpoint(self) -> dict[str, Any]:
-        mha_file = self.out_dir / "state_dict_mha.safetensors"
-        sha_file = self.out_dir / "state_dict_sha.safetensors"
-        back_file = self.out_dir / "state_dict_mha_roundtrip.safetensors"
-        save_state_dict_file(self.mha.state_dict(), mha_file)
-        counts = convert_checkpoint_file(mha_file, sha_file, self.name_map, to="sha")
-
-        reloaded = copy.deepcopy(self.sha)
-        for p in reloaded.parameters():  # so that only the file can make the outputs right
-            nn.init.zeros_(p)
-        reloaded.load_state_dict(load_state_dict_file(sha_file), strict=True)
-        numbers = relative_error(_forward(self.mha, self.inputs), _forward(reloaded, self.inputs))
-
-        convert_checkpoint_file(sha_file, back_file, self.name_map, to="mha")
-        original, back = load_state_dict_file(mha_file), load_state_dict_file(back_file)
-        identical = original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
-        back_file.unlink()
-        return {
-            "passed": identical and numbers["relative_error"] <= FP32_TOLERANCE,
-            **counts,
-            "loads_strict": True,
-            "roundtrip_bit_identical": identical,
-            **numbers,
-            "mha_bytes": mha_file.stat().st_size,
-            "sha_bytes": sha_file.stat().st_size,
-        }
-
-    def pasd(self) -> dict[str, Any]:
-        """The tiny PASD UNet + ControlNet on a real photo, MHA against SHA."""
-        from skimage import data as skdata  # bundled photos, no download
-
-        control = prepare_control_image(skdata.astronaut())  # 512x512 -> 768x768, PASD's minimum
-        check_control_image(control)
-        unet, controlnet = build_pasd("tiny", seed=self.seed)
-        inputs = unet_inputs(unet, batch=1, latent=latent_size(*control.shape[-2:]), seed=self.seed)
-        inputs["controlnet_cond"] = control
-        sha_unet, sha_controlnet = copy.deepcopy(unet), copy.deepcopy(controlnet)
-        converted = len(convert_to_sha(sha_unet)) + len(convert_to_sha(sha_controlnet))
-        with torch.no_grad():
-            reference, rgbs = pasd_forward(unet, controlnet, **inputs)
-            candidate, _ = pasd_forward(sha_unet, sha_controlnet, **inputs)
-        numbers = relative_error(reference, candidate)
-        pixel_attentions = sum(len(block.pixel_attentions) for block in unet.up_blocks)
-        return {
-            "passed": numbers["relative_error"] <= FP32_TOLERANCE,
-            "photo": "skimage.data.astronaut",
-            "control_image": list(control.shape),
-            "latent": list(inputs["sample"].shape),
-            "rgb_outputs": [list(r.shape) for r in rgbs],
-            "pixel_attentions": pixel_attentions,
-            "parameters_split": converted,
-            **numbers,
-            "tolerance": FP32_TOLERANCE,
-        }
-
-    def encodings(self) -> dict[str, Any]:
-        """AIMET calibrates the MHA model; its encodings are converted, validated, and compared with the
-        encodings AIMET computes on the SHA model directly (per-channel weights must agree)."""
-        from .encodings import (
-            SCALE_RTOL,
-            check_encodings,
-            compare_encodings,
-            load_encodings,
-            mha_to_sha,
-            required_sha_encodings,
-            save_encodings,
-        )
-        from .kinds import graph_of
-        from .quant import export_encodings, quantize
-
-        dummy = tuple(unet_inputs(self.mha, batch=1, seed=self.seed).values())
-        mha_file = export_encodings(quantize(graph_of(copy.deepcopy(self.mha)).module, dummy), dummy,
-                                    self.out_dir / "parameters_mha.encodings")
-        mha_encodings = load_encodings(mha_file)
-        start = time.perf_counter()
-        sha_encodings, report = mha_to_sha(mha_encodings, self.name_map, source=str(mha_file))
-        seconds = time.perf_counter() - start
-        sha_shapes = {n: tuple(p.shape) for n, p in self.sha.state_dict().items()}
-        problems = check_encodings(sha_encodings, sha_shapes,
-                                   required=required_sha_encodings(mha_encodings, self.name_map))
-        save_encodings(sha_encodings, self.out_dir / "parameters_sha.encodings")
-
-        aimet_file = export_encodings(quantize(graph_of(copy.deepcopy(self.sha)).module, dummy), dummy,
-                                      self.out_dir / "parameters_sha_aimet.encodings")
-        # Per-channel weight encodings depend only on each channel's weights, so AIMET's own SHA calibration
-        # must give the same ones: the same names, scales to float tolerance, grids within one step.
-        differences = compare_encodings(sha_encodings, load_encodings(aimet_file), sections=("param_encodings",),
-                                        source="converted vs AIMET's SHA calibration")
-        converted = {e["name"]: e for e in sha_encodings["param_encodings"]}
-        direct = {e["name"]: e for e in load_encodings(aimet_file)["param_encodings"]}
-        worst = max((abs(a - b) / abs(b) for k in direct if k in converted
-                     for a, b in zip(converted[k]["scale"], direct[k]["scale"])), default=float("inf"))
-        return {
-            "passed": not problems and not differences,
-            **report.as_dict(),
-            "conversion_seconds": seconds,
-            "problems": problems,
-            "differences_from_aimet_sha": differences,
-            "max_scale_relative_difference": worst,
-            "tolerance": SCALE_RTOL,
-        }
-
-    def adaround(self) -> dict[str, Any]:
-        """A short AdaRound (W4, per-channel) of the tiny SHA PASD UNet with the activation cache on disk: its
-        reconstruction error against nearest rounding, and the memory it took."""
-        from .quant.adaround import AdaroundConfig, adaround
-        from .quant.calibration import model_calls, seeded_samples
-
-        unet, controlnet = build_pasd("tiny", seed=self.seed)
-        convert_to_sha(unet)
-        samples = seeded_samples(unet, ADAROUND_SAMPLES, latent=(8, 8), seed=self.seed)
-        config = AdaroundConfig(iterations=ADAROUND_ITERATIONS, cache_budget=0, seed=self.seed)
-        result = adaround(unet, model_calls(unet, samples, partner=controlnet), config, progress=False)
-        totals = result.summary()
-        return {
-            # AdaRound minimises the reconstruction error from the nearest-rounding start: summed over layers it
-            # must end below it, or the optimisation is broken
-            "passed": totals["mse_after_total"] < totals["mse_nearest_total"],
-            "layers": totals["layers"],
-            "samples": totals["samples"],
-            "iterations_per_layer": ADAROUND_ITERATIONS,
-            "mse_nearest_total": totals["mse_nearest_total"],
-            "mse_adaround_total": totals["mse_after_total"],
-            "reconstruction_gain": totals["mse_nearest_total"] / totals["mse_after_total"],
-            "median_layer_gain": totals["median_gain_over_nearest"],
-            "layers_improved": totals["layers_improved"],
-            "peak_rss_bytes": totals["peak_rss_bytes"],
-            "cache_bytes_on_disk_max": max(r.cache_bytes_on_disk for r in result.layers),
-        }
-
-    def export(self) -> dict[str, Any]:
-        """The tiny SHA PASD ControlNet and UNet exported for the HTP with both exact rewrites: float ONNX, aimet-onnx
-        W8A16 encodings and QDQ, context binary; each step's agreement with the one before it."""
-        from .export.pipeline import export_files
-
-        unet, controlnet = build_pasd("tiny", seed=self.seed)
-        for model in (unet, controlnet):
-            convert_to_sha(model)
-        numbers: dict[str, Any] = {"passed": True}
-        for name, model, partner in (("controlnet", controlnet, None), ("unet", unet, controlnet)):
-            report = export_files(model, self.out_dir / f"export_{name}", partner=partner,
-                                  samples=EXPORT_SAMPLES, latent=(8, 8), seed=self.seed, rewrites=EXPORT_REWRITES,
-                                  localize_divergence=True, log=logger.info)
-            stages = report["stages"]
-            htp = stages["htp"]
-            numbers["passed"] = numbers["passed"] and report["passed"]
-            numbers[f"{name}_float_relative_error"] = stages["float_export"]["relative_error"]
-            numbers[f"{name}_sim_vs_qdq_sqnr_db"] = stages["encodings_and_qdq"]["sim_vs_qdq_sqnr_db"]
-            numbers[f"{name}_fp32_vs_qdq_sqnr_db"] = stages["encodings_and_qdq"]["fp32_vs_qdq_sqnr_db"]
-            numbers[f"{name}_htp"] = htp["htp"]["status"]
-            if htp["htp"]["status"] == "passed":
-                numbers[f"{name}_cpu_vs_htp_sqnr_db"] = htp["cpu_vs_htp_sqnr_db"]
-                numbers[f"{name}_fp32_vs_htp_sqnr_db"] = htp["fp32_vs_htp_sqnr_db"]
-                numbers[f"{name}_htp_compile_seconds"] = htp["htp"]["compile_seconds"]
-                numbers[f"{name}_context_binary_bytes"] = htp["context_binary_bytes"]
-            if "divergence" in htp:  # reported as found, never hidden
-                numbers[f"{name}_divergence"] = htp["divergence"]
-        return numbers
-
-    def undo(self) -> dict[str, Any]:
-        restored = copy.deepcopy(self.sha)
-        convert_to_mha(restored)
-        original, back = self.mha.state_dict(), restored.state_dict()
-        same_params = list(original) == list(back) and all(torch.equal(original[k], back[k]) for k in original)
-        numbers = relative_error(_forward(self.mha, self.inputs), _forward(restored, self.inputs))
-        return {"passed": same_params and numbers["max_abs_error"] == 0.0, "parameters_identical": same_params, **numbers}
+def sha_rewrite(mha: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of the MHA UNet rewritten to SHA: every attention converted, none left MHA."""
+    sha = copy.deepcopy(mha)
+    start = time.perf_counter()
+    name_map = convert_to_sha(sha)
+    seconds = time.perf_counter() - start
+    converted = sum(isinstance(m, SHAAttention) for m in sha.modules())
+    left = sum(isinstance(m, Attention) for m in sha.modules())
+    numbers = {"passed": converted > 0 and left == 0, "attention_modules_converted": converted,
+               "attention_modules_left_mha": left, "parameters_split": len(name_map), "seconds": seconds}
+    return numbers, {"sha": sha, "name_map": name_map}
 
 
-def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run every stage on the tiny seeded UNet; write ``out_dir/report.json`` and return the report.
+def equivalence_fp32(mha: nn.Module, sha: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    numbers = relative_error(_forward(mha, inputs), _forward(sha, inputs))
+    return {"passed": numbers["relative_error"] <= FP32_TOLERANCE, **numbers, "tolerance": FP32_TOLERANCE}
 
-    A stage that raises is recorded as failed with its error, and the stages after it still run where they can.
+
+def equivalence_fp64(mha: nn.Module, sha: nn.Module, seed: int) -> dict[str, Any]:
+    inputs = unet_inputs(mha, seed=seed, dtype=torch.float64)
+    numbers = relative_error(_forward(copy.deepcopy(mha).double(), inputs), _forward(copy.deepcopy(sha).double(), inputs))
+    return {"passed": numbers["relative_error"] <= FP64_TOLERANCE, **numbers, "tolerance": FP64_TOLERANCE}
+
+
+def checkpoint(mha: nn.Module, sha: nn.Module, name_map: NameMap, inputs: dict[str, torch.Tensor],
+               out_dir: Path) -> dict[str, Any]:
+    """The MHA checkpoint rewritten to SHA on disk, loaded strictly into a zeroed SHA model, and merged back."""
+    mha_file = out_dir / "state_dict_mha.safetensors"
+    sha_file = out_dir / "state_dict_sha.safetensors"
+    back_file = out_dir / "state_dict_mha_roundtrip.safetensors"
+    save_state_dict_file(mha.state_dict(), mha_file)
+    counts = convert_checkpoint_file(mha_file, sha_file, name_map, to="sha")
+
+    reloaded = copy.deepcopy(sha)
+    for p in reloaded.parameters():  # so that only the file can make the outputs right
+        nn.init.zeros_(p)
+    reloaded.load_state_dict(load_state_dict_file(sha_file), strict=True)
+    numbers = relative_error(_forward(mha, inputs), _forward(reloaded, inputs))
+
+    convert_checkpoint_file(sha_file, back_file, name_map, to="mha")
+    original, back = load_state_dict_file(mha_file), load_state_dict_file(back_file)
+    identical = original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    back_file.unlink()
+    return {"passed": identical and numbers["relative_error"] <= FP32_TOLERANCE, **counts, "loads_strict": True,
+            "roundtrip_bit_identical": identical, **numbers, "mha_bytes": mha_file.stat().st_size,
+            "sha_bytes": sha_file.stat().st_size}
+
+
+def encodings(mha: nn.Module, sha: nn.Module, name_map: NameMap, seed: int, out_dir: Path) -> dict[str, Any]:
+    """AIMET calibrates the MHA model; its encodings are converted, validated, and compared with the encodings
+    AIMET computes on the SHA model directly (per-channel weights must agree)."""
+    from .encodings import (SCALE_RTOL, check_encodings, compare_encodings, load_encodings, mha_to_sha,
+                            required_sha_encodings, save_encodings)
+    from .quant import export_encodings, quantize
+
+    dummy = tuple(unet_inputs(mha, batch=1, seed=seed).values())
+    mha_file = export_encodings(quantize(graph_of(copy.deepcopy(mha)).module, dummy), dummy,
+                                out_dir / "parameters_mha.encodings")
+    mha_encodings = load_encodings(mha_file)
+    start = time.perf_counter()
+    sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(mha_file))
+    seconds = time.perf_counter() - start
+    sha_shapes = {n: tuple(p.shape) for n, p in sha.state_dict().items()}
+    problems = check_encodings(sha_encodings, sha_shapes, required=required_sha_encodings(mha_encodings, name_map))
+    save_encodings(sha_encodings, out_dir / "parameters_sha.encodings")
+
+    aimet_file = export_encodings(quantize(graph_of(copy.deepcopy(sha)).module, dummy), dummy,
+                                  out_dir / "parameters_sha_aimet.encodings")
+    # Per-channel weight encodings depend only on each channel's weights, so AIMET's own SHA calibration
+    # must give the same ones: the same names, scales to float tolerance, grids within one step.
+    differences = compare_encodings(sha_encodings, load_encodings(aimet_file), sections=("param_encodings",),
+                                    source="converted vs AIMET's SHA calibration")
+    converted = {e["name"]: e for e in sha_encodings["param_encodings"]}
+    direct = {e["name"]: e for e in load_encodings(aimet_file)["param_encodings"]}
+    worst = max((abs(a - b) / abs(b) for k in direct if k in converted
+                 for a, b in zip(converted[k]["scale"], direct[k]["scale"])), default=float("inf"))
+    return {"passed": not problems and not differences, **report.as_dict(), "conversion_seconds": seconds,
+            "problems": problems, "differences_from_aimet_sha": differences, "max_scale_relative_difference": worst,
+            "tolerance": SCALE_RTOL}
+
+
+def undo(mha: nn.Module, sha: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    restored = copy.deepcopy(sha)
+    convert_to_mha(restored)
+    original, back = mha.state_dict(), restored.state_dict()
+    same_params = list(original) == list(back) and all(torch.equal(original[k], back[k]) for k in original)
+    numbers = relative_error(_forward(mha, inputs), _forward(restored, inputs))
+    return {"passed": same_params and numbers["max_abs_error"] == 0.0, "parameters_identical": same_params, **numbers}
+
+
+def pasd(seed: int) -> dict[str, Any]:
+    """The tiny PASD UNet + ControlNet on a real photo, MHA against SHA."""
+    from skimage import data as skdata  # bundled photos, no download
+
+    control = prepare_control_image(skdata.astronaut())  # 512x512 -> 768x768, PASD's minimum
+    check_control_image(control)
+    unet, controlnet = build_pasd("tiny", seed=seed)
+    inputs = unet_inputs(unet, batch=1, latent=latent_size(*control.shape[-2:]), seed=seed)
+    inputs["controlnet_cond"] = control
+    sha_unet, sha_controlnet = copy.deepcopy(unet), copy.deepcopy(controlnet)
+    converted = len(convert_to_sha(sha_unet)) + len(convert_to_sha(sha_controlnet))
+    with torch.no_grad():
+        reference, rgbs = pasd_forward(unet, controlnet, **inputs)
+        candidate, _ = pasd_forward(sha_unet, sha_controlnet, **inputs)
+    numbers = relative_error(reference, candidate)
+    pixel_attentions = sum(len(block.pixel_attentions) for block in unet.up_blocks)
+    # nothing converted would make the comparison vacuous: the same model twice
+    return {"passed": converted > 0 and numbers["relative_error"] <= FP32_TOLERANCE,
+            "photo": "skimage.data.astronaut", "control_image": list(control.shape),
+            "latent": list(inputs["sample"].shape), "rgb_outputs": [list(r.shape) for r in rgbs],
+            "pixel_attentions": pixel_attentions, "parameters_split": converted, **numbers,
+            "tolerance": FP32_TOLERANCE}
+
+
+def adaround(seed: int, out_dir: Path) -> dict[str, Any]:
+    """``pasd-verify adaround`` on the tiny SHA PASD UNet: a short W4 per-channel run with the activation cache on
+    disk, its reconstruction error against nearest rounding and the memory it took."""
+    from .quant.adaround import AdaroundConfig
+    from .quant.workflow import adaround_files
+
+    loaded = preset_model("tiny", "pasd-unet", seed=seed, form="sha")
+    config = AdaroundConfig(iterations=ADAROUND_ITERATIONS, cache_budget=0, seed=seed)
+    report = adaround_files(loaded.model, out_dir / "adaround", config, partner=loaded.partner,
+                            samples=ADAROUND_SAMPLES, latent=(8, 8), source=loaded.source, progress=False)
+    totals = report["totals"]
+    return {
+        # AdaRound minimises the reconstruction error from the nearest-rounding start: summed over layers it
+        # must end below it, or the optimisation is broken
+        "passed": totals["mse_after_total"] < totals["mse_nearest_total"],
+        "layers": totals["layers"], "samples": totals["samples"], "iterations_per_layer": ADAROUND_ITERATIONS,
+        "mse_nearest_total": totals["mse_nearest_total"], "mse_adaround_total": totals["mse_after_total"],
+        "reconstruction_gain": totals["mse_nearest_total"] / totals["mse_after_total"],
+        "median_layer_gain": totals["median_gain_over_nearest"], "layers_improved": totals["layers_improved"],
+        "peak_rss_bytes": totals["peak_rss_bytes"],
+        "cache_bytes_on_disk_max": max(layer["cache_bytes_on_disk"] for layer in report["layers"]),
+    }
+
+
+def export(seed: int, out_dir: Path) -> dict[str, Any]:
+    """``pasd-verify export`` of the tiny SHA PASD ControlNet and UNet with both exact rewrites: float ONNX,
+    aimet-onnx W8A16 encodings and QDQ, context binary; each step's agreement with the one before it."""
+    from .export.pipeline import ExportConfig, export_files
+
+    numbers: dict[str, Any] = {"passed": True}
+    config = ExportConfig(samples=EXPORT_SAMPLES, latent=(8, 8), seed=seed, rewrites=EXPORT_REWRITES)
+    for name, kind in (("controlnet", "pasd-controlnet"), ("unet", "pasd-unet")):
+        loaded = preset_model("tiny", kind, seed=seed, form="sha")
+        report = export_files(loaded.model, out_dir / f"export_{name}", config, partner=loaded.partner,
+                              source=loaded.source)
+        stages = report["stages"]
+        htp = stages["htp"]
+        numbers["passed"] = numbers["passed"] and report["passed"]
+        numbers[f"{name}_float_relative_error"] = stages["float_export"]["relative_error"]
+        numbers[f"{name}_sim_vs_qdq_sqnr_db"] = stages["encodings_and_qdq"]["sim_vs_qdq_sqnr_db"]
+        numbers[f"{name}_fp32_vs_qdq_sqnr_db"] = stages["encodings_and_qdq"]["fp32_vs_qdq_sqnr_db"]
+        numbers[f"{name}_htp"] = htp["htp"]["status"]
+        if htp["htp"]["status"] == "passed":
+            numbers[f"{name}_cpu_vs_htp_sqnr_db"] = htp["cpu_vs_htp_sqnr_db"]
+            numbers[f"{name}_fp32_vs_htp_sqnr_db"] = htp["fp32_vs_htp_sqnr_db"]
+            numbers[f"{name}_htp_compile_seconds"] = htp["htp"]["compile_seconds"]
+            numbers[f"{name}_context_binary_bytes"] = htp["context_binary_bytes"]
+        if "divergence" in htp:  # reported as found, never hidden
+            numbers[f"{name}_divergence"] = htp["divergence"]
+    return numbers
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A demo stage: ``run`` is called with the named ``needs`` (from the demo's inputs or earlier stages' products);
+    a stage that ``makes`` products returns ``(numbers, products)``, and they exist only if it passed."""
+
+    name: str
+    run: Callable[..., Any]
+    needs: tuple[str, ...]
+    makes: tuple[str, ...] = ()
+
+
+STAGES = (
+    Stage("sha_rewrite", sha_rewrite, ("mha",), makes=("sha", "name_map")),
+    Stage("equivalence_fp32", equivalence_fp32, ("mha", "sha", "inputs")),
+    Stage("equivalence_fp64", equivalence_fp64, ("mha", "sha", "seed")),
+    Stage("checkpoint", checkpoint, ("mha", "sha", "name_map", "inputs", "out_dir")),
+    Stage("encodings", encodings, ("mha", "sha", "name_map", "seed", "out_dir")),
+    Stage("undo", undo, ("mha", "sha", "inputs")),
+    Stage("pasd", pasd, ("seed",)),
+    Stage("adaround", adaround, ("seed", "out_dir")),
+    Stage("export", export, ("seed", "out_dir")),
+)
+
+
+def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
+             stages: Sequence[Stage] = STAGES) -> dict[str, Any]:
+    """Run ``stages`` (every stage by default) on the tiny seeded UNet; write ``out_dir/report.json`` and return
+    the report.
+
+    A stage that raises is recorded as failed with its error; a stage that needs what a failed stage would have made
+    is recorded as skipped, naming it; the others still run.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    demo = _Demo(out_dir, seed)
-    stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("sha_rewrite", demo.sha_rewrite),
-        ("equivalence_fp32", demo.equivalence_fp32),
-        ("equivalence_fp64", demo.equivalence_fp64),
-        ("checkpoint", demo.checkpoint),
-        ("encodings", demo.encodings),
-        ("undo", demo.undo),
-        ("pasd", demo.pasd),
-        ("adaround", demo.adaround),
-        ("export", demo.export),
-    ]
+    mha = build_unet("tiny", seed=seed)
+    available: dict[str, Any] = {"mha": mha, "inputs": unet_inputs(mha, seed=seed), "seed": seed, "out_dir": out_dir}
+    made_by = {product: stage.name for stage in stages for product in stage.makes}
     results = []
-    for name, stage in tqdm(stages, desc="pasd-verify demo", unit="stage", disable=not progress):
+    for stage in tqdm(stages, desc="pasd-verify demo", unit="stage", disable=not progress):
         start = time.perf_counter()
-        with library_warnings(name, logger) as caught:
-            try:
-                numbers = stage()
-                status = "passed" if numbers.pop("passed") else "failed"
-            except Exception as e:  # a failing stage is reported, not fatal: the report says what broke
-                numbers = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-                status = "failed"
-        results.append({"name": name, "status": status, "seconds_total": time.perf_counter() - start, **numbers,
-                        "library_warnings": len(caught)})
+        missing = [need for need in stage.needs if need not in available]
+        caught: list = []
+        if missing:
+            failed = sorted({made_by.get(need, "the demo's set-up") for need in missing})
+            numbers = {"reason": f"needs {', '.join(missing)} from {', '.join(failed)}, which did not pass"}
+            status = "skipped"
+        else:
+            with library_warnings(stage.name, logger) as caught:
+                try:
+                    out = stage.run(**{need: available[need] for need in stage.needs})
+                    numbers, products = out if stage.makes else (out, {})
+                    status = "passed" if numbers.pop("passed") else "failed"
+                    if status == "passed":
+                        available.update(products)
+                except Exception as e:  # a failing stage is reported, not fatal: the report says what broke
+                    numbers = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+                    status = "failed"
+        results.append({"name": stage.name, "status": status, "seconds_total": time.perf_counter() - start,
+                        **numbers, "library_warnings": len(caught)})
     report = {
         "tool": "pasd-verify",
         "version": __version__,

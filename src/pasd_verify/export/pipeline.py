@@ -20,10 +20,11 @@ report's ``passed`` is false.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-import shutil
-import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,20 @@ from torch import nn
 
 from .. import __version__
 from ..encodings import save_encodings
-from ..io import atomic_path, refuse_overwriting_inputs, write_json
+from ..errors import PasdVerifyError
+from ..io import atomic_path, refuse_overwriting_inputs, staged_outputs, write_json
+from ..kinds import ExportGraph, graph_of
 from ..memory import peak_rss_bytes, trim_heap
-from ..kinds import graph_of
 from ..quant.calibration import calibration_samples, seeded_samples
 from .frozen import adarounded_entries, frozen_changes, onnx_param_encodings
 from .htp import DEFAULT_SOC_MODEL, run_on_htp
 from .localize import localize
 from .onnx_io import (EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, relative_error, run_onnx,
                       sqnr_db)
-from .rewrites import ONNX_REWRITES, apply_onnx_rewrites, apply_rewrites
-from .quantize import check_encoding_names, export_quantized, quantization_sim, sim_outputs
+from .quantize import WEIGHT_GRANULARITY, check_encoding_names, export_quantized, quantization_sim, sim_outputs
+from .rewrites import ONNX_REWRITES, REWRITES, apply_onnx_rewrites, apply_rewrites
+
+logger = logging.getLogger(__name__)
 
 FLOAT_TOLERANCE = 1e-4
 QDQ_SQNR_DB = 40.0
@@ -52,6 +56,9 @@ QDQ_SQNR_DB = 40.0
 # emulation of the same QDQ graph round differently, which an SD1.5-width transformer shows at 61.9 dB. 30 dB (3%
 # rms error) is far below that and far above a broken graph (GroupNorm -> SiLU -> Conv at 16 bits: ~0 dB).
 HTP_SQNR_DB = 30.0
+# aimet-onnx takes these bit widths for weights and activations (16-bit weights and 4- or 8-bit activations have no
+# HTP path worth proving here: Qualcomm's recipe is W8A16).
+PARAM_BWS, ACT_BWS = (4, 8, 16), (8, 16)
 OUTPUTS = ("model.onnx", "model.data", "model.encodings", "model.qdq.onnx", "model.qdq.data", "model_ctx.onnx",
            "model_ctx_qnn.bin", "report.json", "divergences")
 
@@ -74,161 +81,277 @@ def save_check_outputs(path: str | os.PathLike, inputs: dict[str, np.ndarray], f
         np.savez(f, **{f"{step}/{name}": array for step, arrays in steps.items() for name, array in arrays.items()})
 
 
-def export_files(model: nn.Module, out_dir: str | os.PathLike, *, partner: nn.Module | None = None,
-                 calibration: str | os.PathLike | None = None, samples: int = 4,
-                 latent: tuple[int, int] | None = None, weights: str = "per-channel", param_bw: int = 8,
-                 act_bw: int = 16, soc_model: str = DEFAULT_SOC_MODEL, threshold_db: float = HTP_SQNR_DB,
-                 localize_divergence: bool = True, rewrites: tuple[str, ...] = (), seed: int = 0,
-                 release_model: bool = False, param_encodings: str | os.PathLike | None = None,
-                 check_outputs: str | os.PathLike | None = None, source: dict[str, Any] | None = None,
-                 log=print) -> dict[str, Any]:
-    """Export ``model`` (a UNet, PASD UNet or PASD ControlNet, in the form it is in) into ``out_dir``.
+class ExportError(PasdVerifyError):
+    """An export option is out of range, or an export input does not fit the model."""
 
-    ``rewrites`` (:mod:`pasd_verify.export.rewrites`) are applied to ``model`` in place before export; the
-    float stage reports how far the rewritten model is from the original on the check input. ``release_model``
-    frees the weights of ``model`` and ``partner`` (moved to the meta device) once the float graph is written:
-    every later stage works from the ONNX files, and at SD1.5 size calibration needs that memory. The models are
-    unusable afterwards. ``param_encodings`` (what ``pasd-verify adaround`` wrote beside the rounded weights
-    ``model`` holds) freezes those layers' grids into the quantization (:mod:`pasd_verify.export.frozen`).
-    ``check_outputs`` names an ``.npz`` file that receives the held-out check input and what each step computed
-    from it (:func:`save_check_outputs`): two exports of one model, MHA and SHA say, are then compared output
-    for output without running either again.
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Every option of ``pasd-verify export``, one field per flag, checked when made (as
+    :class:`pasd_verify.quant.adaround.AdaroundConfig` is for AdaRound).
+
+    ``calibration`` is a folder of samples (:mod:`pasd_verify.quant.calibration`); without it, ``samples`` seeded
+    ones at ``latent`` (default: the config's sample size). ``rewrites`` (:mod:`pasd_verify.export.rewrites`) are
+    applied to the model in place before export; the float stage reports how far the rewritten model is from the
+    original. ``localize`` searches the first op the HTP gets wrong when it disagrees. ``param_encodings`` (what
+    ``pasd-verify adaround`` wrote beside the rounded weights the model holds) freezes those layers' grids
+    (:mod:`pasd_verify.export.frozen`). ``release_model`` frees the torch weights of the model and its partner
+    (moved to the meta device) once the float graph is written: every later stage works from the ONNX files, and at
+    SD1.5 size calibration needs that memory; the models are unusable afterwards. ``check_outputs`` names an
+    ``.npz`` file that receives the held-out check input and what each step computed from it
+    (:func:`save_check_outputs`): two exports of one model, MHA and SHA say, then compare output for output.
     """
+
+    calibration: str | None = None
+    samples: int = 4
+    latent: tuple[int, int] | None = None
+    weights: str = "per_channel"
+    param_bw: int = 8
+    act_bw: int = 16
+    soc_model: str = DEFAULT_SOC_MODEL
+    htp_threshold_db: float = HTP_SQNR_DB
+    localize: bool = True
+    rewrites: tuple[str, ...] = ()
+    param_encodings: str | None = None
+    seed: int = 0
+    release_model: bool = False
+    check_outputs: str | None = None
+
+    def __post_init__(self):
+        # sequences as given on a command line or in code become tuples: the config is frozen all the way down
+        object.__setattr__(self, "rewrites", tuple(self.rewrites))
+        if self.latent is not None:
+            object.__setattr__(self, "latent", tuple(self.latent))
+        for name in ("calibration", "param_encodings", "check_outputs"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
+        if self.calibration is None and self.samples < 1:
+            raise ExportError(f"samples must be at least 1, got {self.samples}")
+        if self.latent is not None and (len(self.latent) != 2 or min(self.latent) < 1):
+            raise ExportError(f"latent must be two positive sizes (H W), got {self.latent}")
+        if self.weights not in WEIGHT_GRANULARITY:
+            raise ExportError(f"weights must be one of {WEIGHT_GRANULARITY}, got {self.weights!r}")
+        if self.param_bw not in PARAM_BWS:
+            raise ExportError(f"param_bw must be one of {PARAM_BWS}, got {self.param_bw}")
+        if self.act_bw not in ACT_BWS:
+            raise ExportError(f"act_bw must be one of {ACT_BWS}, got {self.act_bw}")
+        if not (self.soc_model.isdigit() and int(self.soc_model) > 0):
+            raise ExportError(f"soc_model must be a positive QNN SoC model number (e.g. {DEFAULT_SOC_MODEL}), "
+                              f"got {self.soc_model!r}")
+        if not math.isfinite(self.htp_threshold_db):
+            raise ExportError(f"htp_threshold_db must be a finite number of dB, got {self.htp_threshold_db}")
+        unknown = [r for r in self.rewrites if r not in REWRITES]
+        if unknown:
+            raise ExportError(f"rewrites: {unknown[0]!r} is not one of {sorted(REWRITES)}")
+
+
+# --- the stages: each takes what it needs and returns what the next needs, with its numbers ------------------
+
+@dataclass
+class StageResult:
+    """A stage's numbers for the report and, for a stage that is judged, whether they pass (None: it could not be
+    judged here, e.g. no HTP backend on this machine)."""
+
+    numbers: dict[str, Any]
+    passed: bool | None = None
+    seconds: float = 0.0
+    judged: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report's entry; the peak RSS is the process's so far, read when the stage is recorded."""
+        verdict = {"passed": self.passed} if self.judged else {}
+        return {"seconds": self.seconds, "peak_rss_bytes": peak_rss_bytes(), **self.numbers, **verdict}
+
+
+@dataclass
+class FloatExport:
+    path: Path
+    reference: dict[str, np.ndarray]  # torch fp32 (rewrites applied) on the check input
+    result: StageResult
+
+
+@dataclass
+class Quantized:
+    paths: dict[str, Path]
+    qdq_out: dict[str, np.ndarray]  # the QDQ graph on onnxruntime's CPU, on the check input
+    result: StageResult
+
+
+@dataclass
+class OnHtp:
+    result: StageResult
+    outputs: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+
+def float_export(graph: ExportGraph, check_feeds: dict[str, torch.Tensor], folder: Path,
+                 config: ExportConfig, *, large: bool) -> FloatExport:
+    """Apply the rewrites, write ``model.onnx`` into ``folder`` and compare onnxruntime with torch on the check input."""
+    started = time.perf_counter()
+    reference = _numpy(graph(check_feeds))
+    rewritten: dict[str, Any] = {}
+    if config.rewrites:
+        original = reference
+        rewritten["rewrites"] = apply_rewrites(graph.module, config.rewrites)
+        reference = _numpy(graph(check_feeds))
+        rewritten["rewrite_relative_error"] = max(relative_error(original[k], reference[k]) for k in original)
+    float_path = export_float(graph, check_feeds, folder / "model.onnx", large=large)
+    if set(config.rewrites) & set(ONNX_REWRITES):
+        # the graph alone: the rewrites touch no weight, so model.data stays as written (saving the weights
+        # again would append a second copy of them to it, 4.4 GB at SD1.5 size)
+        float_model = onnx.load(str(float_path), load_external_data=False)
+        rewritten["rewrites"].update(apply_onnx_rewrites(float_model, config.rewrites))
+        onnx.save_model(float_model, str(float_path))
+        del float_model
+    onnx_out = run_onnx(float_path, _numpy(check_feeds))
+    errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
+    worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])
+    result = StageResult({"relative_error": max(errors.values()), "per_output": errors, **rewritten},
+                         passed=worst <= FLOAT_TOLERANCE, seconds=time.perf_counter() - started)
+    return FloatExport(float_path, reference, result)
+
+
+def calibrate(float_path: Path, calibration_feeds: list[dict[str, np.ndarray]], config: ExportConfig, workdir: Path,
+              frozen_path: Path | None = None) -> tuple[Any, StageResult]:
+    """aimet-onnx's W{param_bw}A{act_bw} simulation of the float graph, calibrated on ``calibration_feeds``."""
+    started = time.perf_counter()
+    workdir.mkdir()
+    sim = quantization_sim(float_path, calibration_feeds, param_bw=config.param_bw, act_bw=config.act_bw,
+                           weights=config.weights, workdir=workdir, frozen_param_encodings=frozen_path)
+    return sim, StageResult({"samples": len(calibration_feeds)}, seconds=time.perf_counter() - started, judged=False)
+
+
+def encodings_and_qdq(sim, folder: Path, graph: ExportGraph, check_arrays: dict[str, np.ndarray],
+                      reference: dict[str, np.ndarray], *, large: bool, frozen: dict | None = None) -> Quantized:
+    """``model.encodings`` and ``model.qdq.onnx`` from the sim; the QDQ graph on the CPU against the sim, every
+    encoding against the graph, and (with AdaRounded grids) every frozen grid kept. ``sim`` is consumed."""
+    started = time.perf_counter()
+    sim_out = sim_outputs(sim, check_arrays, graph.output_names)
+    paths = export_quantized(sim, folder, large=large)
+    # aimet-onnx's sim lives in reference cycles: without the collection trim_heap starts with, its graph and
+    # weights (8.8 GB at SD1.5 size) stay until the end of the command, beside the QDQ CPU run and the HTP child
+    del sim
+    trim_heap()
+    qdq_out = run_onnx(paths["qdq"], check_arrays)
+    encodings = json.loads(paths["encodings"].read_text())
+    graph_model = onnx.load(str(paths["model"]), load_external_data=False)
+    onnx.checker.check_model(str(paths["model"]))
+    onnx.checker.check_model(str(paths["qdq"]))
+    parameters = {e["name"] for e in encodings["param_encodings"]}
+    sim_qdq = {k: sqnr_db(sim_out[k], qdq_out[k]) for k in graph.output_names}
+    problems = check_encoding_names(encodings, graph_model) + [
+        f"constant {name!r} of {size} bytes is not a weight" for name, size in large_constants(graph_model, parameters)]
+    if frozen is not None:
+        problems += frozen_changes(frozen, encodings)
+    numbers = {"sim_vs_qdq_sqnr_db": min(sim_qdq.values()),
+               "fp32_vs_qdq_sqnr_db": min(sqnr_db(reference[k], qdq_out[k]) for k in graph.output_names),
+               "param_encodings": len(encodings["param_encodings"]),
+               "activation_encodings": len(encodings["activation_encodings"]),
+               "qdq_nodes": len(onnx.load(str(paths["qdq"]), load_external_data=False).graph.node),
+               "problems": problems}
+    result = StageResult(numbers, passed=min(sim_qdq.values()) >= QDQ_SQNR_DB and not problems,
+                         seconds=time.perf_counter() - started)
+    return Quantized(paths, qdq_out, result)
+
+
+def on_htp(qdq_path: Path, check_arrays: dict[str, np.ndarray], quantized: Quantized,
+           reference: dict[str, np.ndarray], output_names: list[str], folder: Path, config: ExportConfig) -> OnHtp:
+    """Compile the QDQ graph for the HTP (context binary into ``folder``), run it on the check input in a child, and
+    compare with the CPU; on a disagreement, localize its first bad op when ``config.localize``."""
+    started = time.perf_counter()
+    htp = run_on_htp(qdq_path, check_arrays, soc_model=config.soc_model, context_path=folder / "model_ctx.onnx",
+                     profile=True)
+    numbers: dict[str, Any] = {"htp": htp.as_dict()}
+    passed: bool | None = None if htp.status == "skipped" else False
+    if htp.status == "passed":
+        cpu_htp = {k: sqnr_db(quantized.qdq_out[k], htp.outputs[k]) for k in output_names}
+        numbers.update(cpu_vs_htp_sqnr_db=min(cpu_htp.values()), per_output=cpu_htp,
+                       fp32_vs_htp_sqnr_db=min(sqnr_db(reference[k], htp.outputs[k]) for k in output_names),
+                       all_nodes_on_htp=True, context_binary_bytes=(folder / "model_ctx_qnn.bin").stat().st_size)
+        passed = numbers["cpu_vs_htp_sqnr_db"] >= config.htp_threshold_db
+    if passed is False and config.localize:
+        numbers["divergence"] = localize_divergence(qdq_path, check_arrays, numbers, output_names, folder, config,
+                                                    (htp.compile_seconds or 0.0) + (htp.run_seconds or 0.0))
+    return OnHtp(StageResult(numbers, passed, time.perf_counter() - started),
+                 htp.outputs if htp.status == "passed" else None)
+
+
+def localize_divergence(qdq_path: Path, check_arrays: dict[str, np.ndarray], numbers: dict[str, Any],
+                        output_names: list[str], folder: Path, config: ExportConfig,
+                        whole_seconds: float) -> dict[str, Any] | str:
+    """The first diffusers block and op the HTP gets wrong, on the worst output; reproducer in ``folder``."""
+    per_output = numbers.get("per_output")
+    worst = min(per_output, key=per_output.get) if per_output else output_names[0]
+    # a prefix compiles and runs in less time than the whole graph; a probe far beyond that has hung
+    found = localize(qdq_path, check_arrays, folder, output=worst, threshold_db=config.htp_threshold_db,
+                     soc_model=config.soc_model, timeout=max(60.0, 5 * whole_seconds), log=logger.info)
+    return found.as_dict() if found else (
+        f"the prefix ending at {worst} agrees alone; the disagreement needs the rest of the graph")
+
+
+def export_files(model: nn.Module, out_dir: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
+                 partner: nn.Module | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export ``model`` (any kind of :mod:`pasd_verify.kinds`, in the form it is in; a kind with a partner needs it)
+    into ``out_dir``, every stage checked against the one before it; all outputs or none. Returns the report that is
+    also written as ``report.json``."""
     # checked before anything is exported: a wrong file fails in seconds, not after the float export
-    adarounded = adarounded_entries(param_encodings, model) if param_encodings is not None else None
-    data = calibration_samples(model, folder=calibration, count=samples, latent=latent, seed=seed, partner=partner)
+    adarounded = (adarounded_entries(config.param_encodings, model) if config.param_encodings is not None else None)
+    data = calibration_samples(model, folder=config.calibration, count=config.samples, latent=config.latent,
+                               seed=config.seed, partner=partner)
     shape = data[0]["latent"].shape[-2:]
     # the check input is held out from calibration: agreement on data the encodings were not fitted to
-    check = seeded_samples(model, 1, latent=tuple(shape), seed=seed + 7919)[0]
+    check = seeded_samples(model, 1, latent=tuple(shape), seed=config.seed + 7919)[0]
     graph = graph_of(model)
     check_feeds = graph.feeds(check, partner)
     check_arrays = _numpy(check_feeds)  # what every onnxruntime and HTP run of the check input takes
     calibration_feeds = [_numpy(graph.feeds(s, partner)) for s in data]
     large = parameter_bytes(model) > EXTERNAL_DATA_BYTES
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
-    stages: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {
         "tool": "pasd-verify", "version": __version__, "command": "export", "source": source or {},
         "graph": {"kind": graph.kind.name, "inputs": graph.input_names, "outputs": graph.output_names,
                   "latent": list(shape), "timestep": "float input; sinusoidal embedding computed in the graph"},
-        "config": {"rewrites": list(rewrites), "weights": weights, "param_bw": param_bw, "act_bw": act_bw, "soc_model": soc_model,
-                   "calibration": str(calibration) if calibration else f"{len(data)} seeded samples",
-                   "param_encodings": str(param_encodings) if param_encodings is not None else None},
+        "config": {**asdict(config), "rewrites": list(config.rewrites),
+                   "calibration": config.calibration or f"{len(data)} seeded samples"},
         "thresholds": {"float_relative_error": FLOAT_TOLERANCE, "sim_vs_qdq_sqnr_db": QDQ_SQNR_DB,
-                       "cpu_vs_htp_sqnr_db": threshold_db},
-        "stages": stages,
+                       "cpu_vs_htp_sqnr_db": config.htp_threshold_db},
     }
+    stages: dict[str, dict[str, Any]] = {}
 
-    def stage(name: str, started: float, **numbers: Any) -> None:
-        stages[name] = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(), **numbers}
-        log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in stages[name].items() if not isinstance(v, (dict, list))))
+    def record(name: str, result: StageResult) -> None:
+        stages[name] = result.as_dict()
+        logger.info("%s: %s", name, ", ".join(f"{k}={v}" for k, v in stages[name].items()
+                                              if not isinstance(v, (dict, list))))
 
-    try:
-        started = time.perf_counter()
-        reference = _numpy(graph(check_feeds))
-        rewritten: dict[str, Any] = {}
-        if rewrites:
-            original = reference
-            rewritten["rewrites"] = apply_rewrites(model, rewrites)
-            reference = _numpy(graph(check_feeds))
-            rewritten["rewrite_relative_error"] = max(relative_error(original[k], reference[k]) for k in original)
-        float_path = export_float(graph, check_feeds, staging / "model.onnx", large=large)
-        if set(rewrites) & set(ONNX_REWRITES):
-            # the graph alone: the rewrites touch no weight, so model.data stays as written (saving the weights
-            # again would append a second copy of them to it, 4.4 GB at SD1.5 size)
-            float_model = onnx.load(str(float_path), load_external_data=False)
-            rewritten["rewrites"].update(apply_onnx_rewrites(float_model, rewrites))
-            onnx.save_model(float_model, str(float_path))
-            del float_model
-        onnx_out = run_onnx(float_path, check_arrays)
-        errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
-        worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])
-        stage("float_export", started, relative_error=max(errors.values()), per_output=errors, **rewritten,
-              passed=worst <= FLOAT_TOLERANCE)
+    with staged_outputs(out_dir, OUTPUTS) as staging:
+        floated = float_export(graph, check_feeds, staging, config, large=large)
+        record("float_export", floated.result)
         frozen, frozen_path = None, None
         if adarounded is not None:  # found by content in the graph, so before the weights are released
-            frozen = onnx_param_encodings(adarounded, model, float_path, str(param_encodings))
+            frozen = onnx_param_encodings(adarounded, model, floated.path, str(config.param_encodings))
             frozen_path = staging / "adarounded_param.encodings"
             save_encodings(frozen, frozen_path)
-        if release_model:
+        if config.release_model:
             for torch_model in (model, partner):
                 if torch_model is not None:
                     torch_model.to("meta")
             trim_heap()
-
-        started = time.perf_counter()
-        (staging / "aimet").mkdir()
-        sim = quantization_sim(float_path, calibration_feeds, param_bw=param_bw, act_bw=act_bw,
-                               weights=weights, workdir=staging / "aimet", frozen_param_encodings=frozen_path)
-        frozen_counts = {} if frozen is None else {"adarounded_parameters": len(adarounded),
-                                                   "frozen_param_encodings": len(frozen["param_encodings"])}
-        stage("calibration", started, samples=len(calibration_feeds), **frozen_counts)
-
-        started = time.perf_counter()
-        sim_out = sim_outputs(sim, check_arrays, graph.output_names)
-        paths = export_quantized(sim, staging, large=large)
-        # aimet-onnx's sim lives in reference cycles: without the collection trim_heap starts with, its graph and
-        # weights (8.8 GB at SD1.5 size) stay until the end of the command, beside the QDQ CPU run and the HTP child
-        del sim
-        trim_heap()
-        qdq_out = run_onnx(paths["qdq"], check_arrays)
-        encodings = json.loads(paths["encodings"].read_text())
-        graph_model = onnx.load(str(paths["model"]), load_external_data=False)
-        onnx.checker.check_model(str(paths["model"]))
-        onnx.checker.check_model(str(paths["qdq"]))
-        parameters = {e["name"] for e in encodings["param_encodings"]}
-        sim_qdq = {k: sqnr_db(sim_out[k], qdq_out[k]) for k in graph.output_names}
-        problems = check_encoding_names(encodings, graph_model) + [
-            f"constant {name!r} of {size} bytes is not a weight" for name, size in large_constants(graph_model, parameters)]
+        sim, calibrated = calibrate(floated.path, calibration_feeds, config, staging / "aimet", frozen_path)
         if frozen is not None:
-            problems += frozen_changes(frozen, encodings)
-        stage("encodings_and_qdq", started, sim_vs_qdq_sqnr_db=min(sim_qdq.values()),
-              fp32_vs_qdq_sqnr_db=min(sqnr_db(reference[k], qdq_out[k]) for k in graph.output_names),
-              param_encodings=len(encodings["param_encodings"]),
-              activation_encodings=len(encodings["activation_encodings"]),
-              qdq_nodes=len(onnx.load(str(paths["qdq"]), load_external_data=False).graph.node), problems=problems,
-              passed=min(sim_qdq.values()) >= QDQ_SQNR_DB and not problems)
-
-        started = time.perf_counter()
-        htp = run_on_htp(paths["qdq"], check_arrays, soc_model=soc_model,
-                         context_path=staging / "model_ctx.onnx", profile=True)
-        numbers: dict[str, Any] = {"htp": htp.as_dict()}
-        if htp.status == "passed":
-            cpu_htp = {k: sqnr_db(qdq_out[k], htp.outputs[k]) for k in graph.output_names}
-            numbers.update(cpu_vs_htp_sqnr_db=min(cpu_htp.values()), per_output=cpu_htp,
-                           fp32_vs_htp_sqnr_db=min(sqnr_db(reference[k], htp.outputs[k]) for k in graph.output_names),
-                           all_nodes_on_htp=True, context_binary_bytes=(staging / "model_ctx_qnn.bin").stat().st_size)
-            numbers["passed"] = numbers["cpu_vs_htp_sqnr_db"] >= threshold_db
-        else:
-            numbers["passed"] = None if htp.status == "skipped" else False
-        if numbers["passed"] is False and localize_divergence:
-            worst = min(numbers["per_output"], key=numbers["per_output"].get) if "per_output" in numbers else \
-                graph.output_names[0]
-            # a prefix compiles and runs in less time than the whole graph; a probe far beyond that has hung
-            whole = (htp.compile_seconds or 0.0) + (htp.run_seconds or 0.0)
-            found = localize(paths["qdq"], check_arrays, staging, output=worst, threshold_db=threshold_db,
-                             soc_model=soc_model, timeout=max(60.0, 5 * whole), log=log)
-            numbers["divergence"] = found.as_dict() if found else (
-                f"the prefix ending at {worst} agrees alone; the disagreement needs the rest of the graph")
-        stage("htp", started, **numbers)
-        if check_outputs is not None:
-            save_check_outputs(check_outputs, check_arrays, reference, qdq_out,
-                               htp.outputs if htp.status == "passed" else None)
-
+            calibrated.numbers.update(adarounded_parameters=len(adarounded),
+                                      frozen_param_encodings=len(frozen["param_encodings"]))
+        record("calibration", calibrated)
+        quantized = encodings_and_qdq(sim, staging, graph, check_arrays, floated.reference, large=large,
+                                      frozen=frozen)
+        del sim
+        record("encodings_and_qdq", quantized.result)
+        htp = on_htp(quantized.paths["qdq"], check_arrays, quantized, floated.reference, graph.output_names,
+                     staging, config)
+        record("htp", htp.result)
+        if config.check_outputs is not None:
+            save_check_outputs(config.check_outputs, check_arrays, floated.reference, quantized.qdq_out, htp.outputs)
         verdicts = [s["passed"] for s in stages.values() if "passed" in s]
+        report["stages"] = stages
         report["passed"] = all(v is not False for v in verdicts)
         report["htp_skipped"] = any(v is None for v in verdicts)
         report["outputs"] = sorted(name for name in OUTPUTS if (staging / name).exists()) + ["report.json"]
         write_json(staging / "report.json", report)
-        for name in OUTPUTS:  # only ours: stale or partial files of aimet's stay in the staging folder
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            if (staging / name).exists():
-                os.replace(staging / name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report

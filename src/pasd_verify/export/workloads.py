@@ -18,7 +18,7 @@ from typing import Any
 
 from ..kinds import preset_model
 from ..presets import UNET_PRESETS
-from .pipeline import export_files
+from .pipeline import ExportConfig, export_files
 from .rewrites import ONNX_REWRITES, TORCH_REWRITES
 
 TARGETS = ("unet", "pasd_unet", "pasd_controlnet")
@@ -39,9 +39,9 @@ def export_run(target: str, form: str, heads: int | None = None, samples: int = 
     loaded = preset_model(preset, target.replace("_", "-"), seed=seed, form=form, **overrides)
     latent = tuple(latent or [UNET_PRESETS[preset]["sample_size"]] * 2)
     with tempfile.TemporaryDirectory(prefix="pasd-verify-export-bench-") as out:
-        report = export_files(loaded.model, out, partner=loaded.partner, samples=samples, latent=latent, rewrites=REWRITES,
-                              localize_divergence=False, seed=seed, release_model=preset != "tiny",
-                              check_outputs=outputs, log=lambda *_: None)
+        config = ExportConfig(samples=samples, latent=latent, rewrites=REWRITES, localize=False, seed=seed,
+                              release_model=preset != "tiny", check_outputs=outputs)
+        report = export_files(loaded.model, out, config, partner=loaded.partner)
     stages = report["stages"]
     htp = stages["htp"]["htp"]
     profile = htp["profile"] or {}
