@@ -19,12 +19,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+# The child is a script run by path: it imports onnxruntime and numpy only and starts in a tenth of a second, where
+# ``python -m pasd_verify.export.htp`` spent 6-7 s importing torch and diffusers for the package; localization and
+# the benchmarks start dozens of children.
+CHILD = Path(__file__).with_name("htp_child.py")
 DEFAULT_SOC_MODEL = "57"  # Snapdragon 8 Gen 3 (HTP v75); without a soc_model the first finalize fails (1002)
 
 
@@ -88,7 +91,7 @@ def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_mo
     with tempfile.TemporaryDirectory(prefix="pasd-verify-htp-") as tmp:
         tmp = Path(tmp)
         np.savez(tmp / "feeds.npz", **feeds)
-        command = [sys.executable, "-m", "pasd_verify.export.htp", str(graph), str(tmp / "feeds.npz"), str(tmp),
+        command = [sys.executable, str(CHILD), str(graph), str(tmp / "feeds.npz"), str(tmp),
                    soc_model, str(context_path or ""), str(tmp / "profile.csv") if profile else ""]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -110,41 +113,3 @@ def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_mo
 def _last_error(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip() and "[W:onnxruntime" not in line]
     return "\n".join(lines[-3:]) or "the child exited without a message"
-
-
-def _child(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str, profile_path: str) -> None:
-    import onnxruntime as ort
-    import onnxruntime_qnn
-
-    from ..memory import peak_rss_bytes
-
-    ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    if context_path:
-        options.add_session_config_entry("ep.context_enable", "1")
-        options.add_session_config_entry("ep.context_file_path", context_path)
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
-    provider = {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": soc_model}
-    if profile_path:
-        provider.update(profiling_level="detailed", profiling_file_path=profile_path)
-    options.add_provider_for_devices(devices, provider)
-    times = {}
-    started = time.perf_counter()
-    session = ort.InferenceSession(graph, options)
-    times["compile_seconds"] = time.perf_counter() - started
-    Path(out, "times.json").write_text(json.dumps(times))  # a crash while running still tells the compile time
-    with np.load(feeds_path) as f:
-        wanted = {i.name for i in session.get_inputs()}
-        feeds = {k: f[k] for k in f.files if k in wanted}
-    names = [o.name for o in session.get_outputs()]
-    started = time.perf_counter()
-    outputs = session.run(names, feeds)
-    times["run_seconds"] = time.perf_counter() - started
-    times["peak_rss_bytes"] = peak_rss_bytes()
-    np.savez(Path(out, "outputs.npz"), **dict(zip(names, outputs)))
-    Path(out, "times.json").write_text(json.dumps(times))
-
-
-if __name__ == "__main__":
-    _child(*sys.argv[1:7])

@@ -1,0 +1,60 @@
+"""The child that compiles and runs a QDQ graph on Qualcomm's HTP backend (:func:`pasd_verify.export.htp.run_on_htp`
+starts it, and reports a crash as a result). A script run by path, importing nothing of pasd_verify: its start costs
+onnxruntime's import alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM, as pasd_verify.memory reads it (that module imports the package, which this script must not)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def main(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str, profile_path: str) -> None:
+    """Compile ``graph`` for the HTP (the context model at ``context_path`` when given), run the feeds in
+    ``feeds_path``; write ``outputs.npz`` and ``times.json`` (compile and run seconds, peak RSS) into ``out``."""
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if context_path:
+        options.add_session_config_entry("ep.context_enable", "1")
+        options.add_session_config_entry("ep.context_file_path", context_path)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    provider = {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": soc_model}
+    if profile_path:
+        provider.update(profiling_level="detailed", profiling_file_path=profile_path)
+    options.add_provider_for_devices(devices, provider)
+    times = {}
+    started = time.perf_counter()
+    session = ort.InferenceSession(graph, options)
+    times["compile_seconds"] = time.perf_counter() - started
+    Path(out, "times.json").write_text(json.dumps(times))  # a crash while running still tells the compile time
+    with np.load(feeds_path) as f:
+        wanted = {i.name for i in session.get_inputs()}
+        feeds = {k: f[k] for k in f.files if k in wanted}
+    names = [o.name for o in session.get_outputs()]
+    started = time.perf_counter()
+    outputs = session.run(names, feeds)
+    times["run_seconds"] = time.perf_counter() - started
+    times["peak_rss_bytes"] = _peak_rss_bytes()
+    np.savez(Path(out, "outputs.npz"), **dict(zip(names, outputs)))
+    Path(out, "times.json").write_text(json.dumps(times))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:7])
