@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, settings
 
 pytest_plugins = ("pytester",)
 
-# Tests measure numbers, not threads; two threads match CI's two cores and keep timings comparable.
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# Tests measure numbers, not threads; two threads match CI's two cores and keep timings comparable. Under
+# pytest-xdist the cores are shared among the workers instead (two workers of one thread each on CI's two cores).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(max(1, 2 // _WORKERS)))))
 
 _SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large]
 # ci is derandomized: a merge gate must give the same verdict on the same code; dev and thorough explore anew.

@@ -138,24 +138,30 @@ def attention_cases(draw, *, heads=st.integers(1, 16), max_tokens: int = 64) -> 
 
 
 @st.composite
-def transformer_configs(draw, *, channels=st.sampled_from([8, 16, 32, 48]), max_side: int = 8) -> dict:
-    """Config and input sizes of a ``Transformer2DModel`` as SD1.5 uses it (linear projection, cross attention)."""
+def transformer_configs(draw, *, channels=st.sampled_from([8, 16, 32, 48]), heads=None, norm_groups=None,
+                        cross_attention_dim=st.sampled_from([16, 32, 768]), use_linear_projection=st.booleans(),
+                        text_length=st.sampled_from([1, 7, TEXT_LENGTH]), max_side: int = 8) -> dict:
+    """Config and input sizes of a ``Transformer2DModel`` as SD1.5 uses it (cross attention). Each argument is a
+    strategy; ``heads`` and ``norm_groups`` default to the divisors of the drawn width that the model accepts
+    (SD1.5's own values: ``heads=st.just(8), norm_groups=st.just(32)``)."""
     channels = draw(channels)
-    heads = draw(st.sampled_from([h for h in (1, 2, 4, 8) if channels % h == 0]))
+    heads = draw(heads if heads is not None else st.sampled_from([h for h in (1, 2, 4, 8) if channels % h == 0]))
+    # at least 2 channels per group: torch's group norm refuses a group of one value (1x1 inputs)
+    groups = draw(norm_groups if norm_groups is not None else
+                  st.sampled_from([g for g in (1, 4, 8) if channels % g == 0 and channels // g >= 2]))
     return {
         "model": {
             "num_attention_heads": heads,
             "attention_head_dim": channels // heads,
             "in_channels": channels,
-            # at least 2 channels per group: torch's group norm refuses a group of one value (1x1 inputs)
-            "norm_num_groups": draw(st.sampled_from([g for g in (1, 4, 8) if channels % g == 0 and channels // g >= 2])),
-            "cross_attention_dim": draw(st.sampled_from([16, 32, 768])),
-            "use_linear_projection": draw(st.booleans()),
+            "norm_num_groups": groups,
+            "cross_attention_dim": draw(cross_attention_dim),
+            "use_linear_projection": draw(use_linear_projection),
         },
         "batch": draw(st.integers(1, 3)),
         "height": draw(st.integers(1, max_side)),
         "width": draw(st.integers(1, max_side)),
-        "text_length": draw(st.sampled_from([1, 7, TEXT_LENGTH])),
+        "text_length": draw(text_length),
         "seed": draw(st.integers(0, 2**16)),
     }
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
+from helpers import assert_same_state_dict
 from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
                          split_state_dict)
 from pasd_verify.checkpoint import (_SafetensorsReader, _sha_plan, _write_safetensors, check_checkpoint_matches,
@@ -37,10 +38,6 @@ def tiny():
     return mha, sha, convert_to_sha(sha)
 
 
-def _equal_dicts(a, b, *, ordered: bool = True) -> bool:
-    """Same keys (in the same order unless a file reader chose its own) and bit-identical tensors."""
-    same_keys = list(a) == list(b) if ordered else set(a) == set(b)
-    return same_keys and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 @st.composite
@@ -65,7 +62,7 @@ def test_split_then_merge_is_bit_identical(model):
     name_map = convert_to_sha(copy.deepcopy(model))
     sha_sd = split_state_dict(mha_sd, name_map)
     assert not set(name_map) & set(sha_sd), "MHA keys must be removed from the SHA state dict"
-    assert _equal_dicts(merge_state_dict(sha_sd, name_map), mha_sd)
+    assert_same_state_dict(merge_state_dict(sha_sd, name_map), mha_sd)
 
 
 @given(model=attention_models())
@@ -77,7 +74,7 @@ def test_split_state_dict_loads_strictly_into_the_converted_model(model):
     for p in sha.parameters():
         nn.init.zeros_(p)
     sha.load_state_dict(split_state_dict(mha_sd, name_map), strict=True)
-    assert _equal_dicts(sha.state_dict(), converted)
+    assert_same_state_dict(sha.state_dict(), converted)
 
 
 def test_split_does_not_change_its_input(tiny):
@@ -85,7 +82,7 @@ def test_split_does_not_change_its_input(tiny):
     mha_sd = mha.state_dict()
     snapshot = copy.deepcopy(mha_sd)
     split_state_dict(mha_sd, name_map)
-    assert _equal_dicts(mha_sd, snapshot)
+    assert_same_state_dict(mha_sd, snapshot)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -97,7 +94,7 @@ def test_file_conversion_round_trip(tiny, tmp_path, fmt):
     assert counts["keys_rewritten"] == len(name_map)
     # Read back with each format's own reader, not ours.
     on_disk = safetensors_load_file(sha_file) if fmt == "safetensors" else torch.load(sha_file, weights_only=True)
-    assert _equal_dicts({k: on_disk[k] for k in sha.state_dict()}, sha.state_dict())
+    assert_same_state_dict({k: on_disk[k] for k in sha.state_dict()}, sha.state_dict())
     assert set(on_disk) == set(sha.state_dict())
     fresh = copy.deepcopy(sha)
     fresh.load_state_dict(on_disk, strict=True)
@@ -105,7 +102,7 @@ def test_file_conversion_round_trip(tiny, tmp_path, fmt):
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).sample, mha(**inputs).sample, rtol=0, atol=1e-5)
     convert_checkpoint_file(sha_file, back_file, name_map, to="mha")
-    assert _equal_dicts(load_state_dict_file(back_file), mha.state_dict(), ordered=fmt == "pth")
+    assert_same_state_dict(load_state_dict_file(back_file), mha.state_dict(), ordered=fmt == "pth")
 
 
 def test_safetensors_metadata_is_kept(tiny, tmp_path):
@@ -132,7 +129,7 @@ def test_bfloat16_and_float16_survive_the_file_rewrite(tmp_path):
         sd = model.to(dtype).state_dict()
         save_state_dict_file(sd, tmp_path / f"{dtype}.safetensors")
         convert_checkpoint_file(tmp_path / f"{dtype}.safetensors", tmp_path / f"{dtype}.sha.safetensors", name_map)
-        assert _equal_dicts(safetensors_load_file(tmp_path / f"{dtype}.sha.safetensors"),
+        assert_same_state_dict(safetensors_load_file(tmp_path / f"{dtype}.sha.safetensors"),
                             split_state_dict(sd, name_map), ordered=False)
 
 
@@ -339,7 +336,7 @@ def test_an_existing_output_is_replaced_whole_or_not_at_all(tiny, tmp_path, fmt)
     save_state_dict_file(mha.state_dict(), src)
     save_state_dict_file({"stale": torch.ones(3)}, dst)  # an older output that differs from what src gives
     convert_checkpoint_file(src, dst, name_map)
-    assert _equal_dicts(load_state_dict_file(dst), sha.state_dict(), ordered=False)
+    assert_same_state_dict(load_state_dict_file(dst), sha.state_dict(), ordered=False)
     # a failing conversion leaves the existing output as it was
     written = dst.read_bytes()
     src.write_bytes(src.read_bytes()[:1000])
@@ -354,9 +351,9 @@ def test_legacy_non_zip_pth_files_load_and_convert(tiny, tmp_path):
     src = tmp_path / "mha.pth"
     torch.save(mha.state_dict(), src, _use_new_zipfile_serialization=False)
     assert not __import__("zipfile").is_zipfile(src)
-    assert _equal_dicts(load_state_dict_file(src), mha.state_dict())
+    assert_same_state_dict(load_state_dict_file(src), mha.state_dict())
     convert_checkpoint_file(src, tmp_path / "sha.pth", name_map)
-    assert _equal_dicts(load_state_dict_file(tmp_path / "sha.pth"), sha.state_dict(), ordered=False)
+    assert_same_state_dict(load_state_dict_file(tmp_path / "sha.pth"), sha.state_dict(), ordered=False)
 
 
 # --- how the file rewrite reads: once per tensor, nothing held past its last use ---------------------------------

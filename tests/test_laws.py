@@ -33,6 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from helpers import assert_same_state_dict
 from pasd_verify import SHAAttention, convert_to_mha, convert_to_sha, merge_state_dict, split_state_dict
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
 from pasd_verify.presets import build_pasd, build_unet, pasd_inputs, unet_inputs
@@ -120,14 +121,6 @@ def _transformer_example(config: dict) -> Example:
     return Example(build, run)
 
 
-def _sd15_transformer(config: dict) -> dict:
-    """SD1.5's transformers at their widths: 8 heads, conv projections, 77 x 768 text."""
-    channels = config["model"]["in_channels"]
-    model = {**config["model"], "num_attention_heads": 8, "attention_head_dim": channels // 8, "norm_num_groups": 32,
-             "cross_attention_dim": 768, "use_linear_projection": False}
-    return {**config, "model": model, "text_length": TEXT_LENGTH}
-
-
 def _as_reference(cached: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The cached seeded model itself in float32 (a reference is only run, never changed: one SD1.5 copy less),
     a copy in another dtype."""
@@ -204,8 +197,11 @@ KINDS = [
     Kind.preset("tiny_pasd_unet", functools.partial(_pasd_unet_example, "tiny"), pasd_shapes(max_latent=16), cost=5),
     Kind.preset("tiny_pasd_controlnet", functools.partial(_pasd_controlnet_example, "tiny"), pasd_shapes(max_latent=16),
                 cost=3),
-    Kind.drawn("sd15_transformer", transformer_configs(channels=st.sampled_from([320, 640, 1280]), max_side=12)
-               .map(_sd15_transformer).map(_transformer_example), marks=(pytest.mark.slow,)),
+    # SD1.5's transformers at their widths: 8 heads, 32 norm groups, conv projections, 77 x 768 text
+    Kind.drawn("sd15_transformer", transformer_configs(
+        channels=st.sampled_from([320, 640, 1280]), heads=st.just(8), norm_groups=st.just(32),
+        cross_attention_dim=st.just(768), use_linear_projection=st.just(False), text_length=st.just(TEXT_LENGTH),
+        max_side=12).map(_transformer_example), marks=(pytest.mark.slow,)),
     Kind.preset("sd15_unet", functools.partial(_unet_example, "sd15"), st.just(_SD15_UNET_SHAPE), **_fp32_slow),
     Kind.preset("sd15_pasd_unet", functools.partial(_pasd_unet_example, "sd15"), st.just(_SD15_PASD_SHAPE),
                 **_fp32_slow),
@@ -230,10 +226,6 @@ def _qkv_parameters(model: nn.Module) -> set[str]:
             for proj in ("to_q", "to_k", "to_v") for p, _ in getattr(module, proj).named_parameters()}
 
 
-def _same_parameters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Same keys in the same order, and bit-identical tensors of the same dtype on the same device."""
-    return list(a) == list(b) and all(
-        a[k].dtype == b[k].dtype and a[k].device == b[k].device and torch.equal(a[k], b[k]) for k in a)
 
 
 def _sha_equals_mha(kind: Kind, example: Example) -> None:
@@ -256,7 +248,7 @@ def _undo_restores_every_parameter_and_returns_the_same_name_map(kind: Kind, bui
         forward_map = convert_to_sha(model)
         assert forward_map, "every kind has attention to rewrite"
         assert convert_to_mha(model) == forward_map
-        assert _same_parameters(model.state_dict(), original)
+        assert_same_state_dict(model.state_dict(), original)
         assert not any(isinstance(m, SHAAttention) for m in model.modules())
 
 
@@ -271,8 +263,8 @@ def _split_checkpoint_loads_strictly_and_merges_back(kind: Kind, build) -> None:
         for p in sha.parameters():
             p.zero_()
     sha.load_state_dict(split, strict=True)
-    assert _same_parameters(sha.state_dict(), converted)
-    assert _same_parameters(merge_state_dict(split, name_map), mha_state)
+    assert_same_state_dict(sha.state_dict(), converted)
+    assert_same_state_dict(merge_state_dict(split, name_map), mha_state)
 
 
 def _name_map_covers_every_qkv_parameter_and_nothing_else(kind: Kind, build) -> None:
@@ -296,7 +288,7 @@ def _sha_state_dict_round_trips_through_both_file_formats(kind: Kind, build) -> 
             save_state_dict_file(state, path)
             loaded = load_state_dict_file(path)
             assert set(loaded) == set(state)
-            assert _same_parameters({k: loaded[k] for k in state}, state)
+            assert_same_state_dict({k: loaded[k] for k in state}, state)
             del loaded
             path.unlink()
 

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from helpers import assert_same_state_dict
 from pasd_verify import CheckpointError, PasdVerifyError, convert_checkpoint_file, convert_to_sha
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
 from pasd_verify.cli import MODEL_CLASS_NAMES, main
@@ -107,8 +108,7 @@ def test_load_model_gives_the_pasd_models_with_their_weights(pasd_folders, pasd_
     loaded_unet, loaded_controlnet = (load_model(f) for f in pasd_folders)
     assert type(loaded_unet) is PASDUNet2DConditionModel and type(loaded_controlnet) is PASDControlNetModel
     for original, loaded in ((unet, loaded_unet), (controlnet, loaded_controlnet)):
-        a, b = original.state_dict(), loaded.state_dict()
-        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_state_dict(loaded.state_dict(), original.state_dict())
     # Bit-identical weights are the law of loading; the forward may still differ in the last bits, since the CPU
     # kernels choose their code path by memory alignment, which differs between the built and the loaded tensors.
     inputs = pasd_inputs(unet, latent=(8, 8), seed=3)

@@ -19,6 +19,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import assert_same_state_dict
 from pasd_verify import PasdVerifyError, convert_to_sha
 from pasd_verify.models import pasd_forward
 from pasd_verify.loading import model_from_config
@@ -152,7 +153,7 @@ def test_pasd_state_dict_round_trips_strictly_through_save_pretrained(tiny_pasd,
         as_json = lambda config: json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
         assert as_json(loaded.config) == as_json(model.config)
         sd = model.state_dict()
-        assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items()) and loaded.state_dict().keys() == sd.keys()
+        assert_same_state_dict(loaded.state_dict(), sd)
 
 
 def test_unet_without_controlnet_residuals_is_a_clear_error(tiny_pasd):

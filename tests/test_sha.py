@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import assert_same_state_dict
 from pasd_verify import (
     AttentionInputError,
     SHAAttention,
@@ -64,8 +65,7 @@ def test_to_out_is_untouched(case):
     before = copy.deepcopy(attn.to_out.state_dict())
     sha = SHAAttention(attn)
     assert sha.to_out is attn.to_out
-    after = sha.to_out.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_state_dict(sha.to_out.state_dict(), before)
 
 
 @given(case=attention_cases())
@@ -75,9 +75,7 @@ def test_rewrite_then_undo_is_identical(case):
     restored = SHAAttention(attn).to_attention()
     assert type(restored.processor) is type(original.processor)
     assert restored.scale == original.scale and restored.heads == original.heads
-    a, b = original.state_dict(), restored.state_dict()
-    assert list(a) == list(b)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state_dict(restored.state_dict(), original.state_dict())
     inputs = case.inputs()
     with torch.no_grad():
         assert torch.equal(original(**inputs), restored(**inputs))
@@ -187,13 +185,9 @@ def test_skip_unsupported_converts_every_supported_module_whatever_the_order(lay
             assert isinstance(module, SHAAttention), name
         else:
             assert not isinstance(module, SHAAttention), name
-            assert _same_state(module.state_dict(), refused_before[name]), name
+            assert_same_state_dict(module.state_dict(), refused_before[name])
     expected = {f"{n}.{p}.weight" for n, r in names.items() if r is None for p in ("to_q", "to_k", "to_v")}
     assert set(name_map) == expected
-
-
-def _same_state(a: dict, b: dict) -> bool:
-    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 _BAD_LAYOUTS = {
