@@ -7,6 +7,10 @@ nodes. aimet-onnx's ``QuantizationSimModel`` puts a quantizer on every tensor of
 Qualcomm's own SD1.5 route (quic/ai-hub-models). Its encodings (format 1.0.0, keyed by ONNX tensor and initializer
 names, parameters and activations in their own sections) are the one source of quantization parameters: the QDQ
 graph, the QNN converter's ``--quantization_overrides`` and the HTP binary all come from them.
+
+This is the one module that uses aimet-onnx's private helpers (its QDQ node insertion, data-movement encodings,
+unsigned-encoding conversion and the sim's rounded parameters); tests/test_private_apis.py fails, naming the helper,
+when an aimet-onnx release changes one.
 """
 
 from __future__ import annotations

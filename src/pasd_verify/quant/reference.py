@@ -2,14 +2,18 @@
 
 It is the reference our AdaRound is checked against (the aimet test tier) and the baseline its memory and time
 are measured against (the bench tier): whatever ours computes or costs is a ratio to this, measured in the same run.
+This is the one module that touches aimet-torch's private ``AdaroundOptimizer`` (its caching switch and its per-layer
+call); tests/test_private_apis.py fails, naming it, when an aimet release changes either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 import torch
 from aimet_torch._base.adaround.adaround_optimizer import AdaroundOptimizer
@@ -66,3 +70,22 @@ def aimet_adaround(model: nn.Module, rows: Sequence[tuple[torch.Tensor, ...]], *
     finally:
         AdaroundOptimizer.is_activation_caching_enabled = previous
     return rounded, (os.path.join(folder, "aimet.encodings") if folder is not None else None)
+
+
+@contextlib.contextmanager
+def timed_aimet_layers(seconds: list[float]) -> Iterator[None]:
+    """Append the wall time of each layer AIMET's ``AdaroundOptimizer.adaround_module`` rounds to ``seconds``."""
+    original = AdaroundOptimizer.__dict__["adaround_module"]
+
+    def timed(cls, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original.__func__(cls, *args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    AdaroundOptimizer.adaround_module = classmethod(timed)
+    try:
+        yield
+    finally:
+        AdaroundOptimizer.adaround_module = original

@@ -13,9 +13,7 @@ Targets:
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,11 +23,10 @@ from torch import nn
 from ..presets import build_pasd
 from ..sha import convert_to_sha
 from ..memory import peak_rss_bytes
-from aimet_torch._base.adaround.adaround_optimizer import AdaroundOptimizer
 
 from .adaround import LAYER_TYPES, AdaroundConfig, adaround, aimet_act_funcs
 from .calibration import model_calls, seeded_samples
-from .reference import aimet_adaround, aimet_rows
+from .reference import aimet_adaround, aimet_rows, timed_aimet_layers
 
 IMPLEMENTATIONS = ("aimet_cached", "aimet_uncached", "ours", "ours_disk")
 TARGETS = ("sd15_ff_layer", "tiny_pasd_unet", "sd15_pasd_unet")
@@ -86,25 +83,6 @@ def adaround_run(target: str, implementation: str, samples: int, iterations: int
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-@contextlib.contextmanager
-def _timed_aimet_layers(seconds: list[float]) -> Iterator[None]:
-    """Append the wall time of each layer AIMET's ``AdaroundOptimizer.adaround_module`` rounds to ``seconds``."""
-    original = AdaroundOptimizer.__dict__["adaround_module"]
-
-    def timed(cls, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original.__func__(cls, *args, **kwargs)
-        finally:
-            seconds.append(time.perf_counter() - start)
-
-    AdaroundOptimizer.adaround_module = classmethod(timed)
-    try:
-        yield
-    finally:
-        AdaroundOptimizer.adaround_module = original
-
-
 def aimet_sampled_run(preset: str, samples: int, iterations: int, latent: list[int], layers: int,
                       seed: int = 0) -> dict[str, Any]:
     """aimet-torch's own ``apply_adaround`` (cached mode) on the SHA PASD UNet of ``preset``, rounding ``layers``
@@ -122,7 +100,7 @@ def aimet_sampled_run(preset: str, samples: int, iterations: int, latent: list[i
     chosen = names[step // 2::step][:layers]
     seconds: list[float] = []
     start = time.perf_counter()
-    with _timed_aimet_layers(seconds):
+    with timed_aimet_layers(seconds):
         aimet_adaround(wrapped, rows, iterations=iterations, cached=True, seed=seed,
                        ignore=[n for n in names if n not in chosen])
     total = time.perf_counter() - start
