@@ -18,7 +18,8 @@ from aimet_torch.common.defs import QuantScheme
 from aimet_torch.quantsim import QuantizationSimModel
 
 from pasd_verify import convert_to_sha
-from pasd_verify.encodings import compare_encodings, convert_version, load_encodings
+from pasd_verify.encodings import convert_version, load_encodings
+from pasd_verify.encodings_check import compare_encodings
 from pasd_verify.presets import build_pasd
 from pasd_verify.quant import QUANTSIM_CONFIGS
 from pasd_verify.quant.adaround import LAYER_TYPES, NEAREST_TYPES, AdaroundConfig, adaround, aimet_act_funcs, aimet_quantizer

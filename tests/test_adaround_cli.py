@@ -12,7 +12,8 @@ import torch
 from pasd_verify import convert_to_sha
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
 from pasd_verify.cli import main
-from pasd_verify.encodings import check_encodings, compare_encodings, load_encodings
+from pasd_verify.encodings import load_encodings
+from pasd_verify.encodings_check import check_encodings, compare_encodings
 from pasd_verify.presets import build_pasd, build_unet
 from pasd_verify.quant.calibration import save_samples, seeded_samples
 

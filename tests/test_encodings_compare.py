@@ -26,7 +26,8 @@ from encodings_helpers import (
     v0_file,
     v1_file,
 )
-from pasd_verify.encodings import EncodingsError, compare_encodings, convert_version
+from pasd_verify.encodings import EncodingsError, convert_version
+from pasd_verify.encodings_check import compare_encodings
 
 
 # --- a recalibration on another CPU: within one grid step and the scale tolerance -----------------------------

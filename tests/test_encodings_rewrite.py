@@ -29,16 +29,15 @@ from encodings_helpers import (
 )
 from pasd_verify.encodings import (
     EncodingsError,
-    check_encodings,
     detect_prefix,
     convert_version,
     join_entries,
     load_encodings,
     mha_to_sha,
-    required_sha_encodings,
     sha_to_mha,
     split_entry,
 )
+from pasd_verify.encodings_check import check_encodings, required_sha_encodings
 from strategies import per_channel_encodings
 
 

@@ -24,7 +24,8 @@ from encodings_helpers import (
     v0_file,
     v1_file,
 )
-from pasd_verify.encodings import EncodingsError, check_encodings, mha_to_sha, required_sha_encodings
+from pasd_verify.encodings import EncodingsError, mha_to_sha
+from pasd_verify.encodings_check import check_encodings, required_sha_encodings
 
 
 def _channels_of(body, name, version):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pasd_verify.encodings import compare_encodings, load_encodings
+from pasd_verify.encodings import load_encodings
+from pasd_verify.encodings_check import compare_encodings
 
 pytestmark = pytest.mark.aimet
 

@@ -13,15 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import checkpoint_format, checkpoint_shapes, check_checkpoint_matches, convert_checkpoint_file
-from .encodings import (
-    EncodingsError,
-    check_encodings,
-    convert_version,
-    load_encodings,
-    mha_to_sha,
-    required_sha_encodings,
-    save_encodings,
-)
+from .encodings import EncodingsError, convert_version, load_encodings, mha_to_sha, save_encodings
+from .encodings_check import check_encodings, required_sha_encodings
 from .io import refuse_overwriting_inputs, staged_outputs
 from .loading import ModelChoice, build_model, choose_model, parameter_shapes
 from .name_map import NameMap

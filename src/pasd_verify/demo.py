@@ -115,8 +115,8 @@ def checkpoint(mha: nn.Module, sha: nn.Module, name_map: NameMap, inputs: dict[s
 def encodings(mha: nn.Module, sha: nn.Module, name_map: NameMap, seed: int, out_dir: Path) -> dict[str, Any]:
     """AIMET calibrates the MHA model; its encodings are converted, validated, and compared with the encodings
     AIMET computes on the SHA model directly (per-channel weights must agree)."""
-    from .encodings import (SCALE_RTOL, check_encodings, compare_encodings, load_encodings, mha_to_sha,
-                            required_sha_encodings, save_encodings)
+    from .encodings import load_encodings, mha_to_sha, save_encodings
+    from .encodings_check import SCALE_RTOL, check_encodings, compare_encodings, required_sha_encodings
     from .quant import export_encodings, quantize
 
     dummy = tuple(unet_inputs(mha, batch=1, seed=seed).values())

@@ -27,8 +27,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ..encodings import EncodingsError, check_encodings, compare_encodings, convert_version, detect_prefix, \
-    load_encodings
+from ..encodings import EncodingsError, convert_version, detect_prefix, load_encodings
+from ..encodings_check import check_encodings, compare_encodings
 
 # A weight that AdaRound rounded lies on its grid up to float32 storage of (q + offset) * scale: 2^-24 relative,
 # at most 2^16 * 2^-24 = 0.004 grid steps at 16 bits. A weight that was never rounded onto the grid sits anywhere
