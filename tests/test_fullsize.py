@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from pasd_verify.export.htp import htp_available
-from pasd_verify.export.onnx_io import relative_error, sqnr_db
-from pasd_verify.export.pipeline import FLOAT_TOLERANCE, HTP_SQNR_DB, QDQ_SQNR_DB
+from pasd_verify.export.agreement import FLOAT_TOLERANCE, HTP_SQNR_DB, QDQ_SQNR_DB, relative_error, sqnr_db
 from pasd_verify.memory import peak_rss_of
 
 pytestmark = [pytest.mark.fullsize,

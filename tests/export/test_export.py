@@ -21,7 +21,8 @@ from pasd_verify.export import pipeline
 from pasd_verify.kinds import graph_of as export_graph, preset_model
 from pasd_verify.export.htp import HtpResult
 from pasd_verify.export.localize import extract_prefix, graph_blocks
-from pasd_verify.export.onnx_io import export_float, large_constants, relative_error, run_onnx, sqnr_db
+from pasd_verify.export.agreement import relative_error, sqnr_db
+from pasd_verify.export.onnx_io import export_float, large_constants, run_onnx
 from pasd_verify.export.quantize import (_quiet_aimet, check_encoding_names, export_quantized,
                                          place_static_encodings, quantization_sim, sim_outputs)
 from pasd_verify.export.rewrites import SiLUAsDivision, apply_onnx_rewrites, apply_rewrites

@@ -16,8 +16,9 @@ import torch
 from pasd_verify.kinds import ExportGraph, preset_model
 from pasd_verify.kinds import graph_of as export_graph
 from pasd_verify.export.htp import htp_available, run_on_htp
-from pasd_verify.export.onnx_io import export_float, run_onnx, sqnr_db
-from pasd_verify.export.pipeline import HTP_SQNR_DB, ExportConfig, export_files
+from pasd_verify.export.agreement import HTP_SQNR_DB, sqnr_db
+from pasd_verify.export.onnx_io import export_float, run_onnx
+from pasd_verify.export.pipeline import ExportConfig, export_files
 from pasd_verify.export.quantize import export_quantized, quantization_sim
 from pasd_verify.export.rewrites import apply_onnx_rewrites, apply_rewrites
 from pasd_verify.quant.calibration import seeded_samples

@@ -28,7 +28,8 @@ import onnx
 import onnx.utils
 
 from .htp import DEFAULT_SOC_MODEL, run_on_htp
-from .onnx_io import run_onnx, sqnr_db
+from .agreement import htp_agrees, sqnr_db, worst
+from .onnx_io import run_onnx
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -247,13 +248,13 @@ def judge_blocks(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], work
         cpu = run_onnx(path, block_feeds, block.outputs)
         htp = run_on_htp(path, block_feeds, soc_model=soc_model, timeout=timeout)
         per_output = {t: sqnr_db(cpu[t], htp.outputs[t]) for t in block.outputs} if htp.status == "passed" else {}
-        worst = min(per_output, key=per_output.get) if per_output else block.outputs[0]
-        bad = htp.status != "passed" or per_output[worst] < threshold_db
-        judged.append({"block": block.name, "htp": htp.status, "sqnr_db": per_output.get(worst), "bad": bad})
+        output = worst(per_output) if per_output else block.outputs[0]
+        bad = not htp_agrees(per_output.get(output), threshold_db)
+        judged.append({"block": block.name, "htp": htp.status, "sqnr_db": per_output.get(output), "bad": bad})
         log(f"localize: block {block.name}: HTP {htp.status}"
-            + (f", {per_output[worst]:.1f} dB" if per_output else f" ({htp.error})"))
+            + (f", {per_output[output]:.1f} dB" if per_output else f" ({htp.error})"))
         if bad:
-            return judged, (block, path, block_feeds, worst)
+            return judged, (block, path, block_feeds, output)
         path.unlink()
     return judged, None
 
@@ -309,7 +310,7 @@ def localize_op(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_d
             htp = run_on_htp(prefix, _used_feeds(prefix, feeds), soc_model=soc_model, timeout=timeout)
             sqnr = sqnr_db(cpu, htp.outputs[tensor]) if htp.status == "passed" else None
             probes[tensor] = {"tensor": tensor, "htp": htp.status, "sqnr_db": sqnr,
-                              "bad": htp.status != "passed" or sqnr < threshold_db}
+                              "bad": not htp_agrees(sqnr, threshold_db)}
             log(f"localize: probe {len(probes)}: {tensor}: HTP {htp.status}"
                 + (f", {sqnr:.1f} dB" if sqnr is not None else f" ({htp.error})"))
         return probes[tensor]["bad"]

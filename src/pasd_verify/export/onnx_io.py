@@ -83,19 +83,3 @@ def large_constants(model: onnx.ModelProto, parameters: set[str]) -> list[tuple[
                     if size > LARGE_CONSTANT_BYTES:
                         found.append((node.output[0], size))
     return found
-
-
-def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    """Signal to quantization-noise ratio of ``test`` against ``reference``, in dB (inf when equal)."""
-    reference = reference.astype(np.float64)
-    noise = float(((reference - test.astype(np.float64)) ** 2).sum())
-    signal = float((reference ** 2).sum())
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")
-
-
-def relative_error(reference: np.ndarray, test: np.ndarray) -> float:
-    """max |test - reference| / max |reference|."""
-    scale = float(np.abs(reference).max())
-    return float(np.abs(test.astype(np.float64) - reference).max()) / (scale if scale > 0 else 1.0)

@@ -1,20 +1,12 @@
 """``pasd-verify export``: float ONNX -> AIMET encodings and QDQ graph -> HTP context binary, each step checked.
 
-Every step is compared with the one before it on a held-out seeded input, and every threshold is in the report:
-
-====================================  ======================================================================
-comparison                            passes when
-====================================  ======================================================================
-torch fp32 vs float ONNX (CPU)        relative error <= ``FLOAT_TOLERANCE`` (fp32 rounding, summation order)
-AIMET sim vs QDQ graph (CPU)          SQNR >= ``QDQ_SQNR_DB``: the same quantizers, only float rounding apart
-QDQ graph on CPU vs on the HTP        SQNR >= ``threshold_db`` (default ``HTP_SQNR_DB``), and no crash
-====================================  ======================================================================
-
-plus ``onnx.checker``, every encoding name in the graph and in its section, no non-weight constant over 1 MB, and
-every node on the HTP (the session refuses CPU fallback). fp32 vs QDQ and fp32 vs HTP are reported as the
-quantization error the user ships, without a threshold. When the HTP disagrees, the first bad diffusers block and
-the first bad op in it are localized and a reproducer written to ``divergences/``; the outputs are still written (they are the evidence) and the
-report's ``passed`` is false.
+Every step is compared with the one before it on a held-out seeded input (torch fp32 vs float ONNX, AIMET sim vs QDQ
+graph, QDQ graph on the CPU vs on the HTP; :mod:`pasd_verify.export.agreement` says when each agrees), and every
+threshold is in the report. Checked besides: ``onnx.checker``, every encoding name in the graph and in its section,
+no non-weight constant over 1 MB, and every node on the HTP (the session refuses CPU fallback). fp32 vs QDQ and fp32
+vs HTP are reported as the quantization error the user ships, without a threshold. When the HTP disagrees, the
+first bad diffusers block and the first bad op in it are localized and a reproducer written to ``divergences/``;
+the outputs are still written (they are the evidence) and the report's ``passed`` is false.
 """
 
 from __future__ import annotations
@@ -43,19 +35,14 @@ from ..quant.calibration import calibration_samples, seeded_samples
 from .frozen import adarounded_entries, frozen_changes, onnx_param_encodings
 from .htp import DEFAULT_SOC_MODEL, run_on_htp
 from .localize import localize
-from .onnx_io import (EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, relative_error, run_onnx,
-                      sqnr_db)
+from .agreement import (FLOAT_TOLERANCE, HTP_SQNR_DB, QDQ_SQNR_DB, float_agrees, htp_agrees, qdq_agrees,
+                        relative_error, sqnr_db, worst)
+from .onnx_io import EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, run_onnx
 from .quantize import WEIGHT_GRANULARITY, check_encoding_names, export_quantized, quantization_sim, sim_outputs
 from .rewrites import ONNX_REWRITES, REWRITES, apply_onnx_rewrites, apply_rewrites
 
 logger = logging.getLogger(__name__)
 
-FLOAT_TOLERANCE = 1e-4
-QDQ_SQNR_DB = 40.0
-# 16-bit activations quantize each tensor at ~90 dB; the HTP's fixed-point requantization and the CPU's float
-# emulation of the same QDQ graph round differently, which an SD1.5-width transformer shows at 61.9 dB. 30 dB (3%
-# rms error) is far below that and far above a broken graph (GroupNorm -> SiLU -> Conv at 16 bits: ~0 dB).
-HTP_SQNR_DB = 30.0
 # aimet-onnx takes these bit widths for weights and activations (16-bit weights and 4- or 8-bit activations have no
 # HTP path worth proving here: Qualcomm's recipe is W8A16).
 PARAM_BWS, ACT_BWS = (4, 8, 16), (8, 16)
@@ -204,9 +191,9 @@ def float_export(graph: ExportGraph, check_feeds: dict[str, torch.Tensor], folde
         del float_model
     onnx_out = run_onnx(float_path, _numpy(check_feeds))
     errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
-    worst = max([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)])
     result = StageResult({"relative_error": max(errors.values()), "per_output": errors, **rewritten},
-                         passed=worst <= FLOAT_TOLERANCE, seconds=time.perf_counter() - started)
+                         passed=float_agrees([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)]),
+                         seconds=time.perf_counter() - started)
     return FloatExport(float_path, reference, result)
 
 
@@ -248,7 +235,7 @@ def encodings_and_qdq(sim, folder: Path, graph: ExportGraph, check_arrays: dict[
                "activation_encodings": len(encodings["activation_encodings"]),
                "qdq_nodes": len(onnx.load(str(paths["qdq"]), load_external_data=False).graph.node),
                "problems": problems}
-    result = StageResult(numbers, passed=min(sim_qdq.values()) >= QDQ_SQNR_DB and not problems,
+    result = StageResult(numbers, passed=qdq_agrees(min(sim_qdq.values())) and not problems,
                          seconds=time.perf_counter() - started)
     return Quantized(paths, qdq_out, result)
 
@@ -267,7 +254,7 @@ def on_htp(qdq_path: Path, check_arrays: dict[str, np.ndarray], quantized: Quant
         numbers.update(cpu_vs_htp_sqnr_db=min(cpu_htp.values()), per_output=cpu_htp,
                        fp32_vs_htp_sqnr_db=min(sqnr_db(reference[k], htp.outputs[k]) for k in output_names),
                        all_nodes_on_htp=True, context_binary_bytes=(folder / "model_ctx_qnn.bin").stat().st_size)
-        passed = numbers["cpu_vs_htp_sqnr_db"] >= config.htp_threshold_db
+        passed = htp_agrees(numbers["cpu_vs_htp_sqnr_db"], config.htp_threshold_db)
     if passed is False and config.localize:
         numbers["divergence"] = localize_divergence(qdq_path, check_arrays, numbers, output_names, folder, config,
                                                     (htp.compile_seconds or 0.0) + (htp.run_seconds or 0.0))
@@ -280,12 +267,12 @@ def localize_divergence(qdq_path: Path, check_arrays: dict[str, np.ndarray], num
                         whole_seconds: float) -> dict[str, Any] | str:
     """The first diffusers block and op the HTP gets wrong, on the worst output; reproducer in ``folder``."""
     per_output = numbers.get("per_output")
-    worst = min(per_output, key=per_output.get) if per_output else output_names[0]
+    output = worst(per_output) if per_output else output_names[0]
     # a prefix compiles and runs in less time than the whole graph; a probe far beyond that has hung
-    found = localize(qdq_path, check_arrays, folder, output=worst, threshold_db=config.htp_threshold_db,
+    found = localize(qdq_path, check_arrays, folder, output=output, threshold_db=config.htp_threshold_db,
                      soc_model=config.soc_model, timeout=max(60.0, 5 * whole_seconds), log=logger.info)
     return found.as_dict() if found else (
-        f"the prefix ending at {worst} agrees alone; the disagreement needs the rest of the graph")
+        f"the prefix ending at {output} agrees alone; the disagreement needs the rest of the graph")
 
 
 def export_files(model: nn.Module, out_dir: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
