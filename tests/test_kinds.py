@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pasd_verify.cli import KIND_NAMES
+from pasd_verify.cli import KIND_NAMES, main
 from pasd_verify.errors import PasdVerifyError
 from pasd_verify.kinds import KINDS, CalibrationError, get_kind, graph_of, kind_of, preset_model
 from pasd_verify.sha import SHAAttention
@@ -17,8 +17,13 @@ from pasd_verify.sha import SHAAttention
 SRC = Path(__file__).resolve().parent.parent / "src" / "pasd_verify"
 
 
-def test_the_command_line_offers_exactly_the_registry_kinds():
-    assert KIND_NAMES == tuple(KINDS)
+def test_the_command_line_offers_exactly_the_registry_kinds(capsys):
+    assert tuple(KIND_NAMES) == tuple(KINDS) and all(name in KIND_NAMES for name in KINDS)
+    assert "vae" not in KIND_NAMES
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--preset", "tiny", "--kind", "vae", "--out", "x"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'vae' (choose from 'pasd-unet', 'pasd-controlnet', 'unet')" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", list(KINDS))

@@ -14,8 +14,26 @@ from .errors import PasdVerifyError
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
 # pasd_verify.loading.MODEL_CLASSES).
 MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DConditionModel", "PASDControlNetModel")
-# The registry's kinds (pasd_verify.kinds.KINDS), spelled here for the same reason and checked by the same test.
-KIND_NAMES = ("pasd-unet", "pasd-controlnet", "unet")
+
+
+class _KindNames:
+    """The registry's kind names (pasd_verify.kinds.KINDS) as argparse choices, read when argparse first needs them
+    (checking a --kind, or the adaround/export help): the registry imports every model class, which building the
+    parser, ``demo`` and ``convert`` do not need."""
+
+    def _names(self) -> tuple[str, ...]:
+        from .kinds import KINDS
+
+        return tuple(KINDS)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+
+KIND_NAMES = _KindNames()
 
 # Numbers worth a column in the stage table, in the order shown.
 _SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "tolerance",

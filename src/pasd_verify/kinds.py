@@ -16,8 +16,8 @@ move part of the model into every caller):
 - ``pasd-controlnet``: ``sample, timestep, encoder_hidden_states, control_image -> rgb_{i}..., down_residual_{i}...,
   mid_residual``. A partner's outputs feed the inputs of the same names.
 
-Adding a kind: write its model (``models/``), its flat-signature wrapper below, and one :data:`KINDS` entry; add its
-name to ``cli.KIND_NAMES`` (a test checks the two agree, so that ``--help`` needs no torch import).
+Adding a kind: write its model (``models/``), its flat-signature wrapper below, and one :data:`KINDS` entry; the
+command line's ``--kind`` offers it from then on.
 """
 
 from __future__ import annotations
