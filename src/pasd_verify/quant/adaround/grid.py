@@ -74,4 +74,8 @@ def soft_rounded(weight: torch.Tensor, alpha: torch.Tensor, grid: WeightGrid) ->
 
 
 def _code_dtype(grid: WeightGrid) -> torch.dtype:
-    return torch.int8 if grid.qmin >= -128 and grid.qmax <= 127 else torch.int16 if grid.qmax <= 32767 else torch.int32
+    """The narrowest integer dtype that holds both ends of the grid (the codes are kept for every rounded layer)."""
+    for dtype in (torch.int8, torch.int16):
+        if torch.iinfo(dtype).min <= grid.qmin and grid.qmax <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int32
