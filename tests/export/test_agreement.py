@@ -5,6 +5,7 @@ for ``export/agreement.py``)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -44,10 +45,18 @@ def test_relative_error_is_the_largest_error_over_the_largest_reference_value(pa
 def test_the_measures_on_known_cases():
     ones = np.ones(4, dtype=np.float32)
     assert sqnr_db(ones, ones * 1.1) == pytest.approx(20.0)  # noise 1/100 of the signal's power
+    assert sqnr_db(ones * 0.1, ones * 0.11) == pytest.approx(20.0)  # a signal below 1 is a signal
     assert sqnr_db(ones, ones * 2) == pytest.approx(0.0)
-    assert sqnr_db(np.zeros(3), np.ones(3)) == -math.inf and sqnr_db(ones, ones) == math.inf
+    assert sqnr_db(ones, ones) == math.inf and sqnr_db(np.zeros(2), np.zeros(2)) == math.inf
     assert relative_error(np.array([2.0, -4.0]), np.array([2.0, -3.0])) == 0.25
+    assert relative_error(np.array([0.5, -0.125]), np.array([0.25, -0.125])) == 0.5  # a reference below 1 scales too
     assert relative_error(np.zeros(2), np.array([0.5, -0.25])) == 0.5
+
+
+def test_a_zero_reference_against_noise_is_minus_infinity_without_a_numpy_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log10(0) would warn: a user running with -W error must not see a crash
+        assert sqnr_db(np.zeros(3), np.ones(3)) == -math.inf
 
 
 def test_each_verdict_holds_at_its_threshold_and_not_beyond():
