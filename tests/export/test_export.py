@@ -378,3 +378,19 @@ def test_sqnr_and_relative_error_are_what_they_say():
     expected = 10 * np.log10((a ** 2).sum() / (noise ** 2).sum())
     assert sqnr_db(a, a + noise) == pytest.approx(expected)
     assert relative_error(a, a + noise) == pytest.approx(np.abs(noise).max() / np.abs(a).max())
+
+
+@pytest.mark.parametrize("flag,value,field", [
+    ("--soc-model", "-1", "soc_model"), ("--htp-threshold-db", "nan", "htp_threshold_db"),
+    ("--param-bw", "33", "param_bw"), ("--param-bw", "1", "param_bw"), ("--act-bw", "3", "act_bw"),
+    ("--samples", "0", "samples")])
+def test_an_export_option_out_of_range_is_refused_before_any_work(tmp_path, capsys, flag, value, field):
+    """ExportConfig checks itself when made, before a model is built: exit 2 naming the option, nothing written
+    (an --soc-model of -1 used to fail the compile and be reported as an HTP disagreement; a NaN threshold could
+    never pass and sent the export into localization; a 33-bit weight was refused after the float export)."""
+    from pasd_verify.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", "--preset", "tiny", "--kind", "unet", flag, value, "--out", str(out)]) == 2
+    assert f"error: {field} must be" in capsys.readouterr().err
+    assert not out.exists()
