@@ -170,9 +170,10 @@ class OnHtp:
     outputs: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
-def float_export(graph: ExportGraph, check_feeds: dict[str, torch.Tensor], folder: Path,
-                 config: ExportConfig, *, large: bool) -> FloatExport:
-    """Apply the rewrites, write ``model.onnx`` into ``folder`` and compare onnxruntime with torch on the check input."""
+def float_export(graph: ExportGraph, check_feeds: dict[str, torch.Tensor], check_arrays: dict[str, np.ndarray],
+                 folder: Path, config: ExportConfig, *, large: bool) -> FloatExport:
+    """Apply the rewrites, write ``model.onnx`` into ``folder`` and compare onnxruntime with torch on the check input
+    (``check_feeds``, and the same as ``check_arrays`` for onnxruntime)."""
     started = time.perf_counter()
     reference = _numpy(graph(check_feeds))
     rewritten: dict[str, Any] = {}
@@ -189,7 +190,7 @@ def float_export(graph: ExportGraph, check_feeds: dict[str, torch.Tensor], folde
         rewritten["rewrites"].update(apply_onnx_rewrites(float_model, config.rewrites))
         onnx.save_model(float_model, str(float_path))
         del float_model
-    onnx_out = run_onnx(float_path, _numpy(check_feeds))
+    onnx_out = run_onnx(float_path, check_arrays)
     errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
     result = StageResult({"relative_error": max(errors.values()), "per_output": errors, **rewritten},
                          passed=float_agrees([*errors.values(), rewritten.get("rewrite_relative_error", 0.0)]),
@@ -309,7 +310,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, config: ExportCon
                                               if not isinstance(v, (dict, list))))
 
     with staged_outputs(out_dir, OUTPUTS) as staging:
-        floated = float_export(graph, check_feeds, staging, config, large=large)
+        floated = float_export(graph, check_feeds, check_arrays, staging, config, large=large)
         record("float_export", floated.result)
         frozen, frozen_path = None, None
         if adarounded is not None:  # found by content in the graph, so before the weights are released
