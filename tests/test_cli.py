@@ -2,6 +2,8 @@ import json
 import logging
 import warnings
 
+import pytest
+
 from pasd_verify.cli import main
 from pasd_verify.logs import library_warnings
 
@@ -30,3 +32,19 @@ def test_library_warnings_go_to_the_log_not_the_terminal(caplog, capsys):
     assert len(caught) == 1
     assert capsys.readouterr().err == ""
     assert any("FutureWarning" in r.getMessage() and "tracer noise" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("command", [
+    ["demo"],
+    ["convert", "--model-config", "config.json", "--state-dict", "unet.safetensors"],
+    ["adaround", "--preset", "tiny", "--samples", "1", "--iterations", "1"],
+    ["export", "--preset", "tiny", "--samples", "1"],
+])
+def test_an_output_location_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "unet.safetensors").write_bytes(b"")
+    (tmp_path / "taken").write_text("a file")
+    assert main([*command, "--out", "taken/out"]) == 2
+    assert "taken: is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file"

@@ -136,3 +136,14 @@ def test_encodings_can_be_written_in_the_other_format(inputs, tmp_path):
     reference = json.loads((GOLDEN / "unet_tiny_sha_per_channel_1.0.0.encodings").read_text())
     assert written["version"] == "1.0.0"
     assert {e["name"]: e for e in written["param_encodings"]} == {e["name"]: e for e in reference["param_encodings"]}
+
+
+def test_a_reused_out_folder_holds_only_the_latest_runs_outputs(inputs, tmp_path):
+    """An earlier run's encodings must not stay beside a later run's checkpoint, as if they belonged together."""
+    out = tmp_path / "out"
+    assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / "unet.pth",
+                "--encodings", GOLDEN / "unet_tiny_mha_per_channel_1.0.0.encodings", "--out", out) == 0
+    (out / "mine.txt").write_text("not an output of convert")
+    assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / "unet.safetensors",
+                "--out", out) == 0
+    assert _files(out) == ["mine.txt", "name_map.json", "state_dict_sha.safetensors"]

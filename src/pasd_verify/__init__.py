@@ -2,31 +2,32 @@
 
 Data flow: ``sha`` (module rewrite, which yields the MHA -> SHA ``name_map``) -> ``checkpoint`` (state dicts) ->
 ``encodings`` (AIMET encodings) -> ``quant`` (AdaRound) / ``export`` (ONNX, QNN HTP).
+
+The names below are imported when first used (PEP 562): importing ``pasd_verify.cli`` must not cost torch's and
+diffusers' 5-10 s, so that the command line handles SIGTERM and answers ``--help`` before they load.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .checkpoint import convert_checkpoint_file, merge_state_dict, split_state_dict  # noqa: E402
-from .errors import (  # noqa: E402
-    AttentionInputError,
-    CheckpointError,
-    PasdVerifyError,
-    UnsupportedAttentionError,
-)
-from .name_map import NameMap, NameMapError  # noqa: E402
-from .sha import SHAAttention, convert_to_mha, convert_to_sha  # noqa: E402
+_WHERE = {
+    "convert_checkpoint_file": "checkpoint", "merge_state_dict": "checkpoint", "split_state_dict": "checkpoint",
+    "AttentionInputError": "errors", "CheckpointError": "errors", "PasdVerifyError": "errors",
+    "UnsupportedAttentionError": "errors", "NameMap": "name_map", "NameMapError": "name_map",
+    "SHAAttention": "sha", "convert_to_mha": "sha", "convert_to_sha": "sha",
+}
 
-__all__ = [
-    "AttentionInputError",
-    "CheckpointError",
-    "NameMap",
-    "NameMapError",
-    "PasdVerifyError",
-    "SHAAttention",
-    "UnsupportedAttentionError",
-    "convert_checkpoint_file",
-    "convert_to_mha",
-    "convert_to_sha",
-    "merge_state_dict",
-    "split_state_dict",
-]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +71,16 @@ def stage_table(stages: list[dict[str, Any]]) -> str:
     )
 
 
+# What the commands import lazily, loaded before the work (see _begin_work): diffusers' model classes pull in its
+# schedulers and scipy; export's stages import onnx and aimet-onnx when they start.
+_MODELS = ("diffusers:UNet2DConditionModel", "diffusers:ControlNetModel", "scipy.stats")
+_EXPORT = ("onnx", "onnxruntime", "aimet_onnx.quantsim")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # torch and diffusers load here, not for --help
+
+    _begin_work(*_MODELS, *_EXPORT)
 
     report = run_demo(args.out, seed=args.seed)
     print(stage_table(report["stages"]))
@@ -81,6 +93,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_files
+
+    _begin_work(*_MODELS)
 
     summary = convert_files(args.model_config, args.state_dict, args.out, encodings=args.encodings,
                             encodings_version=args.encodings_version, model_class=args.model_class)
@@ -157,6 +171,8 @@ def _adaround(args: argparse.Namespace) -> int:
     from .quant.adaround import AdaroundConfig
     from .quant.workflow import adaround_files, check_output_folder
 
+    _begin_work(*_MODELS, "aimet_torch.meta.connectedgraph_utils", "matplotlib.figure")
+
     config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights,
                             cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
                             seed=args.seed, only=tuple(args.only or ()))
@@ -181,6 +197,8 @@ def _adaround(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportConfig, check_output_folder, export_files
     from .logs import library_warnings
+
+    _begin_work(*_MODELS, *_EXPORT)
 
     _preset_latent(args)
     # one field per flag; release_model: the command needs the memory, and no caller uses the model afterwards
@@ -303,14 +321,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, as SIGINT raises KeyboardInterrupt: every ``finally`` runs, so
+    the staging folders, temporary caches and HTP children go as they do on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_working = False  # see _begin_work
+
+
+def _interrupted_line(signum: int) -> str:
+    return f"pasd-verify: interrupted by {signal.Signals(signum).name}: stopped; no output was written"
+
+
+def _begin_work(*preload: str) -> None:
+    """Import ``preload`` ("module" or "module:attribute", attributes of lazy modules such as diffusers'), then let
+    signals raise :class:`Interrupted` from here on.
+
+    Before this point a signal ends the process at once (one line, exit 128+signal): nothing is written and no child
+    is started while the libraries import, and an exception raised in the middle of an import leaves numpy, scipy
+    and diffusers half-initialised, so that even the error's own handling fails with a RecursionError."""
+    global _working
+    for name in preload:
+        module, _, attribute = name.partition(":")
+        loaded = importlib.import_module(module)
+        if attribute:
+            getattr(loaded, attribute)
+    _working = True
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    """While the command runs, SIGINT, SIGTERM and SIGHUP (a closed terminal, a parent shell that ends) stop it: at
+    once while it imports, by :class:`Interrupted` once :func:`_begin_work` was called. After one signal the next
+    ones are ignored, so that the cleanup it started can finish. Outside the main thread (a caller's worker) signals
+    cannot be handled, and nothing changes."""
+    global _working
+    if threading.current_thread() is not threading.main_thread():
+        _working = True
+        yield
+        return
+
+    def interrupt(signum, frame):
+        if not _working:
+            print(_interrupted_line(signum), file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        for ending in _ENDING:
+            signal.signal(ending, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in _ENDING}
+    _working = False
+    for s in _ENDING:
+        signal.signal(s, interrupt)
+    try:
+        yield
+    finally:
+        _working = False
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with _signals_as_interrupts():
+            return args.func(args)
     except PasdVerifyError as e:
         print(f"pasd-verify: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk, not the inputs: full, read-only, a permission; named by its path
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "writing the outputs"
+        print(f"pasd-verify: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(_interrupted_line(signum), file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

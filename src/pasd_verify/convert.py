@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_format, checkpoint_shapes, check_checkpoint_matches, convert_checkpoint_file
+from .checkpoint import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_checkpoint_matches, checkpoint_format,
+                         checkpoint_shapes, convert_checkpoint_file)
 from .encodings import EncodingsError, convert_version, load_encodings, mha_to_sha, save_encodings
 from .encodings_check import check_encodings, required_sha_encodings
 from .io import refuse_overwriting_inputs, staged_outputs
@@ -113,13 +114,15 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
     no output file is left behind. Inputs are never overwritten.
     """
     config_path, state_dict, out_dir = Path(model_config), Path(state_dict), Path(out_dir)
-    conversion = _plan(config_path, state_dict, "mha", model_class)
-
     suffix = state_dict.name[len(state_dict.name.rsplit(".", 1)[0]):]
     outputs = {"state_dict": out_dir / f"state_dict_sha{suffix}", "name_map": out_dir / "name_map.json"}
     if encodings is not None:
         outputs["encodings"] = out_dir / "parameters_sha.encodings"
-    refuse_overwriting_inputs(out_dir, [p.name for p in outputs.values()], [config_path, state_dict, encodings])
+    # what an earlier run may have left: replaced as one set, so that no earlier file stays beside this run's
+    family = sorted({p.name for p in outputs.values()} | {"parameters_sha.encodings"}
+                    | {f"state_dict_sha{s}" for s in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES})
+    refuse_overwriting_inputs(out_dir, family, [config_path, state_dict, encodings])
+    conversion = _plan(config_path, state_dict, "mha", model_class)
 
     name_map = conversion.name_map
     summary: dict[str, Any] = {"model_class": conversion.choice.describe(),
@@ -131,7 +134,7 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
                                                encodings_version)
         summary.update(counts)
 
-    with staged_outputs(out_dir, [p.name for p in outputs.values()]) as staging:
+    with staged_outputs(out_dir, family) as staging:
         staged = {key: staging / path.name for key, path in outputs.items()}
         counts = _rewrite_checked(conversion, state_dict, staged["state_dict"], outputs["state_dict"], "sha")
         summary["checkpoint_tensors_out"] = counts["tensors_out"]

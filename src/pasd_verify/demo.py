@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import convert_checkpoint_file, load_state_dict_file, save_state_dict_file
-from .io import write_json
+from .io import refuse_overwriting_inputs, staged_outputs, write_json
 from .logs import library_warnings
 from .name_map import NameMap
 from .models import pasd_forward
@@ -262,8 +262,19 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
     A stage that raises is recorded as failed with its error; a stage that needs what a failed stage would have made
     is recorded as skipped, naming it; the others still run.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # all or none, as every command: an interrupted demo leaves no half of a run in the folder
+    refuse_overwriting_inputs(out_dir, OUTPUTS, [])
+    with staged_outputs(out_dir, OUTPUTS) as staging:
+        return _run_stages(staging, seed, progress, stages)
+
+
+# Every name the stages write into the output folder: a rerun into the same folder replaces them as one set.
+OUTPUTS = ("state_dict_mha.safetensors", "state_dict_sha.safetensors", "state_dict_mha_roundtrip.safetensors",
+           "parameters_mha.encodings", "parameters_sha.encodings", "parameters_sha_aimet.encodings", "adaround",
+           "export_controlnet", "export_unet", "report.json")
+
+
+def _run_stages(out_dir: Path, seed: int, progress: bool, stages: Sequence[Stage]) -> dict[str, Any]:
     started = time.perf_counter()
     mha = build_unet("tiny", seed=seed)
     available: dict[str, Any] = {"mha": mha, "inputs": unet_inputs(mha, seed=seed), "seed": seed, "out_dir": out_dir}

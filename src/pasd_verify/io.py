@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -42,34 +43,95 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: Iterable[str],
                               inputs: Iterable[str | os.PathLike | None]) -> None:
-    """Raise before any work when one of the outputs ``out_dir/<name>`` would replace one of ``inputs``."""
+    """Raise before any work when the outputs cannot be written to ``out_dir`` (a file is in the way, or the folder
+    or the nearest existing folder above it is not writable), or when one of the outputs ``out_dir/<name>`` would
+    replace one of ``inputs``."""
     from .errors import PasdVerifyError
 
-    outputs = {(Path(out_dir) / name).resolve() for name in output_names}
+    out_dir = Path(out_dir)
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise PasdVerifyError(f"{existing}: a broken symbolic link is in the way of the output folder")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PasdVerifyError(f"{existing}: is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PasdVerifyError(f"{existing}: no permission to write there; choose another --out")
+    outputs = {(out_dir / name).resolve() for name in output_names}
     for path in inputs:
         if path is not None and Path(path).exists() and Path(path).resolve() in outputs:
             raise PasdVerifyError(f"{path}: an output would overwrite this input; choose another --out")
 
 
+_OWNED = re.compile(r"-(\d+)-[^-]*$")
+
+
+def _sweep_orphans(folder: Path, prefix: str) -> None:
+    """Remove ``folder/<prefix><pid>-*`` folders whose process is gone: what a run killed outright (SIGKILL, a power
+    cut) left behind, which no ``finally`` of its own could remove."""
+    with contextlib.suppress(OSError):
+        for path in folder.glob(f"{prefix}*"):
+            owner = _OWNED.search(path.name)
+            if owner is None or not path.is_dir() or int(owner.group(1)) == os.getpid():
+                continue
+            try:
+                os.kill(int(owner.group(1)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+            except OSError:  # alive, someone else's
+                pass
+
+
+@contextlib.contextmanager
+def private_folder(prefix: str, dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A temporary folder ``<dir>/<prefix><pid>-XXXX``, removed when the block ends however it ends (an exception,
+    SIGINT, or SIGTERM turned into one by the command line). Creating one first removes the folders of the same
+    prefix whose process no longer exists."""
+    folder = Path(dir if dir is not None else tempfile.gettempdir())
+    _sweep_orphans(folder, prefix)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_outputs(out_dir: str | os.PathLike, output_names: Iterable[str]) -> Iterator[Path]:
     """All or none: yield a hidden staging folder inside ``out_dir`` to write the outputs into; when the block ends
-    without error, each of ``output_names`` present there replaces ``out_dir/<name>`` (a file, or a folder); on any
-    error nothing is moved. The staging folder, and whatever else a library left in it, is removed either way.
+    without error, ``output_names`` are replaced as one set: each one present in staging replaces ``out_dir/<name>``
+    (a file, or a folder), and each one absent there is removed from ``out_dir``, so that a folder never mixes the
+    outputs of two runs. On any error nothing is moved, and a folder the call created is removed again. The
+    staging folder, and whatever else a library left in it, is removed either way.
 
     Staged in ``out_dir`` itself, so that every move is a rename on one file system.
     """
     out_dir = Path(out_dir)
+    created = []  # the folders this call makes, deepest last
+    folder = out_dir
+    while not folder.exists():
+        created.insert(0, folder)
+        folder = folder.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pasd-verify-", dir=out_dir))
+    moved = False
     try:
-        yield staging
-        for name in output_names:
-            if not (staging / name).exists():
-                continue
-            target = out_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
+        with private_folder(".pasd-verify-", out_dir) as staging:
+            yield staging
+            for name in output_names:
+                target = out_dir / name
+                if not (staging / name).exists():
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    elif target.exists() or target.is_symlink():
+                        target.unlink()
+                    continue
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(staging / name, target)
+            moved = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not moved:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: never a file of someone else's

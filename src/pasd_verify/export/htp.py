@@ -18,11 +18,12 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..io import private_folder
 
 # The child is a script run by path: it imports onnxruntime and numpy only and starts in a tenth of a second, where
 # ``python -m pasd_verify.export.htp`` spent 6-7 s importing torch and diffusers for the package; localization and
@@ -88,11 +89,10 @@ def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_mo
     missing = htp_available()
     if missing:
         return HtpResult("skipped", error=missing)
-    with tempfile.TemporaryDirectory(prefix="pasd-verify-htp-") as tmp:
-        tmp = Path(tmp)
+    with private_folder("pasd-verify-htp-") as tmp:
         np.savez(tmp / "feeds.npz", **feeds)
         command = [sys.executable, str(CHILD), str(graph), str(tmp / "feeds.npz"), str(tmp),
-                   soc_model, str(context_path or ""), str(tmp / "profile.csv") if profile else ""]
+                   soc_model, str(context_path or ""), str(tmp / "profile.csv") if profile else "", str(os.getpid())]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

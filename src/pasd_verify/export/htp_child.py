@@ -6,6 +6,8 @@ onnxruntime's import alone.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,20 @@ def _peak_rss_bytes() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return 0
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent ends (prctl PR_SET_PDEATHSIG): a pasd-verify killed outright
+    must not leave a compile running as an orphan that writes into its removed folders. Where prctl is missing the
+    parent's own cleanup (it kills the child on SIGINT and SIGTERM) is all there is."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os._exit(1)
 
 
 def main(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str, profile_path: str) -> None:
@@ -57,4 +73,5 @@ def main(graph: str, feeds_path: str, out: str, soc_model: str, context_path: st
 
 
 if __name__ == "__main__":
+    die_with_parent(int(sys.argv[7]))
     main(*sys.argv[1:7])

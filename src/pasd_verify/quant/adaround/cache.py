@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ...io import private_folder
 from .config import AdaroundError
 
 
@@ -24,7 +25,8 @@ class ActivationCache:
         self.dtype = dtype
         self.budget = budget
         self._folder = folder
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: contextlib.AbstractContextManager | None = None
+        self._tmp_path: Path | None = None
         self.bytes_in_memory = 0
         self.bytes_on_disk = 0
         self.peak_bytes_in_memory = 0
@@ -38,15 +40,16 @@ class ActivationCache:
             self.peak_bytes_in_memory = max(self.peak_bytes_in_memory, self.bytes_in_memory)
             return _MemoryRows(self, rows, shape, dtype, nbytes)
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="pasd-verify-adaround-", dir=self._folder)
+            self._tmp = private_folder("pasd-verify-adaround-", self._folder)
+            self._tmp_path = self._tmp.__enter__()
         self._count += 1
         self.bytes_on_disk += nbytes
-        return _FileRows(self, Path(self._tmp.name) / f"{self._count}.bin", rows, shape, dtype, nbytes)
+        return _FileRows(self, self._tmp_path / f"{self._count}.bin", rows, shape, dtype, nbytes)
 
     def close(self) -> None:
         if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+            tmp, self._tmp, self._tmp_path = self._tmp, None, None
+            tmp.__exit__(None, None, None)
 
 
 class _Rows:

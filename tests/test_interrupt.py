@@ -1,0 +1,186 @@
+"""Interruption is a behaviour: SIGINT, SIGTERM and SIGHUP at several points of the long commands, and a
+pasd-verify killed outright, leave no process, no staging folder, no temporary cache and no output folder, and
+print one line, not a traceback.
+
+Each test starts the real command in a session of its own (so that every process it started can be found by its
+process group) with a private TMPDIR, waits for a point named by the command's own output, signals it, and checks
+all four.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pasd_verify.checkpoint import save_state_dict_file
+from pasd_verify.io import staged_outputs
+from pasd_verify.presets import build_unet
+
+WAIT = 240.0  # seconds for a point to be reached; the tiny models reach each in well under a minute
+
+
+class Run:
+    """``python -m pasd_verify.cli ARGS`` in its own session, output in files, temporary files in ``tmp``."""
+
+    def __init__(self, folder: Path, *args: str):
+        self.folder, self.tmp = folder, folder / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = folder / "stdout.txt", folder / "stderr.txt"
+        env = {**os.environ, "TMPDIR": str(self.tmp), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pasd_verify.cli", *args], stdout=out, stderr=err,
+                                         env=env, cwd=folder, start_new_session=True)
+
+    def text(self) -> str:
+        return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
+
+    def wait_for(self, marker: str) -> None:
+        deadline = time.monotonic() + WAIT
+        while marker not in self.text():
+            if self.proc.poll() is not None:
+                pytest.fail(f"ended (exit {self.proc.returncode}) before {marker!r}:\n{self.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"{marker!r} not seen in {WAIT:.0f} s:\n{self.text()[-3000:]}")
+            time.sleep(0.2)
+
+    def ours_in_tmp(self) -> list[str]:
+        return sorted(p.name for p in self.tmp.iterdir() if p.name.startswith("pasd-verify-"))
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        if self.group_alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _assert_stopped_cleanly(run: Run, signum: int, out: Path) -> None:
+    code = run.proc.wait(timeout=120)
+    err = run.err_path.read_text(errors="replace")
+    try:
+        assert code == 128 + signum, f"exit {code}:\n{err[-3000:]}"
+        assert "Traceback" not in err, err[-3000:]
+        line = f"pasd-verify: interrupted by {signal.Signals(signum).name}: stopped; no output was written"
+        assert err.count("pasd-verify: interrupted") == 1 and line in err.splitlines(), err[-3000:]
+        deadline = time.monotonic() + 10  # a killed child is reaped by init, not at once
+        while run.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not run.group_alive(), "a process of the command outlived it"
+        assert run.ours_in_tmp() == []
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    finally:
+        run.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-unet")
+    unet = build_unet("tiny", seed=0)
+    (folder / "config.json").write_text(json.dumps({**unet.config, "_class_name": "UNet2DConditionModel"}))
+    save_state_dict_file(unet.state_dict(), folder / "unet.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.0, 3.5, 5.0])
+def test_convert_is_all_or_none_whenever_sigterm_comes(tiny_unet_files, tmp_path, delay):
+    """convert prints no progress on a tiny model, so the signal comes after a delay: from before the imports end to
+    after the outputs are written. Either the whole set is there (exit 0) or nothing (the four checks)."""
+    out = tmp_path / "out"
+    run = Run(tmp_path, "convert", "--model-config", str(tiny_unet_files / "config.json"), "--state-dict",
+              str(tiny_unet_files / "unet.safetensors"), "--out", str(out))
+    time.sleep(delay)
+    run.proc.send_signal(signal.SIGTERM)
+    if run.proc.wait(timeout=120) == 0:  # finished before the signal
+        assert sorted(p.name for p in out.iterdir()) == ["name_map.json", "state_dict_sha.safetensors"]
+        assert run.ours_in_tmp() == []
+        return
+    _assert_stopped_cleanly(run, signal.SIGTERM, out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_adaround_stopped_with_its_cache_on_disk_leaves_nothing(tmp_path, signum):
+    """The disk cache (--cache-budget 0) exists when the signal comes: the first layer's line is out."""
+    out = tmp_path / "out"
+    run = Run(tmp_path, "adaround", "--preset", "tiny", "--samples", "4", "--iterations", "50", "--cache-budget", "0",
+              "--out", str(out))
+    run.wait_for("time_embedding.linear_2 mse")
+    assert [n for n in run.ours_in_tmp() if n.startswith("pasd-verify-adaround-")], "no disk cache to clean up"
+    run.proc.send_signal(signum)
+    _assert_stopped_cleanly(run, signum, out)
+
+
+EXPORT = ("export", "--preset", "tiny", "--kind", "pasd-unet", "--samples", "2")
+
+
+@pytest.mark.htp
+@pytest.mark.parametrize("signum, marker, delay", [
+    (signal.SIGTERM, "calibration:", 0.0),      # quantizing and exporting the QDQ graph
+    (signal.SIGTERM, "encodings_and_qdq:", 3.0),  # the HTP child compiling
+    (signal.SIGHUP, "encodings_and_qdq:", 3.0),
+    (signal.SIGINT, "encodings_and_qdq:", 3.0),
+])
+def test_export_stopped_at_a_stage_leaves_nothing(tmp_path, signum, marker, delay):
+    out = tmp_path / "out"
+    run = Run(tmp_path, *EXPORT, "--out", str(out))
+    run.wait_for(marker)
+    time.sleep(delay)
+    run.proc.send_signal(signum)
+    _assert_stopped_cleanly(run, signum, out)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+@pytest.mark.htp
+def test_export_killed_outright_takes_its_htp_child_along_and_the_next_run_sweeps_its_folders(tmp_path):
+    """SIGKILL runs no cleanup: the HTP child dies with its parent (PR_SET_PDEATHSIG) instead of compiling on as an
+    orphan, and the staging and HTP folders it left are removed by the next run that stages into the same place."""
+    out = tmp_path / "out"
+    run = Run(tmp_path, *EXPORT, "--out", str(out))
+    run.wait_for("encodings_and_qdq:")
+    deadline = time.monotonic() + 60
+    while not (children := _children(run.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert children, "the HTP child never started"
+    run.proc.kill()
+    run.proc.wait()
+    deadline = time.monotonic() + 10
+    while run.group_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not run.group_alive(), "the HTP child outlived its killed parent"
+    finally:
+        run.kill()
+    left = [p.name for p in out.iterdir()]
+    assert left and all(name.startswith(".pasd-verify-") for name in left)
+    assert [n for n in run.ours_in_tmp() if n.startswith("pasd-verify-htp-")]
+    with staged_outputs(out, ["x"]) as staging:
+        (staging / "x").write_text("next run")
+    assert sorted(p.name for p in out.iterdir()) == ["x"]
+    from pasd_verify.io import private_folder
+
+    with private_folder("pasd-verify-htp-", run.tmp):
+        pass
+    assert run.ours_in_tmp() == []

@@ -1,0 +1,68 @@
+"""Output folders: one run's outputs as a set, nothing left by a failure, every location checked before work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pasd_verify.errors import PasdVerifyError
+from pasd_verify.io import private_folder, refuse_overwriting_inputs, staged_outputs
+
+NAMES = ("a.bin", "b.json", "c")
+
+
+def test_a_successful_run_replaces_the_whole_set_and_keeps_other_files(tmp_path):
+    (tmp_path / "a.bin").write_text("old a")
+    (tmp_path / "b.json").write_text("old b: this run writes no b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "inside").write_text("old c")
+    (tmp_path / "notes.txt").write_text("the user's")
+    with staged_outputs(tmp_path, NAMES) as staging:
+        (staging / "a.bin").write_text("new a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "notes.txt"]
+    assert (tmp_path / "a.bin").read_text() == "new a"
+
+
+def test_a_failed_run_changes_nothing_and_removes_the_folders_it_made(tmp_path):
+    (tmp_path / "a.bin").write_text("old a")
+    with pytest.raises(RuntimeError), staged_outputs(tmp_path, NAMES) as staging:
+        (staging / "a.bin").write_text("new a")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"] and (tmp_path / "a.bin").read_text() == "old a"
+    deep = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(KeyboardInterrupt), staged_outputs(deep, NAMES) as staging:
+        (staging / "a.bin").write_text("new a")
+        raise KeyboardInterrupt
+    assert not (tmp_path / "new").exists()
+
+
+def test_folders_of_a_dead_process_are_swept_and_a_living_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f".pasd-verify-{int(dead.stdout)}-abc"
+    gone.mkdir()
+    (gone / "model.onnx").write_text("half a run")
+    alive = tmp_path / f".pasd-verify-{os.getppid()}-def"
+    alive.mkdir()
+    with staged_outputs(tmp_path, NAMES):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+    with private_folder("pasd-verify-htp-", tmp_path) as mine:
+        assert mine.name.startswith(f"pasd-verify-htp-{os.getpid()}-")
+    assert not mine.exists()
+
+
+def test_output_locations_are_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PasdVerifyError, match="file: is a file, not a folder"):
+        refuse_overwriting_inputs(tmp_path / "file", NAMES, [])
+    with pytest.raises(PasdVerifyError, match="file: is a file, not a folder"):
+        refuse_overwriting_inputs(tmp_path / "file" / "below", NAMES, [])
+    (tmp_path / "a.bin").write_text("an input")
+    with pytest.raises(PasdVerifyError, match="a.bin: an output would overwrite this input"):
+        refuse_overwriting_inputs(tmp_path, NAMES, [tmp_path / "a.bin"])
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(PasdVerifyError, match="dangling: a broken symbolic link"):
+        refuse_overwriting_inputs(tmp_path / "dangling" / "out", NAMES, [])
