@@ -78,6 +78,12 @@ def _bad_cases(inputs: Path, tmp: Path) -> dict:
     (tmp / "heads.encodings").write_text(json.dumps(enc))
     cases["channels not divisible by heads"] = (["--encodings", tmp / "heads.encodings"],
                                                  f"{entry['name']}: 31 per-channel encodings do not split")
+    enc = json.loads(good_enc.read_text())
+    enc["param_encodings"][0]["bw"] = 10**20  # 2**bw once grew by 80 MB/s until memory ran out
+    (tmp / "bw.encodings").write_text(json.dumps(enc))
+    cases["a bitwidth of 10**20"] = (["--encodings", tmp / "bw.encodings"],
+                                     f"bw.encodings: param_encodings\\['{enc['param_encodings'][0]['name']}'\\]: "
+                                     "field 'bw' is 100000000000000000000, outside 1-32")
     data = (inputs / "unet.safetensors").read_bytes()
     (tmp / "cut.safetensors").write_bytes(data[: len(data) // 3])
     cases["truncated checkpoint"] = (["--state-dict", tmp / "cut.safetensors"], "cut.safetensors")

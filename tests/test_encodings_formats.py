@@ -125,6 +125,16 @@ def test_wrong_field_types_are_named(version, field, value):
     assert "typed.encodings" in str(info.value) and name in str(info.value) and field in str(info.value)
 
 
+@pytest.mark.parametrize("text, words", [
+    ('{"version": "1.0.0", "x": ' + "9" * 5000 + "}", "unreadable JSON: Exceeds the limit"),
+    ("[" * 100_000 + "]" * 100_000, "unreadable JSON: maximum recursion depth exceeded"),
+])
+def test_json_python_cannot_hold_is_refused_not_raised(text, words):
+    with pytest.raises(EncodingsError) as info:
+        parse_encodings(text, "big.encodings")
+    assert str(info.value).startswith(f"big.encodings: {words}")
+
+
 def test_unknown_version_is_named():
     with pytest.raises(EncodingsError, match=r"v.encodings: version '9.9' is not one of"):
         parse_encodings(json.dumps({"version": "9.9", "param_encodings": {}, "activation_encodings": {}}), "v.encodings")
@@ -149,14 +159,38 @@ _REFUSALS = [
     (_V0.format("[1]"), "param_encodings['w']: expected a non-empty list of encodings"),
     (_V0.format("5"), "param_encodings['w']: expected a non-empty list of encodings"),
     (_V0.format('[{"bitwidth": 8, "scale": "x", "offset": 0}]'),
-     "param_encodings['w']: field 'scale' must be a number, got 'x'"),
+     "param_encodings['w']: field 'scale' must be a finite number, got 'x'"),
+    (_V0.format('[{"bitwidth": 8, "scale": 1, "offset": 0}, {"bitwidth": 8, "scale": 1, "offset": Infinity}]'),
+     "param_encodings['w'][1]: field 'offset' must be a finite number, got inf"),
+    (_V0.format('[{"bitwidth": 8, "scale": 1, "offset": 0, "min": NaN, "max": 1}]'),
+     "param_encodings['w']: field 'min' must be a finite number, got nan"),
+    (_V0.format('[{"bitwidth": 8, "scale": 1, "offset": 0, "min": 0, "max": true}]'),
+     "param_encodings['w']: field 'max' must be a finite number, got True"),
+    (_V0.format('[{"bitwidth": 33, "scale": 1, "offset": 0}]'),
+     "param_encodings['w']: field 'bitwidth' is 33, outside 1-32"),
+    (_V0.format('[{"bitwidth": 8.0, "scale": 1, "offset": 0}]'),
+     "param_encodings['w']: field 'bitwidth' must be a finite integer, got 8.0"),
+    (_V0.format('[{"bitwidth": 8, "scale": 1, "offset": 0, "is_symmetric": "maybe"}]'),
+     "param_encodings['w']: field 'is_symmetric' must be \"True\" or \"False\", got 'maybe'"),
+    (_V1.format('{' + _W1.replace('"bw": 8', '"bw": 100000000000000000000') + ', "scale": [1], "offset": [0]}'),
+     "param_encodings['w']: field 'bw' is 100000000000000000000, outside 1-32"),
+    (_V1.format('{' + _W1.replace('"bw": 8', '"bw": 0') + ', "scale": [1], "offset": [0]}'),
+     "param_encodings['w']: field 'bw' is 0, outside 1-32"),
+    (_V1.format('{' + _W1.replace('false', '"yes"') + ', "scale": [1], "offset": [0]}'),
+     "param_encodings['w']: field 'is_sym' must be true or false, got 'yes'"),
+    (_V1.format('{' + _W1 + ', "scale": [1, NaN], "offset": [0, 0]}'),
+     "param_encodings['w']: field 'scale[1]' must be a finite number, got nan"),
+    (_V1.format('{' + _W1 + ', "scale": [1], "offset": [-1e400]}'),
+     "param_encodings['w']: field 'offset[0]' must be a finite number, got -inf"),
     (_V1.format('{"name": "w", "enc_type": "PER_TENSOR"}'), "param_encodings['w']: missing field 'bw'"),
     (_V1.format('{"name": "w", "bw": 8, "enc_type": "PER_ROW"}'), "param_encodings['w']: unknown enc_type 'PER_ROW'"),
     (_V1.format('{' + _W1 + ', "scale": [], "offset": []}'),
      "param_encodings['w']: field 'scale' must be a non-empty list of numbers"),
     (_V1.format('{' + _W1 + ', "scale": ["x"], "offset": [0]}'),
-     "param_encodings['w']: field 'scale' must be a non-empty list of numbers"),
+     "param_encodings['w']: field 'scale[0]' must be a finite number, got 'x'"),
     (_V1.format('{"name": "w", "bw": 8, "enc_type": "PER_CHANNEL", "scale": ["x"], "offset": [0]}'),  # no dtype: INT
+     "param_encodings['w']: field 'scale[0]' must be a finite number, got 'x'"),
+    (_V1.format('{' + _W1 + ', "scale": 0.5, "offset": [0]}'),
      "param_encodings['w']: field 'scale' must be a non-empty list of numbers"),
     (_V1.format('{' + _W1 + ', "scale": [0.5, 0.5], "offset": [0]}'), "param_encodings['w']: 2 scales but 1 offsets"),
 ]

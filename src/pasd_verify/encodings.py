@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ def parse_encodings(text: str, source: str = "encodings") -> dict[str, Any]:
         encodings = json.loads(text, object_pairs_hook=_no_duplicate_keys(source))
     except json.JSONDecodeError as e:
         raise EncodingsError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting deeper than Python's stack
+        raise EncodingsError(f"{source}: unreadable JSON: {e}") from e
     if not isinstance(encodings, dict):
         raise EncodingsError(f"{source}: expected a JSON object, got {type(encodings).__name__}")
     version = encodings.get("version")
@@ -104,29 +107,52 @@ def _entries(encodings: dict, section: str, source: str) -> Iterator[tuple[str, 
         yield entry["name"], entry
 
 
+MAX_BITWIDTH = 32  # AIMET's widest integer grid; every number read from a file is range-checked before it is used
+
+
+def _check_number(value: Any, key: str, where: str, *, integer: bool = False) -> None:
+    """A finite number (an integer when ``integer``), never a bool: JSON's NaN, Infinity and 1e400 are refused
+    here, before any arithmetic sees them."""
+    kinds = int if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise EncodingsError(f"{where}: field {key!r} must be a finite {'integer' if integer else 'number'}, "
+                             f"got {value!r}")
+
+
+def _check_bitwidth(value: Any, key: str, where: str) -> None:
+    _check_number(value, key, where, integer=True)
+    if not 1 <= value <= MAX_BITWIDTH:
+        raise EncodingsError(f"{where}: field {key!r} is {value}, outside 1-{MAX_BITWIDTH}")
+
+
 def _check_entry_shape(entry: Any, version: str, where: str) -> None:
     if version == "0.6.1":
         if not isinstance(entry, list) or not entry or not all(isinstance(e, dict) for e in entry):
             raise EncodingsError(f"{where}: expected a non-empty list of encodings")
-        for e in entry:
-            for key, kind in (("bitwidth", int), ("scale", (int, float)), ("offset", (int, float))):
-                if not isinstance(e.get(key), kind) or isinstance(e.get(key), bool):
-                    raise EncodingsError(f"{where}: field {key!r} must be a number, got {e.get(key)!r}")
+        for c, e in enumerate(entry):
+            at = f"{where}[{c}]" if len(entry) > 1 else where
+            _check_bitwidth(e.get("bitwidth"), "bitwidth", at)
+            for key in ("scale", "offset") + tuple(k for k in ("min", "max") if k in e):
+                _check_number(e.get(key), key, at)
+            if "is_symmetric" in e and e["is_symmetric"] not in ("True", "False", True, False):
+                raise EncodingsError(f"{at}: field 'is_symmetric' must be \"True\" or \"False\", "
+                                     f"got {e['is_symmetric']!r}")
         return
     for key in ("enc_type", "bw"):
         if key not in entry:
             raise EncodingsError(f"{where}: missing field {key!r}")
-    if not isinstance(entry["bw"], int) or isinstance(entry["bw"], bool):
-        raise EncodingsError(f"{where}: field 'bw' must be an integer, got {entry['bw']!r}")
+    _check_bitwidth(entry["bw"], "bw", where)
     if entry["enc_type"] not in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK", "LPBQ"):
         raise EncodingsError(f"{where}: unknown enc_type {entry['enc_type']!r}")
+    if "is_sym" in entry and not isinstance(entry["is_sym"], bool):
+        raise EncodingsError(f"{where}: field 'is_sym' must be true or false, got {entry['is_sym']!r}")
     if entry.get("dtype", "INT") == "INT":
         for key in ("scale", "offset"):
             values = entry.get(key)
-            if not isinstance(values, list) or not values or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-            ):
+            if not isinstance(values, list) or not values:
                 raise EncodingsError(f"{where}: field {key!r} must be a non-empty list of numbers")
+            for c, value in enumerate(values):
+                _check_number(value, f"{key}[{c}]", where)
         if len(entry["scale"]) != len(entry["offset"]):
             raise EncodingsError(f"{where}: {len(entry['scale'])} scales but {len(entry['offset'])} offsets")
 
