@@ -77,13 +77,19 @@ def _bad_cases(inputs: Path, tmp: Path) -> dict:
     entry["scale"], entry["offset"] = entry["scale"][:-1], entry["offset"][:-1]
     (tmp / "heads.encodings").write_text(json.dumps(enc))
     cases["channels not divisible by heads"] = (["--encodings", tmp / "heads.encodings"],
-                                                 f"{entry['name']}: 31 per-channel encodings do not split")
+                                                 f"{entry['name']}: 31 per-channel encodings for 32 output channels")
     enc = json.loads(good_enc.read_text())
     enc["param_encodings"][0]["bw"] = 10**20  # 2**bw once grew by 80 MB/s until memory ran out
     (tmp / "bw.encodings").write_text(json.dumps(enc))
     cases["a bitwidth of 10**20"] = (["--encodings", tmp / "bw.encodings"],
                                      f"bw.encodings: param_encodings\\['{enc['param_encodings'][0]['name']}'\\]: "
                                      "field 'bw' is 100000000000000000000, outside 1-32")
+    enc = json.loads(good_enc.read_text())
+    entry = next(e for e in enc["param_encodings"] if e["name"].endswith("attn2.to_q.weight"))
+    entry["offset"][3] = 5  # above 0: no grid holds it; the user's file and key, not the SHA head it lands in
+    (tmp / "offset.encodings").write_text(json.dumps(enc))
+    cases["an offset out of range"] = (["--encodings", tmp / "offset.encodings"],
+                                       f"offset.encodings: {re.escape(entry['name'])}\\[3\\]: offset 5 is outside")
     data = (inputs / "unet.safetensors").read_bytes()
     (tmp / "cut.safetensors").write_bytes(data[: len(data) // 3])
     cases["truncated checkpoint"] = (["--state-dict", tmp / "cut.safetensors"], "cut.safetensors")

@@ -73,10 +73,16 @@ def convert_checkpoint(config: str | os.PathLike | dict, src: str | os.PathLike,
     return {**counts, "model_class": conversion.choice.name}
 
 
-def _sha_encodings(src: str | os.PathLike, name_map: NameMap, sha_shapes: dict, dst: str | os.PathLike,
-                   version: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MHA encodings file -> validated SHA encodings and the rewrite's counts; raises listing every problem."""
+def _sha_encodings(src: str | os.PathLike, name_map: NameMap, mha_shapes: dict, sha_shapes: dict,
+                   dst: str | os.PathLike, version: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """MHA encodings file -> validated SHA encodings and the rewrite's counts; raises listing every problem.
+
+    The input is checked against the MHA model first, so that a fault of the user's file is named as the user can
+    find it (their file, ``to_q.weight``); the check of the written SHA encodings then guards the rewrite itself."""
     mha_encodings = load_encodings(src)
+    problems = check_encodings(mha_encodings, mha_shapes, source=str(src))
+    if problems:
+        raise EncodingsError(f"{len(problems)} problem(s) in the encodings:\n  " + "\n  ".join(problems))
     sha_encodings, report = mha_to_sha(mha_encodings, name_map, source=str(src))
     if version:
         sha_encodings = convert_version(sha_encodings, version, source=str(src))
@@ -96,8 +102,9 @@ def convert_encodings_file(model_config: str | os.PathLike | dict, src: str | os
     ``model_class``. The encodings must name only parameters of that model, so a wrong model is an error."""
     keys = checkpoint_shapes(checkpoint) if checkpoint is not None else None
     model = build_model(model_config, choose_model(model_config, keys, model_class=model_class), device="meta")
+    mha_shapes = parameter_shapes(model)
     name_map = convert_to_sha(model)
-    sha_encodings, counts = _sha_encodings(src, name_map, parameter_shapes(model), dst)
+    sha_encodings, counts = _sha_encodings(src, name_map, mha_shapes, parameter_shapes(model), dst)
     save_encodings(sha_encodings, dst)
     return counts
 
@@ -130,8 +137,8 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
                                "checkpoint_keys_split": len(name_map)}
     sha_encodings = None
     if encodings is not None:  # checked first: it is cheap, the checkpoint rewrite is not
-        sha_encodings, counts = _sha_encodings(encodings, name_map, conversion.sha_shapes, outputs["encodings"],
-                                               encodings_version)
+        sha_encodings, counts = _sha_encodings(encodings, name_map, conversion.mha_shapes, conversion.sha_shapes,
+                                               outputs["encodings"], encodings_version)
         summary.update(counts)
 
     with staged_outputs(out_dir, family) as staging:
