@@ -23,6 +23,7 @@ from helpers import assert_same_state_dict
 from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
                          split_state_dict)
 from pasd_verify.checkpoint import (_SafetensorsReader, _sha_plan, _write_safetensors, check_checkpoint_matches,
+                                    check_tensor_values,
                                     checkpoint_shapes, load_state_dict_file, save_state_dict_file)
 from pasd_verify.loading import name_map_from_config
 from pasd_verify.presets import build_unet, unet_inputs
@@ -553,3 +554,25 @@ def test_the_safetensors_rewrite_keeps_the_data_order_with_heads_in_place(tmp_pa
     expected = [name for key in mha for name in name_map.get(key, [key])]
     with _SafetensorsReader(dst) as f:
         assert f.keys() == expected
+
+
+@pytest.mark.parametrize("key, tensor, words", [
+    ("a.bias", torch.zeros(3, dtype=torch.int32), "a.bias has dtype int32; a weight must be floating point"),
+    ("a.weight", torch.zeros(2, 2, dtype=torch.bool), "a.weight has dtype bool; a weight must be floating point"),
+    ("a.weight", torch.tensor([1.0, float("inf"), float("nan")], dtype=torch.float16),
+     "a.weight holds 2 NaN or infinite value(s) of 3"),
+    ("a.running_mean", torch.tensor([float("nan")], dtype=torch.float64), "a.running_mean holds 1 NaN"),
+])
+def test_weights_that_cannot_be_weights_are_refused_by_name(key, tensor, words):
+    with pytest.raises(CheckpointError) as info:
+        check_tensor_values(key, tensor, "m.safetensors")
+    assert str(info.value).startswith(f"m.safetensors: {words}")
+
+
+@pytest.mark.parametrize("key, tensor", [
+    ("embeddings.position_ids", torch.arange(77)),  # CLIP's integer buffer
+    ("a.weight", torch.ones(0, 3, dtype=torch.bfloat16)),
+    ("a.weight", torch.full((2,), -65504.0, dtype=torch.float16)),
+])
+def test_integer_buffers_and_finite_weights_pass(key, tensor):
+    assert check_tensor_values(key, tensor, "m.safetensors") is tensor

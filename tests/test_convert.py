@@ -103,6 +103,18 @@ def _bad_cases(inputs: Path, tmp: Path) -> dict:
     sd["conv_in.weight"] = torch.zeros(1, 2, 3, 3)
     save_state_dict_file(sd, tmp / "shape.pth")
     cases["checkpoint with a wrong shape"] = (["--state-dict", tmp / "shape.pth"], "'conv_in.weight' has shape \\(1, 2, 3, 3\\)")
+    sd = build_unet("tiny", seed=0).state_dict()
+    sd["conv_in.weight"][1, 0, 2, 2] = float("nan")
+    sd["conv_out.bias"][0] = float("-inf")
+    for suffix in ("safetensors", "pth"):
+        save_state_dict_file(sd, tmp / f"nan.{suffix}")
+        cases[f"NaN weights ({suffix})"] = (["--state-dict", tmp / f"nan.{suffix}"],
+                                            f"nan.{suffix}: (conv_in.weight|conv_out.bias) holds 1 NaN or infinite")
+    sd = build_unet("tiny", seed=0).state_dict()
+    sd["conv_out.weight"] = sd["conv_out.weight"].to(torch.int8)
+    save_state_dict_file(sd, tmp / "int.safetensors")
+    cases["integer weights"] = (["--state-dict", tmp / "int.safetensors"],
+                                "int.safetensors: conv_out.weight has dtype int8; a weight must be floating point")
     (tmp / "bad_config.json").write_text("{not json")
     cases["malformed config"] = (["--model-config", tmp / "bad_config.json"], "bad_config.json: malformed JSON")
     return cases

@@ -165,6 +165,22 @@ def checkpoint_format(path: str | os.PathLike) -> str:
     )
 
 
+def check_tensor_values(key: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
+    """``tensor`` as read from a checkpoint, refused when it cannot be a weight: a parameter (``.weight``,
+    ``.bias``: floating point in every model this tool handles; buffers such as CLIP's ``position_ids`` may be
+    integers) of an integer or bool dtype, or any NaN or infinite value, which every later stage would carry
+    silently into the outputs and the encodings' ranges."""
+    if key.endswith((".weight", ".bias")) and not tensor.is_floating_point():
+        raise CheckpointError(f"{source}: {key} has dtype {str(tensor.dtype).removeprefix('torch.')}; a weight must "
+                              "be floating point")
+    if tensor.is_floating_point():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise CheckpointError(f"{source}: {key} holds {bad} NaN or infinite value(s) of {tensor.numel()}")
+    return tensor
+
+
 def load_state_dict_file(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` state dict from a ``.safetensors`` or ``.pth`` file, with clear errors."""
     path = Path(path)
@@ -172,8 +188,8 @@ def load_state_dict_file(path: str | os.PathLike, *, mmap: bool = True) -> dict[
         raise CheckpointError(f"{path}: no such checkpoint file")
     if checkpoint_format(path) == "safetensors":
         with _open_safetensors(path) as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    return _load_torch(path, mmap=mmap)
+            return {key: check_tensor_values(key, f.get_tensor(key), str(path)) for key in f.keys()}
+    return {key: check_tensor_values(key, tensor, str(path)) for key, tensor in _load_torch(path, mmap=mmap).items()}
 
 
 def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -238,7 +254,8 @@ def convert_checkpoint_file(
         raise CheckpointError(f"{dst}: output must have the input's format ({fmt}), as in {src.name}")
 
     if fmt == "torch":
-        state_dict = _load_torch(src, mmap=True)
+        state_dict = {key: check_tensor_values(key, tensor, str(src))
+                      for key, tensor in _load_torch(src, mmap=True).items()}
         if to == "sha":
             out = split_state_dict(state_dict, name_map, source=str(src), allow_unconverted=allow_unconverted)
         else:
@@ -402,12 +419,12 @@ class _SafetensorsReader:
         begin, end = entry["data_offsets"]
         dtype = _TORCH_DTYPES[entry["dtype"]]
         if end == begin:
-            return torch.empty(entry["shape"], dtype=dtype)
+            return check_tensor_values(key, torch.empty(entry["shape"], dtype=dtype), self._file.name)
         buffer = bytearray(end - begin)
         self._file.seek(self._data_start + begin)
         if self._file.readinto(buffer) != len(buffer):
             raise CheckpointError(f"{self._file.name}: {key} is cut short; the file is truncated")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        return check_tensor_values(key, torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"]), self._file.name)
 
 
 def _open_safetensors(path: Path):
