@@ -84,6 +84,10 @@ def test_seeded_samples_carry_exactly_the_keys_the_kind_checks():
         extra = {**samples[0], "noise": samples[0]["latent"]}
         with pytest.raises(CalibrationError, match=r"^where: unexpected key 'noise'"):
             kind.check_sample(extra, model, "where")
+        if kind.control:
+            flipped = {**samples[0], "control_image": samples[0]["control_image"] > 0.5}
+            with pytest.raises(CalibrationError, match=r"^s.safetensors: control_image has dtype bool; expected floa"):
+                kind.check_sample(flipped, model, "s.safetensors")
 
 
 def test_a_partnered_kind_refuses_to_run_without_its_partner():

@@ -46,6 +46,7 @@ Sample = dict[str, torch.Tensor]
 SAMPLE_KEYS = ("latent", "timestep", "encoder_hidden_states")
 CONTROL_KEY = "control_image"
 TEXT_LENGTH = 77
+TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD1.5 scheduler config
 BASE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
 
@@ -194,8 +195,13 @@ class ModelKind:
         for key, tensor in sample.items():
             if key not in wanted:
                 raise CalibrationError(f"{source}: unexpected key {key!r}; a sample holds {list(wanted)}")
+            if key != "timestep" and not tensor.is_floating_point():
+                raise CalibrationError(f"{source}: {key} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                       "expected floating point")
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise CalibrationError(f"{source}: {key} holds NaN or Inf")
+            if 0 in tensor.shape:
+                raise CalibrationError(f"{source}: {key} has shape {tuple(tensor.shape)}, which holds nothing")
         latent, text = sample["latent"], sample["encoder_hidden_states"]
         if latent.ndim != 4 or latent.shape[1] != config.in_channels:
             raise CalibrationError(f"{source}: latent has shape {tuple(latent.shape)}, expected "
@@ -207,6 +213,13 @@ class ModelKind:
         timestep = sample["timestep"]
         if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] != batch):
             raise CalibrationError(f"{source}: timestep has shape {tuple(timestep.shape)}, expected ({batch},) or ()")
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise CalibrationError(f"{source}: timestep has dtype {str(timestep.dtype).removeprefix('torch.')}; "
+                                   "expected an integer or float step")
+        worst = timestep.max() if timestep.max() > TRAIN_TIMESTEPS else timestep.min()
+        if not 0 <= worst <= TRAIN_TIMESTEPS:
+            raise CalibrationError(f"{source}: timestep {worst.item():g} is outside [0, {TRAIN_TIMESTEPS}], the steps "
+                                   "SD1.5's schedulers train on")
         if self.control:
             image = sample[CONTROL_KEY]
             expected = (batch, 3, latent.shape[2] * LATENT_FACTOR, latent.shape[3] * LATENT_FACTOR)

@@ -85,7 +85,22 @@ def _bad_calibration(root: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     nan = dict(good[1])
     nan["latent"] = nan["latent"].clone()
     nan["latent"][0, 0, 0, 0] = float("nan")
-    cases["nan"] = (folder("nan", nan), r"sample_00001\.safetensors: latent holds NaN")
+    cases["nan"] = (folder("nan", nan), r"sample_00001\.safetensors: latent holds (1 )?NaN")
+    text = good[1]["encoder_hidden_states"]
+    cases["0 tokens"] = (folder("tokens", {**good[1], "encoder_hidden_states": text[:, :0]}),
+                         r"sample_00001\.safetensors: encoder_hidden_states has shape \(1, 0, 32\), which holds nothing")
+    cases["batch 0"] = (folder("batch", {k: v[:0] if v.ndim else v for k, v in good[1].items()}),
+                        r"sample_00001\.safetensors: \w+ has shape \(0, .*which holds nothing")
+    cases["0x0 latent"] = (folder("hw", {**good[1], "latent": good[1]["latent"][:, :, :0, :0]}),
+                           r"sample_00001\.safetensors: latent has shape \(1, 4, 0, 0\), which holds nothing")
+    cases["integer latent"] = (folder("int", {**good[1], "latent": good[1]["latent"].to(torch.int32)}),
+                               r"sample_00001\.safetensors: latent has dtype int32; expected floating point")
+    cases["timestep 1e30"] = (folder("t", {**good[1], "timestep": torch.tensor([1e30])}),
+                              r"sample_00001\.safetensors: timestep 1e\+30 is outside \[0, 1000\]")
+    cases["negative timestep"] = (folder("t-", {**good[1], "timestep": torch.tensor([-1])}),
+                                  r"sample_00001\.safetensors: timestep -1 is outside \[0, 1000\]")
+    cases["bool timestep"] = (folder("tb", {**good[1], "timestep": torch.tensor([True])}),
+                              r"sample_00001\.safetensors: timestep has dtype bool")
     missing = {k: v for k, v in good[1].items() if k != "encoder_hidden_states"}
     cases["missing key"] = (folder("missing", missing), r"sample_00001\.safetensors: missing key 'encoder_hidden_states'")
     cases["wrong shape"] = (folder("shape", {**good[1], "latent": torch.randn(1, 3, 8, 8)}),
