@@ -115,6 +115,18 @@ def _bad_cases(inputs: Path, tmp: Path) -> dict:
     save_state_dict_file(sd, tmp / "int.safetensors")
     cases["integer weights"] = (["--state-dict", tmp / "int.safetensors"],
                                 "int.safetensors: conv_out.weight has dtype int8; a weight must be floating point")
+    config = json.loads((inputs / "config.json").read_text())
+    for name, field, value, words in [
+        ("head-dim", "attention_head_dim", "two", "attention_head_dim is 'two'; UNet2DConditionModel takes int \\| "),
+        ("layers", "layers_per_block", "one", "layers_per_block is 'one'; UNet2DConditionModel takes int"),
+        ("width", "block_out_channels", [-32, 64], "block_out_channels is \\[-32, 64\\]; it counts something"),
+        ("eps", "norm_eps", float("nan"), "norm_eps is nan; UNet2DConditionModel takes float"),
+        ("flip", "flip_sin_to_cos", "yes", "flip_sin_to_cos is 'yes'; UNet2DConditionModel takes bool"),
+        ("blocks", "down_block_types", ["DownBlock2D"], "diffusers cannot build a UNet2DConditionModel from it: "
+                                                       "ValueError: Must provide the same number"),
+    ]:
+        (tmp / f"{name}.json").write_text(json.dumps({**config, field: value}))
+        cases[f"config {field}"] = (["--model-config", tmp / f"{name}.json"], f"config .*{name}.json: {words}")
     (tmp / "bad_config.json").write_text("{not json")
     cases["malformed config"] = (["--model-config", tmp / "bad_config.json"], "bad_config.json: malformed JSON")
     return cases

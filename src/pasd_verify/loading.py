@@ -10,10 +10,14 @@ ControlNet and set its ``return_rgbs`` / ``use_rrdb``. :func:`choose_model` make
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable
+import types
+import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,12 +144,76 @@ def _controlnet_flags(cfg: dict, keys: list[str] | None) -> tuple[dict[str, bool
     return flags, notes
 
 
+# Config fields that count something (channels, layers, heads, pixels): each number in them is at least 1.
+_COUNTS = frozenset({"in_channels", "out_channels", "conditioning_channels", "block_out_channels", "layers_per_block",
+                     "norm_num_groups", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
+                     "transformer_layers_per_block", "sample_size", "conv_in_kernel", "conv_out_kernel"})
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value can be what a diffusers ``__init__`` annotation says (JSON lists stand for tuples; a
+    ``tuple[int]`` is read as diffusers uses it, a tuple of ints of any length)."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or annotation in (tuple, list):
+        element = next((a for a in args if a is not Ellipsis), Any)
+        return isinstance(value, (list, tuple)) and all(_fits(v, element) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True  # a type this check does not know: diffusers decides
+
+
+def _numbers(value: Any) -> Iterator[int]:
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield value
+
+
+def check_config_fields(cfg: dict[str, Any], cls: type[nn.Module], source: str) -> None:
+    """Raise naming the config and the field for a value of the wrong type for ``cls`` (``"two"`` for
+    ``attention_head_dim``) or a count below 1 (a negative width), before diffusers meets it as a traceback."""
+    signature = inspect.signature(cls.__init__).parameters
+    for key, value in cfg.items():
+        if key.startswith("_") or key not in signature:
+            continue
+        annotation = signature[key].annotation
+        if isinstance(annotation, str):  # a postponed annotation: too costly to resolve for a check
+            continue
+        if not _fits(value, annotation):
+            wanted = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise PasdVerifyError(f"config {source}: {key} is {value!r}; {cls.__name__} takes {wanted}")
+        if key in _COUNTS and any(n < 1 for n in _numbers(value)):
+            raise PasdVerifyError(f"config {source}: {key} is {value!r}; it counts something, so each number in it "
+                                  "must be at least 1")
+
+
 def build_model(config: str | os.PathLike | dict, choice: ModelChoice, *,
                 device: str | torch.device = "meta") -> nn.Module:
     """Instantiate ``choice`` from ``config``; on ``meta`` no memory is used."""
     cfg = {**load_config(config), **choice.overrides}
+    check_config_fields(cfg, choice.cls, _source(config))
     with torch.device(device):
-        return choice.cls.from_config(cfg).eval()
+        try:
+            return choice.cls.from_config(cfg).eval()
+        except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AttributeError) as e:
+            # fields that are each fine but do not fit together (a list per block of the wrong length, ...)
+            raise PasdVerifyError(f"config {_source(config)}: diffusers cannot build a {choice.cls.__name__} from it: "
+                                  f"{type(e).__name__}: {e}") from e
 
 
 def model_from_config(config: str | os.PathLike | dict, *, keys: Iterable[str] | None = None,

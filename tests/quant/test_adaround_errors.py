@@ -34,6 +34,9 @@ def _x(*shape: int, seed: int = 0) -> torch.Tensor:
     ("cache_budget", -1, r"cache_budget must be >= 0 bytes, got -1$"),
     ("warm_start", 1.0, r"warm_start must be in \[0, 1\), got 1\.0$"),
     ("warm_start", -0.5, r"warm_start must be in \[0, 1\), got -0\.5$"),
+    ("device", "banana", r"device must be cpu, cuda or cuda:N, got 'banana'$"),
+    ("device", "meta", r"device must be cpu, cuda or cuda:N, got 'meta'$"),
+    ("device", 3.5, r"device must be cpu, cuda or cuda:N, got 3\.5$"),
 ])
 def test_a_bad_setting_is_refused_naming_it_and_its_value(setting, value, message):
     with pytest.raises(AdaroundError, match=message):
@@ -57,7 +60,7 @@ def test_no_calibration_samples_is_refused():
 def test_a_cuda_device_without_cuda_is_refused_naming_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(AdaroundError, match=r"device 'cuda:0' was asked for, but torch sees no CUDA device"):
-        _adaround(nn.Sequential(nn.Linear(4, 4)), [((_x(1, 4),), {})], device="cuda:0")
+        AdaroundConfig(device="cuda:0")
 
 
 def test_a_model_without_layers_to_round_is_refused_naming_only():

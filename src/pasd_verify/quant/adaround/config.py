@@ -74,6 +74,14 @@ class AdaroundConfig:
             raise AdaroundError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
         if not 0 <= self.warm_start < 1:
             raise AdaroundError(f"warm_start must be in [0, 1), got {self.warm_start}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise AdaroundError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise AdaroundError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise AdaroundError(f"device {self.device!r} was asked for, but torch sees no CUDA device")
 
     @property
     def num_iterations(self) -> int:
