@@ -462,10 +462,26 @@ def test_a_pth_whose_pickle_would_run_code_is_refused_without_running_it(tmp_pat
     marker = tmp_path / "code ran"
     src = tmp_path / "evil.pth"
     torch.save({"w": torch.ones(2), "payload": _pickle_runs(marker)}, src)
-    with pytest.raises(CheckpointError, match=f"^{re.escape(str(src))}: not a readable torch checkpoint "
-                                              r"\(UnpicklingError: "):
+    with pytest.raises(CheckpointError) as info:
         load_state_dict_file(src)
     assert not marker.exists()
+    assert str(info.value).startswith(f"{src}: refused: the pickle holds more than tensors (Unsupported global: "
+                                      "GLOBAL getattr was not an allowed global by default)")
+    assert "weights_only" not in str(info.value) and "safe_globals" not in str(info.value)  # advice to run the code
+
+
+def test_a_checkpoint_under_the_other_formats_suffix_is_named_for_what_it_is(tmp_path):
+    save_state_dict_file({"w": torch.ones(2)}, tmp_path / "st.safetensors")
+    (tmp_path / "st.pth").write_bytes((tmp_path / "st.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"st.pth: not a readable torch checkpoint; the file is really a "
+                                              r"safetensors checkpoint: rename it to end in .safetensors$"):
+        load_state_dict_file(tmp_path / "st.pth")
+    for legacy in (False, True):
+        torch.save({"w": torch.ones(2)}, tmp_path / "pt.pth", _use_new_zipfile_serialization=not legacy)
+        (tmp_path / "pt.safetensors").write_bytes((tmp_path / "pt.pth").read_bytes())
+        with pytest.raises(CheckpointError, match=r"pt.safetensors: not a readable safetensors file \(.*\); the file "
+                                                  r"is really a torch checkpoint: rename it to end in .pth$"):
+            load_state_dict_file(tmp_path / "pt.safetensors")
 
 
 def test_a_pth_saved_on_a_gpu_loads_onto_the_cpu(tmp_path):

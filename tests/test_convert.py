@@ -183,3 +183,14 @@ def test_a_reused_out_folder_holds_only_the_latest_runs_outputs(inputs, tmp_path
     assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / "unet.safetensors",
                 "--out", out) == 0
     assert _files(out) == ["mine.txt", "name_map.json", "state_dict_sha.safetensors"]
+
+
+def test_names_holding_control_characters_are_printed_escaped(inputs, tmp_path, capsys):
+    """A NUL or a right-to-left override in a key of the user's file must not reach the terminal raw."""
+    sd = build_unet("tiny", seed=0).state_dict()
+    sd["evil\u202e\x00.weight"] = torch.zeros(1)
+    save_state_dict_file(sd, tmp_path / "keys.safetensors")
+    assert _run("--model-config", inputs / "config.json", "--state-dict", tmp_path / "keys.safetensors",
+                "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "evil\\u202e\\x00.weight" in err and "\u202e" not in err and "\x00" not in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -427,22 +428,67 @@ class _SafetensorsReader:
         return check_tensor_values(key, torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"]), self._file.name)
 
 
+def _sniff(path: Path) -> str | None:
+    """What a checkpoint file really is, from its first bytes: ``"safetensors"`` (a little-endian header length,
+    then ``{``), ``"torch"`` (a zip archive, or a legacy pickle) or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8:
+        return "safetensors"
+    return None
+
+
+def _other_format(path: Path, expected: str) -> str:
+    """A hint where ``path`` is a checkpoint of the other format under the wrong suffix."""
+    found = _sniff(path)
+    if found is None or found == expected:
+        return ""
+    suffix = ".safetensors" if found == "safetensors" else ".pth"
+    return f"; the file is really a {found} checkpoint: rename it to end in {suffix}"
+
+
 def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}){_other_format(path, 'safetensors')}") from e
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """torch's weights-only refusal without its advice to load with ``weights_only=False`` or to allow-list the
+    global, either of which would run the file's code: only the sentence that says what the file holds."""
+    for line in str(error).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line.startswith(("Trying to load unsupported GLOBAL", "Unsupported operand", "Unsupported global")):
+            return line.split(". ")[0].rstrip(".")
+    return type(error).__name__
 
 
 def _load_torch(path: Path, *, mmap: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        other = _other_format(path, "torch")
+        if other:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint{other}") from e
+        reason = _unpickling_reason(e)
+        if "GLOBAL" in reason:
+            raise CheckpointError(f"{path}: refused: the pickle holds more than tensors ({reason}); pasd-verify never "
+                                  "runs a checkpoint's code. Save the state dict as .safetensors where the file is "
+                                  "trusted") from e
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (UnpicklingError: {reason})") from e
     except RuntimeError as e:
         if mmap and "mmap" in str(e):  # legacy (non-zip) torch.save format cannot be memory-mapped
             return _load_torch(path, mmap=False)
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e}){_other_format(path, 'torch')}") from e
     except Exception as e:  # unpickling raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})"
+                              f"{_other_format(path, 'torch')}") from e
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a flat {{name: tensor}} state dict, got {type(obj).__name__}")
     return obj

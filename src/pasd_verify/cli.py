@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +387,13 @@ def _signals_as_interrupts():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (a NUL, a right-to-left override, a zero-width space in
+    a key of a user's file), so that an error shows what the file holds instead of rearranging the terminal."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -393,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         with _signals_as_interrupts():
             return args.func(args)
     except PasdVerifyError as e:
-        print(f"pasd-verify: error: {e}", file=sys.stderr)
+        print(printable(f"pasd-verify: error: {e}"), file=sys.stderr)
         return 2
     except OSError as e:  # the disk, not the inputs: full, read-only, a permission; named by its path
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "writing the outputs"
-        print(f"pasd-verify: error: {where}: {e.strerror or e}", file=sys.stderr)
+        print(printable(f"pasd-verify: error: {where}: {e.strerror or e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
