@@ -164,6 +164,8 @@ class ModelKind:
                        seed: int = 0) -> list[Sample]:
         """``count`` seeded samples of batch 1 for ``model``'s config (latent size defaults to its sample_size)."""
         config = model.config
+        if latent is not None and (len(latent) != 2 or min(latent) < 1):
+            raise CalibrationError(f"latent must be two positive sizes (H W), got {tuple(latent)}")
         if latent is None and config.get("sample_size") is None:
             raise CalibrationError(f"{type(model).__name__} has no sample_size in its config: give the latent size "
                                    "(--latent H W)")
