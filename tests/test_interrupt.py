@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,3 +185,26 @@ def test_export_killed_outright_takes_its_htp_child_along_and_the_next_run_sweep
     with private_folder("pasd-verify-htp-", run.tmp):
         pass
     assert run.ours_in_tmp() == []
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_disk_that_fills_up_mid_write_is_an_error_naming_the_file_and_leaves_nothing(tiny_unet_files, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the checkpoint's write fails part way, as ENOSPC would."""
+    out = tmp_path / "out"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pasd_verify.cli", "convert", "--model-config",
+                           str(tiny_unet_files / "config.json"), "--state-dict", str(tiny_unet_files / "unet.safetensors"),
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300,
+                          preexec_fn=_file_size_limit(64 * 1024))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert re.search(r"pasd-verify: error: .*state_dict_sha\.safetensors.*: File too large", done.stderr), done.stderr
+    assert not out.exists()
