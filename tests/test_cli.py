@@ -45,6 +45,7 @@ def test_an_output_location_that_is_a_file_is_refused_before_any_work(tmp_path, 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "unet.safetensors").write_bytes(b"")
     (tmp_path / "taken").write_text("a file")
-    assert main([*command, "--out", "taken/out"]) == 2
-    assert "taken: is a file, not a folder" in capsys.readouterr().err
-    assert (tmp_path / "taken").read_text() == "a file"
+    for out in ("taken", "taken/out"):
+        assert main([*command, "--out", out]) == 2
+        assert "taken: is a file, not a folder" in capsys.readouterr().err
+        assert (tmp_path / "taken").read_text() == "a file"

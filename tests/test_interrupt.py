@@ -123,6 +123,14 @@ def test_adaround_stopped_with_its_cache_on_disk_leaves_nothing(tmp_path, signum
     _assert_stopped_cleanly(run, signum, out)
 
 
+def test_demo_stopped_between_its_stages_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    run = Run(tmp_path, "demo", "--out", str(out))
+    run.wait_for("4/9")  # the progress bar: the checkpoint stage is done, its files are in the staging folder
+    run.proc.send_signal(signal.SIGTERM)
+    _assert_stopped_cleanly(run, signal.SIGTERM, out)
+
+
 EXPORT = ("export", "--preset", "tiny", "--kind", "pasd-unet", "--samples", "2")
 
 
