@@ -538,6 +538,9 @@ def test_a_checkpoint_that_does_not_match_the_config_names_every_kind_of_differe
     assert str(info.value) == ("ckpt.safetensors: does not match the model config: 1 key(s) missing, e.g. 'gone'; "
                                "2 unexpected key(s), e.g. 'extra.a'; 'wrong' has shape (3, 4), the model (4, 3)")
     check_checkpoint_matches(expected, expected, "same")  # no difference, no error
+    with pytest.raises(CheckpointError) as info:  # either file may be the one at fault: both are named
+        check_checkpoint_matches(shapes, expected, "ckpt.safetensors", Path("unet/config.json"))
+    assert str(info.value).startswith("ckpt.safetensors: does not match the model config unet/config.json: 1 key(s)")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -205,8 +205,9 @@ def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 
 def check_checkpoint_matches(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
-                             source: str) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped key of a checkpoint against a model."""
+                             source: str, config: str | os.PathLike | None = None) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped key of a checkpoint against a model (and the
+    ``config`` file the model was built from, when given: either file may be the one at fault)."""
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     wrong = [k for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
@@ -218,7 +219,8 @@ def check_checkpoint_matches(shapes: dict[str, tuple[int, ...]], expected: dict[
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]!r}")
         if wrong:
             parts.append(f"{wrong[0]!r} has shape {tuple(shapes[wrong[0]])}, the model {tuple(expected[wrong[0]])}")
-        raise CheckpointError(f"{source}: does not match the model config: " + "; ".join(parts))
+        against = f"the model config {config}" if config is not None else "the model config"
+        raise CheckpointError(f"{source}: does not match {against}: " + "; ".join(parts))
 
 
 def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -44,7 +44,8 @@ def _plan(config: str | os.PathLike | dict, checkpoint: Path, form: str, model_c
     mha_shapes = parameter_shapes(model)
     name_map = convert_to_sha(model)
     conversion = _Conversion(choice, mha_shapes, parameter_shapes(model), name_map)
-    check_checkpoint_matches(shapes, conversion.shapes(form), f"{checkpoint} ({form.upper()} form)")
+    check_checkpoint_matches(shapes, conversion.shapes(form), f"{checkpoint} ({form.upper()} form)",
+                             None if isinstance(config, dict) else config)
     return conversion
 
 

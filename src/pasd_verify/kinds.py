@@ -369,7 +369,7 @@ def load_model_form(model_config: str | os.PathLike, state_dict: str | os.PathLi
             raise PasdVerifyError(f"{state_dict}: holds an SHA checkpoint; use --form sha")
         model = build_model(model_config, choose_model(model_config, shapes, model_class=model_class), device="meta")
         name_map = convert_to_sha(model)
-        check_checkpoint_matches(shapes, parameter_shapes(model), f"{state_dict} (SHA form)")
+        check_checkpoint_matches(shapes, parameter_shapes(model), f"{state_dict} (SHA form)", model_config)
         model.load_state_dict(load_state_dict_file(state_dict), strict=True, assign=True)
         model.eval()
     kind = kind_of(model)

@@ -255,7 +255,7 @@ def load_model(folder: str | os.PathLike, *, model_class: str | None = None,
     shapes = checkpoint_shapes(weights)
     choice = choose_model(folder, shapes, model_class=model_class)
     model = build_model(folder, choice, device="meta")
-    check_checkpoint_matches(shapes, parameter_shapes(model), str(weights))
+    check_checkpoint_matches(shapes, parameter_shapes(model), str(weights), folder)
     # Built on meta and given the file's tensors: no random init, no second copy of the weights.
     model.load_state_dict(load_state_dict_file(weights), strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
