@@ -38,6 +38,7 @@ class AttentionCase:
     seed: int
     upcast_attention: bool = False
     upcast_softmax: bool = False
+    norm_num_groups: int | None = None  # a group norm before the projections, as the VAE's attentions have
 
     def build(self, dtype: torch.dtype = torch.float32) -> Attention:
         """The MHA module, seeded; q/k weights are scaled up so softmax is peaked, not near uniform.
@@ -54,10 +55,14 @@ class AttentionCase:
                 dim_head=self.dim_head, bias=self.bias, out_bias=self.out_bias, processor=processor,
                 residual_connection=self.residual_connection, rescale_output_factor=self.rescale_output_factor,
                 upcast_attention=self.upcast_attention, upcast_softmax=self.upcast_softmax,
+                norm_num_groups=self.norm_num_groups, eps=1e-6,
             )
             for name, p in attn.named_parameters():
                 gain = 2.0 if name.startswith(("to_q", "to_k")) else 1.0
                 torch.nn.init.normal_(p, std=gain / max(p.shape[-1], 1) ** 0.5)
+                if name.startswith("group_norm."):  # an affine norm near the identity, not a random scale
+                    with torch.no_grad():
+                        p.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
         return attn.to(dtype).eval()
 
     def reference(self, dtype: torch.dtype = torch.float32) -> Attention:
@@ -134,6 +139,9 @@ def attention_cases(draw, *, heads=st.integers(1, 16), max_tokens: int = 64) -> 
         seed=draw(st.integers(0, 2**16)),
         upcast_attention=draw(st.booleans()),
         upcast_softmax=draw(st.booleans()),
+        # the group's statistics need 2 values at least: channels per group x tokens
+        norm_num_groups=draw(st.one_of(st.none(), st.sampled_from(
+            [g for g in (1, 2, 4, 32) if query_dim % g == 0 and (query_dim // g) * height * width >= 2] or [None]))),
     )
 
 

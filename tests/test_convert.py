@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pasd_verify.checkpoint import save_state_dict_file
 from pasd_verify.cli import main
+from pasd_verify import convert_to_sha
 from pasd_verify.presets import build_pasd, build_unet
 
 GOLDEN = Path(__file__).parent.parent / "golden"
@@ -194,3 +195,26 @@ def test_names_holding_control_characters_are_printed_escaped(inputs, tmp_path, 
                 "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "evil\\u202e\\x00.weight" in err and "\u202e" not in err and "\x00" not in err
+
+
+def test_convert_an_sd15_style_vae_folder(tmp_path, capsys):
+    """SD1.5's vae/ folder as diffusers writes it: the class comes from its config, both mid-block attentions (one
+    head, a group norm before the projections) are split, and the SHA checkpoint gives the MHA VAE's images."""
+    from pasd_verify.checkpoint import load_state_dict_file
+    from pasd_verify.presets import build_vae, vae_image
+
+    vae = build_vae("tiny", seed=3)
+    vae.save_pretrained(tmp_path / "vae")
+    assert _run("--model-config", tmp_path / "vae", "--state-dict", tmp_path / "vae" / "diffusion_pytorch_model.safetensors",
+                "--out", tmp_path / "out") == 0
+    assert "AutoencoderKL (config _class_name AutoencoderKL)" in capsys.readouterr().out
+    name_map = json.loads((tmp_path / "out" / "name_map.json").read_text())
+    assert sorted({k.rsplit(".", 2)[0] for k in name_map}) == ["decoder.mid_block.attentions.0",
+                                                               "encoder.mid_block.attentions.0"]
+    sha = build_vae("tiny", seed=99)
+    convert_to_sha(sha)
+    sha.load_state_dict(load_state_dict_file(tmp_path / "out" / "state_dict_sha.safetensors"), strict=True)
+    image = vae_image(vae, size=(24, 16), seed=1)
+    with torch.no_grad():
+        expected, got = vae(image).sample, sha(image).sample
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -36,8 +36,8 @@ from torch import nn
 from helpers import assert_same_state_dict
 from pasd_verify import SHAAttention, convert_to_mha, convert_to_sha, merge_state_dict, split_state_dict
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
-from pasd_verify.presets import build_pasd, build_unet, pasd_inputs, unet_inputs
-from strategies import TEXT_LENGTH, attention_cases, pasd_shapes, transformer_configs
+from pasd_verify.presets import build_pasd, build_unet, build_vae, pasd_inputs, unet_inputs, vae_image
+from strategies import TEXT_LENGTH, attention_cases, latent_shapes, pasd_shapes, transformer_configs
 from strategies import unet_inputs as unet_shapes
 from test_sha import DTYPES, assert_within_tolerance
 
@@ -184,9 +184,28 @@ def _pasd_controlnet_example(preset: str, shape: dict) -> Example:
                    reference=lambda dtype: _as_reference(_pasd(preset)[1], dtype))
 
 
+@functools.lru_cache(maxsize=1)
+def _vae(preset: str) -> nn.Module:
+    return build_vae(preset, seed=0)
+
+
+def _vae_example(preset: str, shape: dict) -> Example:
+    """The encoder's posterior (mean and log-variance, what PASD samples its starting latent from) and the decoder's
+    image of that mean: both mid-block attentions, with their group norms, on the path."""
+    def run(model, dtype):
+        image = vae_image(model, batch=shape["batch"], size=(shape["height"] * 8, shape["width"] * 8),
+                          seed=shape["seed"], dtype=dtype)
+        posterior = model.encode(image).latent_dist
+        return [posterior.mean, posterior.logvar, model.decode(posterior.mean).sample]
+
+    return Example(lambda dtype: copy.deepcopy(_vae(preset)).to(dtype), run,
+                   reference=lambda dtype: _as_reference(_vae(preset), dtype))
+
+
 _ANY_SHAPE = {"batch": 1, "height": 8, "width": 8, "seed": 0}  # for building only: the model does not depend on it
 _SD15_UNET_SHAPE = {"batch": 1, "height": 64, "width": 64, "seed": 0}
 _SD15_PASD_SHAPE = {"batch": 1, "height": 16, "width": 24, "seed": 0}  # a non-square 128 x 192 control image
+_SD15_VAE_SHAPE = {"batch": 1, "height": 12, "width": 16, "seed": 0}  # a 96 x 128 image
 
 _fp32_slow = dict(dtypes=(torch.float32,), marks=(pytest.mark.slow,))
 
@@ -197,6 +216,8 @@ KINDS = [
     Kind.preset("tiny_pasd_unet", functools.partial(_pasd_unet_example, "tiny"), pasd_shapes(max_latent=16), cost=5),
     Kind.preset("tiny_pasd_controlnet", functools.partial(_pasd_controlnet_example, "tiny"), pasd_shapes(max_latent=16),
                 cost=3),
+    Kind.preset("tiny_vae", functools.partial(_vae_example, "tiny"), latent_shapes(multiple=1, max_side=6, max_batch=2),
+                cost=2),
     # SD1.5's transformers at their widths: 8 heads, 32 norm groups, conv projections, 77 x 768 text
     Kind.drawn("sd15_transformer", transformer_configs(
         channels=st.sampled_from([320, 640, 1280]), heads=st.just(8), norm_groups=st.just(32),
@@ -207,6 +228,7 @@ KINDS = [
                 **_fp32_slow),
     Kind.preset("sd15_pasd_controlnet", functools.partial(_pasd_controlnet_example, "sd15"), st.just(_SD15_PASD_SHAPE),
                 **_fp32_slow),
+    Kind.preset("sd15_vae", functools.partial(_vae_example, "sd15"), st.just(_SD15_VAE_SHAPE), **_fp32_slow),
 ]
 
 
@@ -215,7 +237,7 @@ def kind(request):
     """A module-scoped parameter, so pytest runs every law of one kind before the next kind: the seeded models
     cached for a kind (an SD1.5 PASD pair is 5 GB) are dropped before the next kind builds its own."""
     yield request.param
-    for cache in (_pasd, _unet, _controlnet):
+    for cache in (_pasd, _unet, _controlnet, _vae):
         cache.cache_clear()
 
 

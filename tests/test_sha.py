@@ -124,8 +124,6 @@ def _narrow_to_v_attention():
 # kind -> (a module refused for that reason alone, the exact reasons unsupported_reasons gives: they are what a
 # user of --skip-unsupported reads in the log, so their wording is part of the contract)
 REFUSALS = {
-    "group norm": (lambda: Attention(16, heads=2, dim_head=8, norm_num_groups=4),
-                   ["it has a group norm (norm_num_groups)"]),
     "spatial norm": (lambda: Attention(32, heads=2, dim_head=16, spatial_norm_dim=4), ["it has a spatial norm"]),
     "qk norm": (lambda: Attention(16, heads=2, dim_head=8, qk_norm="layer_norm"),
                 ["it has query/key norms (qk_norm)"]),
@@ -314,7 +312,6 @@ def test_a_lone_attention_is_refused_with_the_way_to_wrap_it():
 # Each attribute a diffusers Attention may carry that SHA has no counterpart for, and the reason it gives. diffusers
 # sets some only in pairs or fours (qk_norm: norm_q and norm_k); each must refuse on its own all the same.
 _UNSUPPORTED_PARTS = {
-    "group_norm": "it has a group norm (norm_num_groups)",
     "spatial_norm": "it has a spatial norm",
     "norm_q": "it has query/key norms (qk_norm)",
     "norm_k": "it has query/key norms (qk_norm)",
@@ -355,11 +352,12 @@ def test_sha_attention_itself_refuses_what_convert_to_sha_refuses_naming_the_cla
 def test_skipping_logs_each_module_left_as_mha_and_the_count_converted(caplog):
     """The log is how a user of ``--skip-unsupported`` learns what stayed MHA: the module, every reason, and how
     many were converted (counted here from the model, not from the code's own count)."""
-    odd = Attention(16, heads=2, dim_head=8, norm_num_groups=4, qk_norm="layer_norm")  # two reasons, joined
+    odd = Attention(16, heads=2, dim_head=8, cross_attention_dim=8, cross_attention_norm="layer_norm",
+                    qk_norm="layer_norm")  # two reasons, joined
     model = nn.ModuleDict({"a": Attention(16, heads=2, dim_head=8), "odd": odd,
                            "b": Attention(16, heads=4, dim_head=4), "c": Attention(16, heads=2, dim_head=8)})
     reasons = "; ".join(unsupported_reasons(model["odd"]))
-    assert "group norm" in reasons and "query/key norms" in reasons and "; " in reasons
+    assert "cross-attention norm" in reasons and "query/key norms" in reasons and "; " in reasons
     with caplog.at_level("INFO", logger="pasd_verify.sha"):
         convert_to_sha(model, skip_unsupported=True)
     converted = sum(isinstance(m, SHAAttention) for m in model.modules())

@@ -18,7 +18,8 @@ from .errors import PasdVerifyError
 
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
 # pasd_verify.loading.MODEL_CLASSES).
-MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DConditionModel", "PASDControlNetModel")
+MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DConditionModel", "PASDControlNetModel",
+                     "AutoencoderKL")
 
 
 class _KindNames:
@@ -266,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", parents=[verbose], help="rewrite an MHA checkpoint (and AIMET encodings) to SHA for a local diffusers config",
     )
     convert.add_argument("--model-config", required=True,
-                         help="diffusers config.json (or its folder) of a UNet2DConditionModel, ControlNetModel or "
-                              "the PASD models")
+                         help="diffusers config.json (or its folder) of a UNet2DConditionModel, ControlNetModel, "
+                              "AutoencoderKL (SD1.5's vae/) or the PASD models")
     convert.add_argument("--state-dict", required=True, help="MHA checkpoint, .safetensors or .pth")
     convert.add_argument("--model-class", choices=MODEL_CLASS_NAMES,
                          help="the model class, overriding what the config's _class_name and the checkpoint's keys say "

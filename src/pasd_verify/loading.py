@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
-    for cls in (UNet2DConditionModel, ControlNetModel, PASDUNet2DConditionModel, PASDControlNetModel)
+    for cls in (UNet2DConditionModel, ControlNetModel, PASDUNet2DConditionModel, PASDControlNetModel, AutoencoderKL)
 }
 # diffusers' weight file names, in the order from_pretrained prefers them; .pth is accepted as well.
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.pth")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from .errors import PasdVerifyError
@@ -41,6 +41,31 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 
 TEXT_LENGTH = 77
 
+# diffusers' AutoencoderKL: SD1.5's VAE (stabilityai/sd-vae-ft-mse and runwayml's vae/config.json have these
+# values), and a tiny one with the same structure. Its one attention per mid block has a single head at SD1.5's
+# width (attention_head_dim = the width) and a group norm before the projections.
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "sample_size": 32,
+        "block_out_channels": (16, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "latent_channels": 4,
+    },
+    "sd15": {
+        "sample_size": 512,
+        "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "latent_channels": 4,
+        "scaling_factor": 0.18215,
+    },
+}
+
 # PASD's ControlNet conditioning embedding widths: three stride-2 convs take the image to the latent size.
 CONDITIONING_CHANNELS = {"tiny": (8, 8, 16, 16), "sd15": (16, 32, 96, 256)}
 _CONTROLNET_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
@@ -50,6 +75,22 @@ _CONTROLNET_KEYS = ("block_out_channels", "layers_per_block", "down_block_types"
 def _check_preset(preset: str) -> None:
     if preset not in UNET_PRESETS:
         raise PasdVerifyError(f"unknown preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
+
+
+def build_vae(preset: str = "tiny", *, seed: int = 0, **overrides: Any) -> AutoencoderKL:
+    """diffusers' ``AutoencoderKL`` of the named preset (:data:`VAE_PRESETS`), weights from ``torch.manual_seed(seed)``."""
+    _check_preset(preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**{**VAE_PRESETS[preset], **overrides}).eval()
+
+
+def vae_image(vae: AutoencoderKL, *, batch: int = 1, size: tuple[int, int] | None = None, seed: int = 0,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A seeded image in [-1, 1], the VAE's input convention (PASD's ``2 * x - 1`` of a [0, 1] photo)."""
+    height, width = size or (vae.config.sample_size, vae.config.sample_size)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, vae.config.in_channels, height, width, generator=g, dtype=dtype) * 2 - 1
 
 
 def _randomize_zero_parameters(model: nn.Module) -> None:

@@ -33,8 +33,9 @@ def unsupported_reasons(attn: Attention) -> list[str]:
     reasons = []
     if type(attn).forward is not Attention.forward:
         reasons.append(f"{type(attn).__name__} overrides Attention.forward")
+    # A group norm (the VAE's attentions) is not refused: it normalizes the input before the projections, and stays
+    # there, whole, before the split into heads.
     for attrs, what in (
-        (("group_norm",), "a group norm (norm_num_groups)"),
         (("spatial_norm",), "a spatial norm"),
         (("norm_q", "norm_k"), "query/key norms (qk_norm)"),
         (("norm_cross",), "a cross-attention norm"),
@@ -92,6 +93,7 @@ class SHAAttention(nn.Module):
         self.scale = attn.scale
         self.residual_connection = attn.residual_connection
         self.rescale_output_factor = attn.rescale_output_factor
+        self.group_norm = attn.group_norm  # None, or reused as is: its parameters keep their names
         # The classic processor computes scores (upcast_attention) and softmax (upcast_softmax) in float32 for
         # half-precision inputs; AttnProcessor2_0 ignores both flags, so only the classic one's are kept.
         classic = isinstance(attn.processor, AttnProcessor)
@@ -130,6 +132,9 @@ class SHAAttention(nn.Module):
             raise AttentionInputError(
                 f"hidden_states must be (B, N, C) or (B, C, H, W), got shape {tuple(hidden_states.shape)}"
             )
+        if self.group_norm is not None:
+            # diffusers normalizes the (B, C, N) tokens before the projections; (B, C, 1, N) has the same groups
+            query_in = self.group_norm(query_in)
         if encoder_hidden_states is None:
             context = query_in
         elif encoder_hidden_states.ndim == 3:
@@ -213,6 +218,7 @@ class SHAAttention(nn.Module):
                 if linear.bias is not None:
                     linear.bias.copy_(torch.cat([conv.bias for conv in convs]))
         attn.to_out = self.to_out
+        attn.group_norm = self.group_norm
         attn.train(self.training)
         return attn
 
@@ -231,6 +237,10 @@ def _attention_config(attn: Attention) -> dict[str, Any]:
         "scale_qk": attn.scale_qk,
         "rescale_output_factor": attn.rescale_output_factor,
         "residual_connection": attn.residual_connection,
+        # the group norm module itself is reused on undo; these make Attention build one of the same shape
+        "norm_num_groups": attn.group_norm.num_groups if attn.group_norm is not None else None,
+        "eps": attn.group_norm.eps if attn.group_norm is not None else 1e-5,
+        "_from_deprecated_attn_block": getattr(attn, "_from_deprecated_attn_block", False),
         # Attention's out_dim sets the inner width and the output width together; it was given only where
         # they are not dim_head*heads and query_dim.
         "out_dim": None if attn.to_out[0].out_features == attn.to_q.in_features else attn.to_out[0].out_features,
