@@ -23,6 +23,7 @@ from pasd_verify import (
     AttentionInputError,
     SHAAttention,
     UnsupportedAttentionError,
+    convert_to_mha,
     convert_to_sha,
 )
 from pasd_verify.sha import unsupported_reasons
@@ -405,3 +406,29 @@ def test_undo_restores_the_attributes_code_reads_off_an_attention(make):
     for attribute in ("is_cross_attention", "cross_attention_dim", "query_dim", "inner_dim", "out_dim", "heads"):
         assert getattr(restored, attribute) == getattr(original, attribute), attribute
     assert (restored.to_out[0].bias is None) == (original.to_out[0].bias is None)
+
+
+def test_a_vae_attention_with_its_group_norm_converts_and_undoes_exactly():
+    """SD1.5's VAE mid-block attention: one head, a group norm before the projections (eps 1e-6), biases, a residual
+    connection, upcast_softmax. SHA equals the untouched module; undo gives back its parameters in their order and
+    its group norm with its own eps."""
+    torch.manual_seed(0)
+    attn = Attention(64, heads=1, dim_head=64, rescale_output_factor=1.0, eps=1e-6, norm_num_groups=32,
+                     spatial_norm_dim=None, residual_connection=True, bias=True, upcast_softmax=True,
+                     _from_deprecated_attn_block=True, processor=AttnProcessor2_0())
+    with torch.no_grad():
+        attn.group_norm.weight.uniform_(0.5, 1.5)
+        attn.group_norm.bias.uniform_(-0.5, 0.5)
+    model = nn.ModuleDict({"attn": attn})
+    reference = copy.deepcopy(model)
+    original = copy.deepcopy(model.state_dict())
+    image = torch.randn(2, 64, 5, 7, dtype=torch.float64)
+    convert_to_sha(model.double())
+    reference.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model["attn"](image), reference["attn"](image), rtol=0, atol=1e-12)
+    convert_to_mha(model.float())
+    undone = model["attn"]
+    assert isinstance(undone, Attention) and undone.group_norm.eps == 1e-6 and undone.group_norm.num_groups == 32
+    assert undone._from_deprecated_attn_block is True
+    assert_same_state_dict(model.state_dict(), original)

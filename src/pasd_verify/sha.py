@@ -237,10 +237,10 @@ def _attention_config(attn: Attention) -> dict[str, Any]:
         "scale_qk": attn.scale_qk,
         "rescale_output_factor": attn.rescale_output_factor,
         "residual_connection": attn.residual_connection,
-        # the group norm module itself is reused on undo; these make Attention build one of the same shape
+        # the group norm module itself (its eps, its parameters) is reused on undo; this gives it its slot, first
+        # among the submodules, so that the rebuilt module's state dict has the original's order
         "norm_num_groups": attn.group_norm.num_groups if attn.group_norm is not None else None,
-        "eps": attn.group_norm.eps if attn.group_norm is not None else 1e-5,
-        "_from_deprecated_attn_block": getattr(attn, "_from_deprecated_attn_block", False),
+        "_from_deprecated_attn_block": attn._from_deprecated_attn_block,
         # Attention's out_dim sets the inner width and the output width together; it was given only where
         # they are not dim_head*heads and query_dim.
         "out_dim": None if attn.to_out[0].out_features == attn.to_q.in_features else attn.to_out[0].out_features,
