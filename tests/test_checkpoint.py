@@ -24,7 +24,7 @@ from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, conv
                          split_state_dict)
 from pasd_verify.checkpoint import (_SafetensorsReader, _sha_plan, _write_safetensors, check_checkpoint_matches,
                                     check_tensor_values,
-                                    checkpoint_shapes, load_state_dict_file, save_state_dict_file)
+                                    checkpoint_shapes, load_model_weights, load_state_dict_file, save_state_dict_file)
 from pasd_verify.loading import name_map_from_config
 from pasd_verify.presets import build_unet, unet_inputs
 
@@ -595,3 +595,17 @@ def test_weights_that_cannot_be_weights_are_refused_by_name(key, tensor, words):
 ])
 def test_integer_buffers_and_finite_weights_pass(key, tensor):
     assert check_tensor_values(key, tensor, "m.safetensors") is tensor
+
+
+def test_weights_a_model_runs_with_share_one_dtype(tmp_path):
+    """One float16 tensor among float32 ones would fail deep in a forward (found by the bad-input property)."""
+    tensors = {"a.weight": torch.ones(2), "b.weight": torch.ones(2), "c.weight": torch.ones(2, dtype=torch.float16),
+               "ids": torch.arange(3)}
+    save_state_dict_file(tensors, tmp_path / "mixed.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model_weights(tmp_path / "mixed.safetensors")
+    assert str(info.value) == (f"{tmp_path / 'mixed.safetensors'}: mixes floating dtypes: c.weight is float16, 2 "
+                               "tensors are float32; a model runs in one dtype")
+    del tensors["a.weight"], tensors["b.weight"]
+    save_state_dict_file(tensors, tmp_path / "half.safetensors")  # all float16, and an integer buffer: one dtype
+    assert load_model_weights(tmp_path / "half.safetensors").keys() == tensors.keys()

@@ -193,6 +193,24 @@ def load_state_dict_file(path: str | os.PathLike, *, mmap: bool = True) -> dict[
     return {key: check_tensor_values(key, tensor, str(path)) for key, tensor in _load_torch(path, mmap=mmap).items()}
 
 
+def load_model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """:func:`load_state_dict_file` for weights a model will run with: its floating tensors must share one dtype
+    (a model assigned the file's tensors runs in their dtypes, and one float16 tensor among float32 ones fails deep
+    in a forward as a dtype mismatch)."""
+    state_dict = load_state_dict_file(path)
+    dtypes: dict[torch.dtype, list[str]] = {}
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            dtypes.setdefault(tensor.dtype, []).append(key)
+    if len(dtypes) > 1:
+        common = max(dtypes, key=lambda d: len(dtypes[d]))
+        odd = next(d for d in dtypes if d != common)
+        raise CheckpointError(f"{path}: mixes floating dtypes: {dtypes[odd][0]} is {str(odd).removeprefix('torch.')}, "
+                              f"{len(dtypes[common])} tensors are {str(common).removeprefix('torch.')}; a model runs "
+                              "in one dtype")
+    return state_dict
+
+
 def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape, read from the header alone for ``.safetensors`` (memory-mapped for ``.pth``)."""
     path = Path(path)

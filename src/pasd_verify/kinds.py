@@ -32,7 +32,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file
+from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_model_weights
 from .errors import PasdVerifyError
 from .loading import build_model, choose_model, load_model, parameter_shapes
 from .models import PASDControlNetModel, PASDUNet2DConditionModel
@@ -370,7 +370,7 @@ def load_model_form(model_config: str | os.PathLike, state_dict: str | os.PathLi
         model = build_model(model_config, choose_model(model_config, shapes, model_class=model_class), device="meta")
         name_map = convert_to_sha(model)
         check_checkpoint_matches(shapes, parameter_shapes(model), f"{state_dict} (SHA form)", model_config)
-        model.load_state_dict(load_state_dict_file(state_dict), strict=True, assign=True)
+        model.load_state_dict(load_model_weights(state_dict), strict=True, assign=True)
         model.eval()
     kind = kind_of(model)
     loaded_partner = load_model(partner) if partner is not None else None

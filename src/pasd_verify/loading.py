@@ -26,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_state_dict_file
+from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_model_weights
 from .errors import PasdVerifyError
 from .models import PASDControlNetModel, PASDUNet2DConditionModel
 from .name_map import NameMap
@@ -257,7 +257,7 @@ def load_model(folder: str | os.PathLike, *, model_class: str | None = None,
     model = build_model(folder, choice, device="meta")
     check_checkpoint_matches(shapes, parameter_shapes(model), str(weights), folder)
     # Built on meta and given the file's tensors: no random init, no second copy of the weights.
-    model.load_state_dict(load_state_dict_file(weights), strict=True, assign=True)
+    model.load_state_dict(load_model_weights(weights), strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise PasdVerifyError(f"{weights}: {choice.name} has state outside its checkpoint; cannot load it here")
     logger.info("%s: loaded as %s", folder, choice.describe())
