@@ -138,8 +138,7 @@ EXPORT = ("export", "--preset", "tiny", "--kind", "pasd-unet", "--samples", "2")
 @pytest.mark.parametrize("signum, marker, delay", [
     (signal.SIGTERM, "calibration:", 0.0),      # quantizing and exporting the QDQ graph
     (signal.SIGTERM, "encodings_and_qdq:", 3.0),  # the HTP child compiling
-    (signal.SIGHUP, "encodings_and_qdq:", 3.0),
-    (signal.SIGINT, "encodings_and_qdq:", 3.0),
+    (signal.SIGHUP, "encodings_and_qdq:", 3.0),  # the terminal closed; SIGINT is tested on adaround
 ])
 def test_export_stopped_at_a_stage_leaves_nothing(tmp_path, signum, marker, delay):
     out = tmp_path / "out"
