@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import os
 import re
 import struct
@@ -609,3 +610,46 @@ def test_weights_a_model_runs_with_share_one_dtype(tmp_path):
     del tensors["a.weight"], tensors["b.weight"]
     save_state_dict_file(tensors, tmp_path / "half.safetensors")  # all float16, and an integer buffer: one dtype
     assert load_model_weights(tmp_path / "half.safetensors").keys() == tensors.keys()
+
+
+def _doctored(path: Path, source: Path, change) -> Path:
+    """``source`` with its safetensors header changed by ``change(header)`` (the data left as it was)."""
+    data = source.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = change(json.loads(data[8:8 + length]))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length:])
+    return path
+
+
+def _entry(name, **fields):
+    return lambda header: {**header, name: {**header[name], **fields}}
+
+
+@pytest.mark.parametrize("change, words", [
+    (_entry("a.weight", dtype="F99"), "tensor 'a.weight': dtype 'F99' is not a safetensors dtype"),
+    (_entry("a.weight", shape=[5]), "tensor 'a.weight': shape [5] of F32 needs 20 bytes, its data_offsets [0, 16] hold 16"),
+    (_entry("b.weight", shape=[2, -2]), "tensor 'b.weight': shape [2, -2] is not a list of sizes"),
+    (_entry("b.weight", shape="2x2"), "tensor 'b.weight': shape '2x2' is not a list of sizes"),
+    (_entry("b.weight", data_offsets=[16]), "tensor 'b.weight': data_offsets [16] is not [begin, end]"),
+    (_entry("b.weight", data_offsets=[16, "x"]), "tensor 'b.weight': data_offsets [16, 'x'] is not [begin, end]"),
+    (lambda header: {**header, "b.weight": 7}, "tensor 'b.weight': its entry is not an object"),
+])
+def test_a_doctored_safetensors_header_names_the_tensor_at_fault(tmp_path, change, words):
+    """safetensors' own message for some faults names no tensor; ours adds the first one at fault."""
+    save_state_dict_file({"a.weight": torch.ones(4), "b.weight": torch.ones(2, 2)}, tmp_path / "good.safetensors")
+    path = _doctored(tmp_path / "bad.safetensors", tmp_path / "good.safetensors", change)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint_shapes(path)
+    assert str(info.value).startswith(f"{path}: not a readable safetensors file (")
+    assert str(info.value).endswith(f"); {words}")
+
+
+def test_a_header_longer_than_its_file_names_no_tensor(tmp_path):
+    save_state_dict_file({"a.weight": torch.ones(4)}, tmp_path / "good.safetensors")
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "long.safetensors").write_bytes(struct.pack("<Q", len(data)) + data[8:])
+    with pytest.raises(CheckpointError) as info:
+        checkpoint_shapes(tmp_path / "long.safetensors")
+    assert str(info.value).endswith(")") and "tensor '" not in str(info.value)

@@ -35,6 +35,10 @@ _SAFETENSORS_DTYPES = {
 
 
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+# Every dtype name the safetensors format defines (its reader's own list), of which pasd-verify reads the above.
+_SAFETENSORS_ALL_DTYPES = frozenset({"BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                                     "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+                                     "F64", "I64", "U64", "C64"})
 
 
 def _check_splittable(key: str, shape, heads: int, source: str) -> None:
@@ -472,11 +476,44 @@ def _other_format(path: Path, expected: str) -> str:
     return f"; the file is really a {found} checkpoint: rename it to end in {suffix}"
 
 
+def _tensor_at_fault(path: Path) -> str:
+    """Where safetensors refuses a header without naming the tensor (an unknown dtype, a shape that does not fit its
+    offsets): the first entry at fault, read from the header when its length fits the file, else nothing."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > path.stat().st_size - 8:
+                return ""
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return ""
+    if not isinstance(header, dict):
+        return ""
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            return f"; tensor {name!r}: its entry is not an object"
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _SAFETENSORS_ALL_DTYPES:
+            return f"; tensor {name!r}: dtype {dtype!r} is not a safetensors dtype"
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            return f"; tensor {name!r}: shape {shape!r} is not a list of sizes"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+            return f"; tensor {name!r}: data_offsets {offsets!r} is not [begin, end]"
+        needed = math.prod(shape) * _TORCH_DTYPES[dtype].itemsize if dtype in _TORCH_DTYPES else None
+        if needed is not None and offsets[1] - offsets[0] != needed:
+            return (f"; tensor {name!r}: shape {shape} of {dtype} needs {needed} bytes, its data_offsets "
+                    f"{offsets} hold {offsets[1] - offsets[0]}")
+    return ""
+
+
 def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}){_other_format(path, 'safetensors')}") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}){_tensor_at_fault(path)}"
+                              f"{_other_format(path, 'safetensors')}") from e
 
 
 def _unpickling_reason(error: Exception) -> str:
