@@ -629,6 +629,7 @@ def _entry(name, **fields):
 
 @pytest.mark.parametrize("change, words", [
     (_entry("a.weight", dtype="F99"), "tensor 'a.weight': dtype 'F99' is not a safetensors dtype"),
+    (_entry("a.weight", dtype=[]), "tensor 'a.weight': dtype [] is not a safetensors dtype"),
     (_entry("a.weight", shape=[5]), "tensor 'a.weight': shape [5] of F32 needs 20 bytes, its data_offsets [0, 16] hold 16"),
     (_entry("b.weight", shape=[2, -2]), "tensor 'b.weight': shape [2, -2] is not a list of sizes"),
     (_entry("b.weight", shape="2x2"), "tensor 'b.weight': shape '2x2' is not a list of sizes"),

@@ -495,7 +495,7 @@ def _tensor_at_fault(path: Path) -> str:
         if not isinstance(entry, dict):
             return f"; tensor {name!r}: its entry is not an object"
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _SAFETENSORS_ALL_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_ALL_DTYPES:
             return f"; tensor {name!r}: dtype {dtype!r} is not a safetensors dtype"
         if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
             return f"; tensor {name!r}: shape {shape!r} is not a list of sizes"
