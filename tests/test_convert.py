@@ -123,6 +123,7 @@ def _bad_cases(inputs: Path, tmp: Path) -> dict:
         ("width", "block_out_channels", [-32, 64], "block_out_channels is \\[-32, 64\\]; it counts something"),
         ("eps", "norm_eps", float("nan"), "norm_eps is nan; UNet2DConditionModel takes float"),
         ("flip", "flip_sin_to_cos", "yes", "flip_sin_to_cos is 'yes'; UNet2DConditionModel takes bool"),
+        ("class", "_class_name", [], "_class_name \\[\\] is not one of"),
         ("blocks", "down_block_types", ["DownBlock2D"], "diffusers cannot build a UNet2DConditionModel from it: "
                                                        "ValueError: Must provide the same number"),
     ]:

@@ -112,7 +112,7 @@ def choose_model(config: str | os.PathLike | dict, keys: Iterable[str] | None = 
 
 def _class_from(cfg: dict, keys: list[str] | None, source: str) -> tuple[type[nn.Module], str]:
     class_name = cfg.get("_class_name")
-    if class_name not in MODEL_CLASSES:
+    if not isinstance(class_name, str) or class_name not in MODEL_CLASSES:
         raise PasdVerifyError(f"config {source}: _class_name {class_name!r} is not one of {sorted(MODEL_CLASSES)}; "
                               f"name the class with --model-class")
     if class_name == "UNet2DConditionModel" and keys is not None:

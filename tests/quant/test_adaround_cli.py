@@ -145,3 +145,17 @@ def test_adaround_refuses_an_output_folder_holding_its_input(unet_files, tmp_pat
     assert _adaround_files(unet_files, folder, state_dict=folder / "adarounded.safetensors") == 2
     assert "would overwrite this input" in capsys.readouterr().err
     assert (folder / "adarounded.safetensors").read_bytes() == before
+
+
+def test_float16_calibration_samples_feed_a_float32_model_cast(unet_files, tmp_path):
+    """As diffusers' pipelines cast their inputs: a sample saved in float16 is not a fault (found by the thorough
+    bad-input run, where it failed inside the model's forward)."""
+    from pasd_verify.quant.calibration import load_samples
+
+    good = [load_state_dict_file(p) for p in sorted((unet_files / "calibration").glob("*.safetensors"))]
+    save_samples([{k: v.half() if k != "timestep" else v for k, v in s.items()} for s in good], tmp_path / "half")
+    unet = build_unet("tiny", seed=0)
+    loaded = load_samples(tmp_path / "half", unet)
+    for sample, original in zip(loaded, good):
+        assert sample["latent"].dtype == torch.float32 and sample["timestep"].dtype == original["timestep"].dtype
+        assert torch.equal(sample["latent"], original["latent"].half().float())

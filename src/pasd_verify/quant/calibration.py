@@ -74,11 +74,13 @@ def load_samples(folder: str | os.PathLike, model: nn.Module, *, limit: int | No
     if not files:
         raise CalibrationError(f"{folder}: no .safetensors calibration samples")
     kind = kind_of(model)
+    # the model's dtype: a sample saved in float16 feeds a float32 model as diffusers' pipelines feed it, cast
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     samples = []
     for path in files[:limit]:
         sample = dict(load_state_dict_file(path))
         kind.check_sample(sample, model, str(path), like=samples[0] if samples else None)
-        samples.append(sample)
+        samples.append({k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in sample.items()})
     return samples
 
 
