@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import os
 import re
 import struct
@@ -654,3 +655,10 @@ def test_a_header_longer_than_its_file_names_no_tensor(tmp_path):
     with pytest.raises(CheckpointError) as info:
         checkpoint_shapes(tmp_path / "long.safetensors")
     assert str(info.value).endswith(")") and "tensor '" not in str(info.value)
+
+
+def test_finite_float16_weights_whose_sum_overflows_pass():
+    """The check sums first (no allocation); a finite float16 tensor whose sum overflows is counted exactly."""
+    tensor = torch.full((4,), 60000.0, dtype=torch.float16)
+    assert not math.isfinite(float(tensor.sum()))
+    assert check_tensor_values("a.weight", tensor, "m.safetensors") is tensor
