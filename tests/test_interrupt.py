@@ -42,26 +42,23 @@ class Run:
     def text(self) -> str:
         return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
 
-    def wait_for(self, marker: str) -> None:
+    def _wait_until(self, reached, what: str, poll: float) -> None:
         deadline = time.monotonic() + WAIT
-        while marker not in self.text():
+        while not reached():
             if self.proc.poll() is not None:
-                pytest.fail(f"ended (exit {self.proc.returncode}) before {marker!r}:\n{self.text()[-3000:]}")
+                pytest.fail(f"ended (exit {self.proc.returncode}) before {what}:\n{self.text()[-3000:]}")
             if time.monotonic() > deadline:
                 self.kill()
-                pytest.fail(f"{marker!r} not seen in {WAIT:.0f} s:\n{self.text()[-3000:]}")
-            time.sleep(0.2)
+                pytest.fail(f"{what} not reached in {WAIT:.0f} s:\n{self.text()[-3000:]}")
+            time.sleep(poll)
+
+    def wait_for(self, marker: str) -> None:
+        """Until the command has printed ``marker``."""
+        self._wait_until(lambda: marker in self.text(), repr(marker), 0.2)
 
     def wait_for_file(self, pattern: str) -> None:
         """Until a file matching ``pattern`` (a glob under the run's folder) exists."""
-        deadline = time.monotonic() + WAIT
-        while not list(self.folder.glob(pattern)):
-            if self.proc.poll() is not None:
-                pytest.fail(f"ended (exit {self.proc.returncode}) before {pattern}:\n{self.text()[-3000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"no {pattern} in {WAIT:.0f} s:\n{self.text()[-3000:]}")
-            time.sleep(0.05)
+        self._wait_until(lambda: any(self.folder.glob(pattern)), pattern, 0.05)
 
     def ours_in_tmp(self) -> list[str]:
         return sorted(p.name for p in self.tmp.iterdir() if p.name.startswith("pasd-verify-"))
