@@ -126,15 +126,12 @@ def staged_outputs(out_dir: str | os.PathLike, output_names: Iterable[str]) -> I
             yield staging
             for name in output_names:
                 target = out_dir / name
-                if not (staging / name).exists():
-                    if target.is_dir() and not target.is_symlink():
-                        shutil.rmtree(target)
-                    elif target.exists() or target.is_symlink():
-                        target.unlink()
-                    continue
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
-                os.replace(staging / name, target)
+                if (staging / name).exists():
+                    os.replace(staging / name, target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()  # an earlier run's output this run did not write
             moved = True
     finally:
         if not moved:
