@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pasd_verify.checkpoint import save_state_dict_file
 from pasd_verify.io import staged_outputs
@@ -228,3 +229,58 @@ def test_a_disk_that_fills_up_mid_write_is_an_error_naming_the_file_and_leaves_n
     assert "Traceback" not in done.stderr
     assert re.search(r"pasd-verify: error: .*state_dict_sha\.safetensors.*: File too large", done.stderr), done.stderr
     assert not out.exists()
+
+
+class _SignalsItself(torch.nn.Module):
+    """A model whose forward receives SIGTERM: the signal lands while AIMET traces it."""
+
+    def forward(self, x):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return x * 2
+
+
+def _swallowing_command(args) -> int:
+    """A command that stages an output and, meanwhile, has AIMET build a connected graph of a model that is signalled
+    while it is traced. AIMET's bare ``except:`` turns the interruption into an AssertionError, which the command
+    handles as a library failure and goes on from, as a demo stage does."""
+    from aimet_torch.meta.connectedgraph_utils import get_ops_with_missing_modules
+
+    from pasd_verify import cli
+
+    cli._begin_work()  # as every command does once its libraries are imported: signals raise from here on
+    with staged_outputs(args.out, ["result.txt"]) as staging:
+        (staging / "result.txt").write_text("written after the signal")
+        try:
+            get_ops_with_missing_modules(_SignalsItself(), torch.zeros(1, 2))
+        except AssertionError as e:
+            args.swallowed.append(e)
+    return 0
+
+
+def test_a_signal_a_library_swallows_still_stops_the_command_with_nothing_written(tmp_path, monkeypatch, capsys):
+    """In this process, with the real command line's handlers and AIMET's real ConnectedGraph: the interruption's
+    exception never reaches pasd-verify, yet the command stops with SIGTERM's status and its line, and the output
+    it staged after the signal never moves into place. (A demo run signalled during its encodings stage wrote every
+    output and exited 1 before the stop request was recorded apart from its exception.)"""
+    import argparse
+
+    from pasd_verify import cli
+
+    swallowed: list = []
+
+    def parser() -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser()
+        p.set_defaults(func=_swallowing_command, verbose=False, swallowed=swallowed)
+        p.add_argument("--out")
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    code = cli.main(["--out", str(out)])
+    assert swallowed and "connected graph failed" in str(swallowed[0]), "AIMET did not swallow the interruption"
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.strip() == "pasd-verify: interrupted by SIGTERM: stopped; no output was written"
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PasdVerifyError
+from .io import Interrupted, clear_stop_request, interrupt, stop_requested
 
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
 # pasd_verify.loading.MODEL_CLASSES).
@@ -323,15 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the command is, as SIGINT raises KeyboardInterrupt: every ``finally`` runs, so
-    the staging folders, temporary caches and HTP children go as they do on Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 _ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _working = False  # see _begin_work
 
@@ -368,18 +360,19 @@ def _signals_as_interrupts():
         yield
         return
 
-    def interrupt(signum, frame):
+    def on_signal(signum, frame):
         if not _working:
             print(_interrupted_line(signum), file=sys.stderr, flush=True)
             os._exit(128 + signum)
         for ending in _ENDING:
             signal.signal(ending, signal.SIG_IGN)
-        raise Interrupted(signum)
+        interrupt(signum)
 
     previous = {s: signal.getsignal(s) for s in _ENDING}
     _working = False
+    clear_stop_request()
     for s in _ENDING:
-        signal.signal(s, interrupt)
+        signal.signal(s, on_signal)
     try:
         yield
     finally:
@@ -400,18 +393,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with _signals_as_interrupts():
-            return args.func(args)
-    except PasdVerifyError as e:
-        print(printable(f"pasd-verify: error: {e}"), file=sys.stderr)
-        return 2
-    except OSError as e:  # the disk, not the inputs: full, read-only, a permission; named by its path
-        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "writing the outputs"
-        print(printable(f"pasd-verify: error: {where}: {e.strerror or e}"), file=sys.stderr)
-        return 2
+            code = args.func(args)
+            if stop_requested() is None:
+                return code
+            raise Interrupted(stop_requested())  # a library swallowed the signal's exception; the stop stands
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(_interrupted_line(signum), file=sys.stderr)
         return 128 + signum
+    except (PasdVerifyError, OSError) as e:
+        if stop_requested() is not None:  # what a swallowed signal turned into: report the stop, not its symptom
+            print(_interrupted_line(stop_requested()), file=sys.stderr)
+            return 128 + stop_requested()
+        if isinstance(e, PasdVerifyError):
+            print(printable(f"pasd-verify: error: {e}"), file=sys.stderr)
+        else:  # the disk, not the inputs: full, read-only, a permission; named by its path
+            where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "writing the outputs"
+            print(printable(f"pasd-verify: error: {where}: {e.strerror or e}"), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

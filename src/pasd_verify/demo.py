@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import convert_checkpoint_file, load_state_dict_file, save_state_dict_file
-from .io import refuse_overwriting_inputs, staged_outputs, write_json
+from .io import raise_if_interrupted, refuse_overwriting_inputs, staged_outputs, write_json
 from .logs import library_warnings
 from .name_map import NameMap
 from .models import pasd_forward
@@ -299,6 +299,7 @@ def _run_stages(out_dir: Path, seed: int, progress: bool, stages: Sequence[Stage
                 except Exception as e:  # a failing stage is reported, not fatal: the report says what broke
                     numbers = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
                     status = "failed"
+        raise_if_interrupted()  # a library may have turned the signal into the error this stage reported
         results.append({"name": stage.name, "status": status, "seconds_total": time.perf_counter() - start,
                         **numbers, "library_warnings": len(caught)})
     report = {

@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary file beside the target, rename into place only on success."""
+"""Atomic file output: write to a temporary file beside the target, rename into place only on success; and the
+record of a stop request (SIGINT, SIGTERM, SIGHUP) that no library can swallow, which keeps outputs out of place."""
 
 from __future__ import annotations
 
@@ -10,7 +11,50 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, as SIGINT raises KeyboardInterrupt: every ``finally`` runs, so
+    the staging folders, temporary caches and HTP children go as they do on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_stop_requested: int | None = None  # the first ending signal of this run, see interrupt()
+
+
+def interrupt(signum: int) -> NoReturn:
+    """Record that the run was asked to stop, and raise :class:`Interrupted` where it is.
+
+    The exception alone is not enough: a library's bare ``except:`` can swallow it (AIMET's ConnectedGraph turns
+    every error raised while it traces a model, this one included, into an AssertionError, which a demo stage then
+    reports as a failure and goes on). The record stays, and :func:`staged_outputs` refuses to put outputs in place
+    once it is set."""
+    global _stop_requested
+    if _stop_requested is None:
+        _stop_requested = signum
+    raise Interrupted(signum)
+
+
+def stop_requested() -> int | None:
+    """The signal that asked this run to stop, or None."""
+    return _stop_requested
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` again when a stop was requested: between the steps of a long loop, and before
+    outputs move into place, whether or not a library swallowed the first one."""
+    if _stop_requested is not None:
+        raise Interrupted(_stop_requested)
+
+
+def clear_stop_request() -> None:
+    """Forget a stop request: a new command starts (several run in one process in tests and callers' scripts)."""
+    global _stop_requested
+    _stop_requested = None
 
 
 @contextlib.contextmanager
@@ -124,6 +168,7 @@ def staged_outputs(out_dir: str | os.PathLike, output_names: Iterable[str]) -> I
     try:
         with private_folder(".pasd-verify-", out_dir) as staging:
             yield staging
+            raise_if_interrupted()  # a swallowed stop request still means: nothing written
             for name in output_names:
                 target = out_dir / name
                 if target.is_dir() and not target.is_symlink():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...io import raise_if_interrupted
 from ...memory import peak_rss_bytes
 from .cache import ActivationCache
 from .capture import _capture, _Levels
@@ -75,6 +76,7 @@ def adaround(model: nn.Module, calls: Sequence[Callable[[nn.Module], Any]], conf
     bar = tqdm(total=plan.layers, desc="adaround", unit="layer", disable=not progress)
     try:
         for position, group in enumerate(plan.groups):
+            raise_if_interrupted()  # a stop a library swallowed ends the run here, not after the last layer
             start = time.perf_counter()
             level = levels.enter(group.path)
             modules = [layer for _, layer in group.layers]
