@@ -34,9 +34,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from helpers import assert_same_state_dict
+from transformers.models.clip.modeling_clip import CLIPAttention
+
 from pasd_verify import SHAAttention, convert_to_mha, convert_to_sha, merge_state_dict, split_state_dict
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
-from pasd_verify.presets import build_pasd, build_unet, build_vae, pasd_inputs, unet_inputs, vae_image
+from pasd_verify.presets import (build_pasd, build_text_encoder, build_unet, build_vae, pasd_inputs, text_tokens,
+                                 unet_inputs, vae_image)
+from pasd_verify.sha import SHACLIPAttention
 from strategies import TEXT_LENGTH, attention_cases, latent_shapes, pasd_shapes, transformer_configs
 from strategies import unet_inputs as unet_shapes
 from test_sha import DTYPES, assert_within_tolerance
@@ -202,6 +206,29 @@ def _vae_example(preset: str, shape: dict) -> Example:
                    reference=lambda dtype: _as_reference(_vae(preset), dtype))
 
 
+@st.composite
+def _text_encoder_examples(draw, preset: str) -> Example:
+    """CLIP's text encoder under either attention implementation transformers loads it with on a CPU (eager builds an
+    additive causal mask, sdpa passes none and asks for causality), with or without a padding mask, on seeded
+    tokens."""
+    implementation = draw(st.sampled_from(["eager", "sdpa"]))
+    batch, seed, padded = draw(st.integers(1, 3)), draw(st.integers(0, 2**16)), draw(st.booleans())
+
+    def build(dtype):
+        return build_text_encoder(preset, seed=0, attn_implementation=implementation).to(dtype)
+
+    def run(model, dtype):
+        ids = text_tokens(model, batch=batch, seed=seed)
+        mask = None
+        if padded:  # every token up to the first end token, as a tokenizer's attention mask marks them
+            ends = (ids == model.config.eos_token_id).int().argmax(dim=1, keepdim=True)
+            mask = (torch.arange(ids.shape[1]) <= ends).long()
+        out = model(input_ids=ids, attention_mask=mask)
+        return [out.last_hidden_state, out.pooler_output]
+
+    return Example(build, run)
+
+
 _ANY_SHAPE = {"batch": 1, "height": 8, "width": 8, "seed": 0}  # for building only: the model does not depend on it
 _SD15_UNET_SHAPE = {"batch": 1, "height": 64, "width": 64, "seed": 0}
 _SD15_PASD_SHAPE = {"batch": 1, "height": 16, "width": 24, "seed": 0}  # a non-square 128 x 192 control image
@@ -218,6 +245,7 @@ KINDS = [
                 cost=3),
     Kind.preset("tiny_vae", functools.partial(_vae_example, "tiny"), latent_shapes(multiple=1, max_side=6, max_batch=2),
                 cost=2),
+    Kind.drawn("tiny_text_encoder", _text_encoder_examples("tiny")),
     # SD1.5's transformers at their widths: 8 heads, 32 norm groups, conv projections, 77 x 768 text
     Kind.drawn("sd15_transformer", transformer_configs(
         channels=st.sampled_from([320, 640, 1280]), heads=st.just(8), norm_groups=st.just(32),
@@ -229,6 +257,8 @@ KINDS = [
     Kind.preset("sd15_pasd_controlnet", functools.partial(_pasd_controlnet_example, "sd15"), st.just(_SD15_PASD_SHAPE),
                 **_fp32_slow),
     Kind.preset("sd15_vae", functools.partial(_vae_example, "sd15"), st.just(_SD15_VAE_SHAPE), **_fp32_slow),
+    Kind.drawn("sd15_text_encoder", _text_encoder_examples("sd15"), dtypes=(torch.float32,), marks=(pytest.mark.slow,),
+               cost=4),
 ]
 
 
@@ -243,9 +273,13 @@ def kind(request):
 
 # --- the laws ----------------------------------------------------------------------------------------------
 
+_PROJECTIONS = {Attention: ("to_q", "to_k", "to_v"), CLIPAttention: ("q_proj", "k_proj", "v_proj")}
+
+
 def _qkv_parameters(model: nn.Module) -> set[str]:
-    return {f"{module_name}.{proj}.{p}" for module_name, module in model.named_modules() if isinstance(module, Attention)
-            for proj in ("to_q", "to_k", "to_v") for p, _ in getattr(module, proj).named_parameters()}
+    return {f"{module_name}.{proj}.{p}" for module_name, module in model.named_modules()
+            for kind, projections in _PROJECTIONS.items() if isinstance(module, kind)
+            for proj in projections for p, _ in getattr(module, proj).named_parameters()}
 
 
 
@@ -271,7 +305,7 @@ def _undo_restores_every_parameter_and_returns_the_same_name_map(kind: Kind, bui
         assert forward_map, "every kind has attention to rewrite"
         assert convert_to_mha(model) == forward_map
         assert_same_state_dict(model.state_dict(), original)
-        assert not any(isinstance(m, SHAAttention) for m in model.modules())
+        assert not any(isinstance(m, (SHAAttention, SHACLIPAttention)) for m in model.modules())
 
 
 def _split_checkpoint_loads_strictly_and_merges_back(kind: Kind, build) -> None:
@@ -297,7 +331,7 @@ def _name_map_covers_every_qkv_parameter_and_nothing_else(kind: Kind, build) -> 
     assert set(name_map) == qkv
     sha_names = set(dict(model.named_parameters()))
     assert sha_names == (mha_names - qkv) | {n for names in name_map.values() for n in names}
-    assert not any(isinstance(m, Attention) for m in model.modules())
+    assert not any(isinstance(m, (Attention, CLIPAttention)) for m in model.modules())
 
 
 def _sha_state_dict_round_trips_through_both_file_formats(kind: Kind, build) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pasd_verify import NameMap, NameMapError, convert_to_sha
-from pasd_verify.name_map import holds_sha_projections, is_projection_key
+from pasd_verify.name_map import CLIP_PROJECTIONS, PROJECTIONS, holds_sha_projections, is_projection_key
 from pasd_verify.sha import SHAAttention
 from pasd_verify.presets import build_pasd
 
@@ -20,12 +20,16 @@ _PATH = st.lists(st.one_of(_SEGMENT, st.integers(0, 3).map(str)), min_size=1, ma
     lambda p: not p[0].isdigit())
 
 
+_SCHEME = st.sampled_from([PROJECTIONS, CLIP_PROJECTIONS])  # diffusers' to_q, transformers' q_proj
+
+
 @st.composite
-def name_maps(draw) -> tuple[NameMap, dict[str, tuple[int, bool]]]:
-    modules = draw(st.dictionaries(_PATH, st.tuples(st.integers(1, 16), st.booleans()), min_size=1, max_size=5))
+def name_maps(draw) -> tuple[NameMap, dict[str, tuple[int, bool, tuple[str, str, str]]]]:
+    modules = draw(st.dictionaries(_PATH, st.tuples(st.integers(1, 16), st.booleans(), _SCHEME), min_size=1,
+                                   max_size=5))
     name_map = NameMap()
-    for module, (heads, bias) in modules.items():
-        name_map.add(module, heads, bias)
+    for module, (heads, bias, scheme) in modules.items():
+        name_map.add(module, heads, bias, scheme)
     return name_map, modules
 
 
@@ -41,13 +45,14 @@ def test_json_round_trip_gives_an_equal_name_map(drawn):
 @given(drawn=name_maps())
 def test_derived_names_follow_from_the_modules_and_their_heads(drawn):
     name_map, modules = drawn
-    assert name_map.modules == {m: heads for m, (heads, _) in modules.items()}
-    assert len(name_map) == sum(3 * (2 if bias else 1) for _, bias in modules.values())
+    assert name_map.modules == {m: heads for m, (heads, _, _) in modules.items()}
+    assert len(name_map) == sum(3 * (2 if bias else 1) for _, bias, _ in modules.values())
     assert name_map.sha_names() == [n for names in name_map.values() for n in names]
     assert {name_map.first_heads()[names[0]] for names in name_map.values()} == set(name_map)
     renames = name_map.activation_names("unet.")
-    for module, (heads, _) in modules.items():
-        assert renames[f"unet.{module}.to_v"] == [f"unet.{module}.to_v_convs.{i}" for i in range(heads)]
+    for module, (heads, _, (_, _, v)) in modules.items():
+        assert name_map.projections(module)[2] == v
+        assert renames[f"unet.{module}.{v}"] == [f"unet.{module}.{v}_convs.{i}" for i in range(heads)]
 
 
 def test_the_rewrite_records_every_attention_with_its_heads():
@@ -72,6 +77,8 @@ _MALFORMED = {
     "not a weight or bias": (lambda m: {**m, "a.to_q.scale": ["a.to_q_convs.0.scale", "a.to_q_convs.1.scale"]},
                              "'a.to_q.scale'"),
     "not an object": (lambda m: list(m), "expected an object of MHA name -> SHA names, got list"),
+    "two naming schemes": (lambda m: {**m, "a.q_proj.weight": ["a.q_proj_convs.0.weight", "a.q_proj_convs.1.weight"]},
+                           "module 'a'"),
 }
 
 
@@ -122,18 +129,20 @@ def test_a_name_map_that_is_not_json_is_refused_naming_the_source():
         NameMap.from_json('{"to_q.weight": [', source="name_map.json")
 
 
-@given(heads=st.integers(1, 4), module=st.sampled_from(["", "a.attn1", "down_blocks.0.attentions.1.t.attn2"]),
-       has_bias=st.booleans())
-def test_projection_keys_are_read_in_the_form_the_name_map_writes(heads, module, has_bias):
+@given(heads=st.integers(1, 4), module=st.sampled_from(["", "a.attn1", "down_blocks.0.attentions.1.t.attn2",
+                                                      "text_model.encoder.layers.11.self_attn"]),
+       has_bias=st.booleans(), scheme=_SCHEME)
+def test_projection_keys_are_read_in_the_form_the_name_map_writes(heads, module, has_bias, scheme):
     """Every MHA key a map splits is an MHA projection key and every SHA name it gives is an SHA one, never both; a
     checkpoint holds SHA projections exactly when it has one of those SHA names."""
     name_map = NameMap()
-    name_map.add(module, heads, has_bias)
+    name_map.add(module, heads, has_bias, scheme)
     for mha, shas in name_map.items():
         assert is_projection_key(mha, "mha") and not is_projection_key(mha, "sha")
         for sha in shas:
             assert is_projection_key(sha, "sha") and not is_projection_key(sha, "mha")
-    others = ["x.to_out.0.weight", "x.to_q_convs.weight", "x.to_qq.weight", "x.to_q.weight.extra", "to_k_convs.1.gain"]
+    others = ["x.to_out.0.weight", "x.to_q_convs.weight", "x.to_qq.weight", "x.to_q.weight.extra", "to_k_convs.1.gain",
+              "x.out_proj.weight", "x.q_proj_convs.weight", "x.qq_proj.weight", "x.fc1.weight"]
     assert not any(is_projection_key(k, form) for k in others for form in ("mha", "sha"))
     assert not holds_sha_projections(list(name_map) + others)
     assert holds_sha_projections(list(name_map) + others + name_map.sha_names()[-1:])

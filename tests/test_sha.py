@@ -308,6 +308,9 @@ def test_a_lone_attention_is_refused_with_the_way_to_wrap_it():
     assert str(info.value) == ("convert_to_sha rewrites the modules inside a model; wrap a lone Attention as "
                                "SHAAttention(attn)")
     assert isinstance(attn.to_q, nn.Linear)
+    clip = _clip_attention("sdpa", width=16, heads=2)
+    with pytest.raises(TypeError, match=r"wrap a lone CLIPAttention as SHACLIPAttention\(attn\)$"):
+        convert_to_sha(clip)
 
 
 # Each attribute a diffusers Attention may carry that SHA has no counterpart for, and the reason it gives. diffusers
@@ -432,3 +435,117 @@ def test_a_vae_attention_with_its_group_norm_converts_and_undoes_exactly():
     assert isinstance(undone, Attention) and undone.group_norm.eps == 1e-6 and undone.group_norm.num_groups == 32
     assert undone._from_deprecated_attn_block is True
     assert_same_state_dict(model.state_dict(), original)
+
+
+# --- transformers' CLIPAttention (the text encoder's) ----------------------------------------------------------
+
+def _clip_attention(implementation: str, width: int = 768, heads: int = 12, seed: int = 0, **config):
+    from transformers import CLIPTextConfig
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    config = CLIPTextConfig(hidden_size=width, num_attention_heads=heads, **config)
+    config._attn_implementation = implementation
+    torch.manual_seed(seed)
+    return CLIPAttention(config).eval()
+
+
+def _clip_mask(kind: str, batch: int, length: int, dtype: torch.dtype, g: torch.Generator):
+    """What transformers hands CLIPAttention: nothing (sdpa asks for causality with is_causal), an additive causal
+    mask with the dtype's lowest value (eager), or a boolean (B, 1, N, N) mask of causality and padding."""
+    if kind in ("none", "causal_flag"):
+        return None
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    keep = torch.arange(length) < torch.randint(1, length + 1, (batch, 1), generator=g)  # padding after each prompt
+    allowed = causal & keep[:, None, :] if kind == "padded_bool" else causal.expand(batch, length, length)
+    if kind == "padded_bool":
+        allowed = allowed | torch.eye(length, dtype=torch.bool)  # no row without a key, as transformers ensures
+        return allowed[:, None]
+    return torch.zeros(batch, 1, length, length, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+# eager is never given a boolean mask (it would add it): transformers builds eager's masks additive
+@pytest.mark.parametrize("implementation, mask", [(i, m) for i in ("eager", "sdpa")
+                                                  for m in ("none", "causal_flag", "additive_causal", "padded_bool")
+                                                  if (i, m) != ("eager", "padded_bool")])
+@given(batch=st.integers(1, 3), length=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_clip_attention_at_sd15s_width_equals_the_untouched_module_in_float64(implementation, mask, batch, length,
+                                                                              seed):
+    """SD1.5's text attention shape (768 wide, 12 heads, biases) in float64, against the MHA module itself under the
+    same implementation and mask: within 1e-12 of the output's scale."""
+    from pasd_verify.sha import SHACLIPAttention
+
+    mha = _clip_attention(implementation, seed=seed % 7).double()
+    sha = SHACLIPAttention(copy.deepcopy(mha))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, 768, generator=g, dtype=torch.float64)
+    attention_mask = _clip_mask(mask, batch, length, torch.float64, g)
+    causal = {"is_causal": True} if mask == "causal_flag" else {}
+    with torch.no_grad():
+        reference, weights = mha(x, attention_mask, **causal)
+        candidate, no_weights = sha(x, attention_mask, **causal)
+    assert no_weights is None
+    assert_within_tolerance(reference, candidate, torch.float64)
+
+
+def test_clip_head_convs_are_hand_sliced_rows_and_undo_gives_back_the_module():
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    from pasd_verify.sha import SHACLIPAttention
+
+    mha = _clip_attention("eager", width=48, heads=4, seed=3)
+    original = copy.deepcopy(mha.state_dict())
+    model = nn.ModuleDict({"self_attn": mha})
+    name_map = convert_to_sha(model)
+    sha = model["self_attn"]
+    assert isinstance(sha, SHACLIPAttention) and sha.out_proj is mha.out_proj
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        convs = getattr(sha, f"{proj}_convs")
+        assert len(convs) == 4
+        for i, conv in enumerate(convs):
+            assert torch.equal(conv.weight[:, :, 0, 0], original[f"{proj}.weight"][i * 12:(i + 1) * 12])
+            assert torch.equal(conv.bias, original[f"{proj}.bias"][i * 12:(i + 1) * 12])
+        assert name_map[f"self_attn.{proj}.weight"] == [f"self_attn.{proj}_convs.{i}.weight" for i in range(4)]
+    model.train()
+    assert convert_to_mha(model) == name_map
+    undone = model["self_attn"]
+    assert type(undone) is CLIPAttention and undone.config is mha.config and undone.training
+    assert_same_state_dict(undone.state_dict(), original)
+    assert list(undone.state_dict()) == list(original)
+
+
+@pytest.mark.parametrize("part, reason", [
+    ("dropout", "attention dropout"),
+    ("implementation", "attention implementation 'flash_attention_2'"),
+    ("subclass", "overrides CLIPAttention.forward"),
+    ("wrapped_projection", "its v_proj is not a plain Linear"),
+])
+def test_a_clip_attention_the_rewrite_cannot_keep_exact_is_refused_by_name_and_reason(part, reason):
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    attn = _clip_attention("eager", width=16, heads=2, attention_dropout=0.1 if part == "dropout" else 0.0)
+    if part == "implementation":
+        attn.config._attn_implementation = "flash_attention_2"
+    if part == "subclass":
+        attn.__class__ = type("PatchedCLIPAttention", (CLIPAttention,), {"forward": lambda self, *a, **k: None})
+    if part == "wrapped_projection":
+        attn.v_proj = nn.Sequential(attn.v_proj)
+    model = nn.ModuleDict({"text": nn.ModuleDict({"attn": attn})})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedAttentionError, match=rf"text\.attn: .*{reason}"):
+        convert_to_sha(model)
+    assert model["text"]["attn"] is attn
+    assert_same_state_dict(model.state_dict(), before)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda sha, x: sha(x, None, output_attentions=True), r"does not take \['output_attentions'\]"),
+    (lambda sha, x: sha(x[0]), r"must be \(B, N, C\)"),
+    (lambda sha, x: sha(x, torch.zeros(2, 3, 5, 5)), r"not \(B, 1 or heads, Nq, Nk\)"),
+    (lambda sha, x: sha(x, torch.zeros(2, 1, 5, 4)), r"not \(B, 1 or heads, Nq, Nk\)"),
+])
+def test_clip_sha_refuses_what_it_would_compute_differently(call, message):
+    from pasd_verify.sha import SHACLIPAttention
+
+    sha = SHACLIPAttention(_clip_attention("sdpa", width=16, heads=2))
+    with pytest.raises(AttentionInputError, match=message):
+        call(sha, torch.randn(2, 5, 16))

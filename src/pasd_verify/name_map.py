@@ -3,7 +3,9 @@
 :func:`pasd_verify.convert_to_sha` returns it. It records which attention modules were converted and with how many
 heads; every SHA name the checkpoint, encodings and export code use is derived here from that record:
 
-- parameters: ``a.attn1.to_q.weight`` -> ``a.attn1.to_q_convs.0.weight``, ... (one per head, in head order);
+- parameters: ``a.attn1.to_q.weight`` -> ``a.attn1.to_q_convs.0.weight``, ... (one per head, in head order), and
+  in transformers' naming (CLIP's text encoder) ``layers.0.self_attn.q_proj.weight`` ->
+  ``layers.0.self_attn.q_proj_convs.0.weight``;
 - activations, in both naming schemes AIMET writes: ONNX tensor names (``/a/attn1/to_q/MatMul_output_0`` ->
   ``/a/attn1/to_q_convs/to_q_convs.0/Conv_output_0``, ...) and module names (``a.attn1.to_q`` ->
   ``a.attn1.to_q_convs.0``, ...).
@@ -20,14 +22,23 @@ from collections.abc import Iterable, Mapping
 
 from .errors import PasdVerifyError
 
+# The q, k and v projections' names in each library's attention: diffusers' ``Attention`` and transformers'
+# ``CLIPAttention``. A converted module keeps its library's names, with ``_convs.<head>`` after them.
 PROJECTIONS = ("to_q", "to_k", "to_v")
+CLIP_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_SCHEMES = (PROJECTIONS, CLIP_PROJECTIONS)
 _KINDS = ("weight", "bias")
+
+
+def projections_named(proj: str) -> tuple[str, str, str] | None:
+    """The q/k/v names of the scheme ``proj`` (``to_k``, ``q_proj``) belongs to, or None."""
+    return next((scheme for scheme in _SCHEMES if proj in scheme), None)
 
 
 # State-dict keys of an attention projection in each form, as :meth:`NameMap.add` names them: what a checkpoint
 # holds is read from these, whether or not a name map is at hand.
-_PROJECTION_KEYS = {"mha": re.compile(r"(^|\.)to_[qkv]\.(weight|bias)$"),
-                    "sha": re.compile(r"(^|\.)to_[qkv]_convs\.\d+\.(weight|bias)$")}
+_PROJECTION_KEYS = {"mha": re.compile(r"(^|\.)(to_[qkv]|[qkv]_proj)\.(weight|bias)$"),
+                    "sha": re.compile(r"(^|\.)(to_[qkv]|[qkv]_proj)_convs\.\d+\.(weight|bias)$")}
 
 
 def is_projection_key(key: str, form: str) -> bool:
@@ -75,10 +86,11 @@ def _module_of(parameter: str) -> str:
 class NameMap(dict[str, list[str]]):
     """MHA parameter name -> the per-head SHA parameter names, in head order, of every converted attention."""
 
-    def add(self, module: str, heads: int, has_bias: bool) -> None:
-        """Record the attention ``module`` converted into ``heads`` single-head modules."""
+    def add(self, module: str, heads: int, has_bias: bool, projections: tuple[str, str, str] = PROJECTIONS) -> None:
+        """Record the attention ``module``, whose q/k/v are named ``projections``, converted into ``heads``
+        single-head modules."""
         dot = f"{module}." if module else ""
-        for proj in PROJECTIONS:
+        for proj in projections:
             for kind in _KINDS if has_bias else _KINDS[:1]:
                 self[f"{dot}{proj}.{kind}"] = [f"{dot}{proj}_convs.{i}.{kind}" for i in range(heads)]
 
@@ -93,21 +105,30 @@ class NameMap(dict[str, list[str]]):
         for key, names in mapping.items():
             module, _, rest = key.rpartition(".")
             module, _, proj = module.rpartition(".")  # a top-level module gives ("", "", proj)
-            if proj not in PROJECTIONS or rest not in _KINDS or not isinstance(names, list) or not names:
+            scheme = projections_named(proj)
+            if scheme is None or rest not in _KINDS or not isinstance(names, list) or not names:
                 raise NameMapError(f"{source}: {key!r} is not a q/k/v weight or bias with a list of head names")
-            rebuilt.add(module, len(names), has_bias=True)
+            rebuilt.add(module, len(names), has_bias=True, projections=scheme)
             if names != rebuilt[key]:
                 raise NameMapError(f"{source}: {key!r} maps to {names[:2]}..., expected {rebuilt[key][:2]}...")
         checked = cls((k, list(v)) for k, v in mapping.items())
         heads: dict[str, set[int]] = {}
+        schemes: dict[str, set[tuple[str, ...]]] = {}
         for key, names in checked.items():
             heads.setdefault(_module_of(key), set()).add(len(names))
+            schemes.setdefault(_module_of(key), set()).add(projections_named(key.split(".")[-2]))
         for module, counts in heads.items():
-            weights = [f"{module}.{proj}.weight" if module else f"{proj}.weight" for proj in PROJECTIONS]
-            if len(counts) > 1 or any(w not in checked for w in weights):
-                raise NameMapError(f"{source}: module {module!r} lacks a q/k/v weight or splits them into different "
-                                   f"head counts {sorted(counts)}")
+            weights = [f"{module}.{proj}.weight" if module else f"{proj}.weight" for proj in checked.projections(module)]
+            if len(counts) > 1 or len(schemes[module]) > 1 or any(w not in checked for w in weights):
+                raise NameMapError(f"{source}: module {module!r} lacks a q/k/v weight, mixes two naming schemes, or "
+                                   f"splits them into different head counts {sorted(counts)}")
         return checked
+
+    def projections(self, module: str) -> tuple[str, str, str]:
+        """The q/k/v names of the converted ``module``: the scheme of its first entry."""
+        dot = f"{module}." if module else ""
+        first = next(key for key in self if _module_of(key) == module)
+        return projections_named(first[len(dot):].split(".")[0])
 
     @property
     def modules(self) -> dict[str, int]:
@@ -134,7 +155,7 @@ class NameMap(dict[str, list[str]]):
         for module, heads in self.modules.items():
             path = prefix + module
             scope = onnx_scope(path)
-            for proj in PROJECTIONS:
+            for proj in self.projections(module):
                 names[f"{scope}/{proj}"] = [f"{scope}/{proj}_convs/{proj}_convs.{i}/Conv_output_0" for i in range(heads)]
                 names[f"{path}.{proj}"] = [f"{path}.{proj}_convs.{i}" for i in range(heads)]
         return names

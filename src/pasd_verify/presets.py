@@ -1,11 +1,17 @@
 """Seeded model presets (no hub, no network); models from a user's local folders are in :mod:`pasd_verify.loading`.
 
 ``tiny`` runs a whole UNet forward in milliseconds on a CPU; ``sd15`` has Stable Diffusion 1.5's real
-dimensions (320/640/1280/1280 channels, 8 heads, text 77 x 768) with random weights.
+dimensions (320/640/1280/1280 channels, 8 heads, text 77 x 768) with random weights. The same two presets exist for
+the other networks of a PASD app: the CLIP text encoder (with tokenizer files written here) and the VAE.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +71,133 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.18215,
     },
 }
+
+# transformers' CLIPTextModel: SD1.5's text encoder (openai/clip-vit-large-patch14's text tower, as runwayml's
+# text_encoder/config.json gives it: 12 layers, width 768, 12 heads, 77 positions, quick-GELU), and a tiny one of the
+# same structure. The token ids of the special tokens are the tokenizer's (see write_tokenizer), so that the
+# pooled output finds the end of the prompt.
+TEXT_ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "projection_dim": 32},
+    "sd15": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "projection_dim": 768},
+}
+_TEXT_ENCODER_COMMON = {"max_position_embeddings": TEXT_LENGTH, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+
+# The words the tokenizer's merges are learnt from: PASD's own prompts (its added prompt and negative prompt) and a
+# few of a photo's, so that these prompts tokenize into words, not letters.
+TOKENIZER_CORPUS = (
+    "clean, high-resolution, 8k, best quality, masterpiece, extremely detailed, "
+    "dotted, noise, blur, lowres, oversmooth, longbody, bad anatomy, bad hands, missing fingers, extra digit, "
+    "fewer digits, cropped, worst quality, low quality, "
+    "a photo of an astronaut, a cat, a coffee cup, a rocket, a camera man, a portrait, a landscape"
+)
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's and CLIP's byte -> printable character table: the byte-level alphabet every vocabulary starts with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _learn_merges(corpus: str, count: int) -> list[tuple[str, str]]:
+    """Byte-pair encoding learnt from ``corpus`` as CLIP's was: words end in ``</w>``, the most frequent adjacent
+    pair is merged first (ties by the pair itself, so the files are the same on every run)."""
+    words = Counter(tuple(word[:-1]) + (word[-1] + "</w>",)
+                    for word in corpus.lower().replace(",", " ").replace("-", " - ").split())
+    merges: list[tuple[str, str]] = []
+    while len(merges) < count:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
+
+
+MERGES = 200
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_files() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """The vocabulary and merges :func:`write_tokenizer` writes: CLIP's byte-level alphabet, each letter also ending
+    a word, :data:`MERGES` merges learnt from :data:`TOKENIZER_CORPUS`, and the two special tokens last, as in
+    CLIP's."""
+    alphabet = list(_bytes_to_unicode().values())
+    learnt = tuple(_learn_merges(TOKENIZER_CORPUS, MERGES))
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in learnt), BOS, EOS]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, learnt
+
+
+def write_tokenizer(folder: str | os.PathLike) -> Path:
+    """Write the presets' CLIP tokenizer in SD1.5's ``tokenizer/`` layout (``vocab.json``, ``merges.txt``,
+    ``tokenizer_config.json``) into ``folder``, for ``CLIPTokenizer.from_pretrained``. It pads with the end token to
+    77 tokens, as SD1.5's does. Returns ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, learnt = _tokenizer_files()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in learnt))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_LENGTH, "do_lower_case": True,
+        "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2))
+    return folder
+
+
+def build_text_encoder(preset: str = "tiny", *, seed: int = 0, **overrides: Any):
+    """transformers' ``CLIPTextModel`` of the named preset (:data:`TEXT_ENCODER_PRESETS`), weights from
+    ``torch.manual_seed(seed)``, its special tokens' ids those of :func:`write_tokenizer`'s vocabulary.
+    ``overrides`` replace config entries; ``attn_implementation`` ("sdpa", the default, or "eager") chooses the
+    attention transformers runs."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    _check_preset(preset)
+    implementation = overrides.pop("attn_implementation", "sdpa")
+    vocab, _ = _tokenizer_files()
+    special = {"bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]}
+    config = CLIPTextConfig(**{**TEXT_ENCODER_PRESETS[preset], **_TEXT_ENCODER_COMMON, **special, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModel._from_config(config, attn_implementation=implementation).eval()
+
+
+def text_tokens(model: Any, *, batch: int = 1, seed: int = 0, length: int = TEXT_LENGTH) -> torch.Tensor:
+    """Seeded token ids ``(batch, length)`` as a tokenizer lays them out: the start token, random tokens of the
+    vocabulary's ordinary part, the end token, then end tokens as padding; int32, the phone's input type."""
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    ordinary = min(config.vocab_size, config.bos_token_id, config.eos_token_id)  # the special tokens come last
+    ids = torch.full((batch, length), config.eos_token_id, dtype=torch.int32)
+    for row in ids:
+        words = int(torch.randint(1, length - 1, (1,), generator=g))
+        row[0] = config.bos_token_id
+        row[1:1 + words] = torch.randint(0, ordinary, (words,), generator=g, dtype=torch.int32)
+    return ids
+
 
 # PASD's ControlNet conditioning embedding widths: three stride-2 convs take the image to the latent size.
 CONDITIONING_CHANNELS = {"tiny": (8, 8, 16, 16), "sd15": (16, 32, 96, 256)}

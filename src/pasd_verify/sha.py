@@ -2,14 +2,16 @@
 
 Qualcomm's QNN compiles attention best as one small graph per head: per head a 1x1 ``Conv2d`` each for q, k
 and v, then matmul, softmax, matmul, and a concat of the heads before the unchanged output projection.
-``convert_to_sha`` swaps every diffusers ``Attention`` it can convert exactly for a :class:`SHAAttention`
-and returns the MHA -> SHA parameter-name map, which is the single source of truth for every later rename
-(checkpoints, AIMET encodings). ``convert_to_mha`` undoes the swap.
+``convert_to_sha`` swaps every diffusers ``Attention`` it can convert exactly for a :class:`SHAAttention`, and
+every transformers ``CLIPAttention`` (the text encoder's) for a :class:`SHACLIPAttention`, and returns the MHA -> SHA
+parameter-name map, which is the single source of truth for every later rename (checkpoints, AIMET encodings).
+``convert_to_mha`` undoes the swap.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from torch import nn
 
 from .errors import AttentionInputError, UnsupportedAttentionError
-from .name_map import PROJECTIONS, NameMap
+from .name_map import CLIP_PROJECTIONS, PROJECTIONS, NameMap
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +72,70 @@ def unsupported_reasons(attn: Attention) -> list[str]:
     return reasons
 
 
-class SHAAttention(nn.Module):
+class _SingleHeads(nn.Module):
+    """What every single-head form shares: per head ``i`` a 1x1 conv each for q, k and v (``<proj>_convs[i]``,
+    named after the MHA module's projections and holding rows ``[i*dim_head:(i+1)*dim_head]`` of them),
+    ``matmul_1[i]``, ``softmax_1[i]`` and ``matmul_2[i]`` for that head's attention, and ``concat_1`` joining the
+    heads. Tensors entering the projections are laid out ``(B, C, 1, N)``, as the QNN converter expects of 1x1
+    convs."""
+
+    # matmul_1/matmul_2/concat_1 are aimet-torch's own MatMul and Concat modules: AIMET quantizes them natively,
+    # so every head's products and the joined heads get their own quantizers.
+
+    def _split_heads(self, attn: nn.Module, projections: tuple[str, str, str], heads: int) -> None:
+        self.projections = projections
+        self.heads = heads
+        self.dim_head = getattr(attn, projections[0]).out_features // heads
+        for proj in projections:
+            setattr(self, f"{proj}_convs", nn.ModuleList(_head_convs(getattr(attn, proj), heads)))
+        self.matmul_1 = nn.ModuleList(MatMul() for _ in range(heads))
+        self.softmax_1 = nn.ModuleList(nn.Softmax(dim=-1) for _ in range(heads))
+        self.matmul_2 = nn.ModuleList(MatMul() for _ in range(heads))
+        self.concat_1 = Concat(axis=-1)
+
+    def _attend(self, query_in: torch.Tensor, context: torch.Tensor, masks: list[torch.Tensor] | None,
+                upcast_attention: bool, softmax_dtype: torch.dtype | None) -> torch.Tensor:
+        """The heads' attention of ``query_in`` over ``context`` (both ``(B, C, 1, N)``), joined: ``(B, Nq, C)``.
+        ``masks`` are per-head additive masks; the scores are float32 with ``upcast_attention``, and the softmax
+        is computed in ``softmax_dtype`` (None: the scores' own) and cast back."""
+        q_convs, k_convs, v_convs = (getattr(self, f"{proj}_convs") for proj in self.projections)
+        head_outputs = []
+        for i in range(self.heads):
+            query = q_convs[i](query_in).squeeze(2).transpose(1, 2)  # (B, Nq, d)
+            key = k_convs[i](context).squeeze(2)  # (B, d, Nk)
+            value = v_convs[i](context).squeeze(2).transpose(1, 2)  # (B, Nk, d)
+            if upcast_attention:
+                query, key = query.float(), key.float()
+            scores = self.matmul_1[i](query, key) * self.scale
+            if masks is not None:
+                scores = scores + masks[i]
+            if softmax_dtype is not None:
+                probs = self.softmax_1[i](scores.to(softmax_dtype)).to(value.dtype)
+            else:
+                probs = self.softmax_1[i](scores)
+            head_outputs.append(self.matmul_2[i](probs, value))
+        return self.concat_1(*head_outputs)
+
+    def _merge_heads_into(self, attn: nn.Module) -> None:
+        """Copy the heads' convs back into the MHA projections of ``attn`` (exact copies, no arithmetic)."""
+        with torch.no_grad():
+            for proj in self.projections:
+                linear = getattr(attn, proj)
+                convs = getattr(self, f"{proj}_convs")
+                linear.to(device=convs[0].weight.device, dtype=convs[0].weight.dtype)
+                linear.weight.copy_(torch.cat([conv.weight.flatten(1) for conv in convs]))
+                if linear.bias is not None:
+                    linear.bias.copy_(torch.cat([conv.bias for conv in convs]))
+
+
+class SHAAttention(_SingleHeads):
     """Single-head form of a diffusers ``Attention``: the same function, one small graph per head.
 
     Per head ``i``, ``to_q_convs[i]`` / ``to_k_convs[i]`` / ``to_v_convs[i]`` are 1x1 convolutions holding rows
     ``[i*dim_head:(i+1)*dim_head]`` of the MHA projections; ``matmul_1[i]``, ``softmax_1[i]`` and ``matmul_2[i]``
     compute that head's attention; ``concat_1`` joins the heads before the MHA ``to_out``, reused as is.
-    Tensors entering the projections are laid out ``(B, C, 1, N)``, as the QNN converter expects of 1x1 convs.
+    A group norm (the VAE's) is reused as is, before the split.
     """
-
-    # matmul_1/matmul_2/concat_1 are aimet-torch's own MatMul and Concat modules: AIMET quantizes them natively,
-    # so every head's products and the joined heads get their own quantizers.
 
     def __init__(self, attn: Attention):
         """Build from ``attn``; its parameters are copied into per-head slices, ``attn`` is not changed."""
@@ -88,8 +143,6 @@ class SHAAttention(nn.Module):
         reasons = unsupported_reasons(attn)
         if reasons:
             raise UnsupportedAttentionError({type(attn).__name__: reasons})
-        self.heads = attn.heads
-        self.dim_head = attn.to_q.out_features // attn.heads
         self.scale = attn.scale
         self.residual_connection = attn.residual_connection
         self.rescale_output_factor = attn.rescale_output_factor
@@ -101,14 +154,7 @@ class SHAAttention(nn.Module):
         self.upcast_softmax = classic and (attn.upcast_attention or attn.upcast_softmax)
         # Everything convert_to_mha needs to rebuild an identical Attention.
         self.mha_config = _attention_config(attn)
-
-        for proj in PROJECTIONS:
-            linear = getattr(attn, proj)
-            setattr(self, f"{proj}_convs", nn.ModuleList(_head_convs(linear, self.heads)))
-        self.matmul_1 = nn.ModuleList(MatMul() for _ in range(self.heads))
-        self.softmax_1 = nn.ModuleList(nn.Softmax(dim=-1) for _ in range(self.heads))
-        self.matmul_2 = nn.ModuleList(MatMul() for _ in range(self.heads))
-        self.concat_1 = Concat(axis=-1)
+        self._split_heads(attn, PROJECTIONS, attn.heads)
         self.to_out = attn.to_out
         self.train(attn.training)
 
@@ -147,23 +193,9 @@ class SHAAttention(nn.Module):
 
         # Only half precision is upcast: in float32 the casts would be no-ops, yet exported graphs would keep them.
         half = query_in.dtype in (torch.float16, torch.bfloat16)
-        upcast_attention, upcast_softmax = half and self.upcast_attention, half and self.upcast_softmax
-        head_outputs = []
-        for i in range(self.heads):
-            query = self.to_q_convs[i](query_in).squeeze(2).transpose(1, 2)  # (B, Nq, d)
-            key = self.to_k_convs[i](context).squeeze(2)  # (B, d, Nk)
-            value = self.to_v_convs[i](context).squeeze(2).transpose(1, 2)  # (B, Nk, d)
-            if upcast_attention:
-                query, key = query.float(), key.float()
-            scores = self.matmul_1[i](query, key) * self.scale
-            if masks is not None:
-                scores = scores + masks[i]
-            if upcast_softmax:
-                probs = self.softmax_1[i](scores.float()).to(value.dtype)
-            else:
-                probs = self.softmax_1[i](scores)
-            head_outputs.append(self.matmul_2[i](probs, value))
-        out = self.to_out[1](self.to_out[0](self.concat_1(*head_outputs)))
+        joined = self._attend(query_in, context, masks, half and self.upcast_attention,
+                              torch.float32 if half and self.upcast_softmax else None)
+        out = self.to_out[1](self.to_out[0](joined))
 
         if hidden_states.ndim == 4:
             out = out.transpose(1, 2).reshape(batch, -1, height, width)
@@ -209,16 +241,116 @@ class SHAAttention(nn.Module):
             raise UnsupportedAttentionError(
                 {"SHAAttention": [f"rebuilding Attention from {self.mha_config} gives a different shape"]}
             )
-        with torch.no_grad():
-            for proj in PROJECTIONS:
-                linear = getattr(attn, proj)
-                convs = getattr(self, f"{proj}_convs")
-                linear.to(device=convs[0].weight.device, dtype=convs[0].weight.dtype)
-                linear.weight.copy_(torch.cat([conv.weight.flatten(1) for conv in convs]))
-                if linear.bias is not None:
-                    linear.bias.copy_(torch.cat([conv.bias for conv in convs]))
+        self._merge_heads_into(attn)
         attn.to_out = self.to_out
         attn.group_norm = self.group_norm
+        attn.train(self.training)
+        return attn
+
+
+# transformers' attention implementations that compute plain scaled-dot-product attention from the masks CLIP's
+# text and vision models build (an additive or boolean tensor, or none with is_causal); flash and flex attention
+# take other mask formats on other devices, and are refused rather than guessed at.
+_PLAIN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def _clip_attention_types() -> tuple[type, ...]:
+    """transformers' ``CLIPAttention``, where transformers' CLIP is loaded: a model can only hold one once its
+    module is imported, so pasd-verify does not import transformers for models that have none."""
+    module = sys.modules.get("transformers.models.clip.modeling_clip")
+    return (module.CLIPAttention,) if module is not None else ()
+
+
+def clip_unsupported_reasons(attn: nn.Module) -> list[str]:
+    """Why the transformers ``CLIPAttention`` ``attn`` cannot be rewritten to SHA exactly; empty means it can."""
+    [clip_attention] = _clip_attention_types()
+    reasons = []
+    if type(attn).forward is not clip_attention.forward:
+        reasons.append(f"{type(attn).__name__} overrides CLIPAttention.forward")
+    for proj in (*CLIP_PROJECTIONS, "out_proj"):
+        if type(getattr(attn, proj, None)) is not nn.Linear:
+            reasons.append(f"its {proj} is not a plain Linear ({type(getattr(attn, proj, None)).__name__})")
+    implementation = getattr(attn.config, "_attn_implementation", None) or "eager"
+    if implementation not in _PLAIN_IMPLEMENTATIONS:
+        reasons.append(f"its attention implementation {implementation!r} is not one of {list(_PLAIN_IMPLEMENTATIONS)}")
+    if attn.dropout:
+        reasons.append(f"its attention dropout is {attn.dropout}; the single-head form has none")
+    if reasons:
+        return reasons
+    if attn.embed_dim % attn.num_heads or attn.head_dim * attn.num_heads != attn.q_proj.out_features:
+        reasons.append(f"{attn.num_heads} heads of {attn.head_dim} do not make q_proj's {attn.q_proj.out_features} "
+                       f"output features")
+    return reasons
+
+
+class SHACLIPAttention(_SingleHeads):
+    """Single-head form of transformers' ``CLIPAttention`` (the SD1.5 text encoder's self-attentions).
+
+    ``q_proj_convs[i]`` / ``k_proj_convs[i]`` / ``v_proj_convs[i]`` hold head ``i``'s rows of the MHA projections;
+    ``out_proj`` is reused as is. Called as ``CLIPAttention`` is: ``(hidden_states, attention_mask, is_causal=...)``
+    -> ``(output, None)`` (no attention weights: there is no one matrix of them to return).
+    """
+
+    def __init__(self, attn: nn.Module):
+        """Build from ``attn``; its parameters are copied into per-head slices, ``attn`` is not changed."""
+        super().__init__()
+        reasons = clip_unsupported_reasons(attn)
+        if reasons:
+            raise UnsupportedAttentionError({type(attn).__name__: reasons})
+        self.config = attn.config  # the model's own config object: undo rebuilds CLIPAttention from it
+        self.scale = attn.scale
+        self.is_causal = attn.is_causal
+        # eager computes the softmax in float32 whatever the inputs' dtype (float64 included) and casts it back, and
+        # takes causality only from the mask it is given; sdpa computes the softmax in the inputs' dtype, and with no
+        # mask applies the causal one the caller's is_causal asks for: each converted module does what its MHA did
+        eager = (attn.config._attn_implementation or "eager") == "eager"
+        self.softmax_dtype = torch.float32 if eager else None
+        self.causal_from_flag = not eager
+        self._split_heads(attn, CLIP_PROJECTIONS, attn.num_heads)
+        self.out_proj = attn.out_proj
+        self.train(attn.training)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        unexpected = sorted(k for k, v in kwargs.items() if v not in (None, False))
+        if unexpected:
+            raise AttentionInputError(f"SHACLIPAttention does not take {unexpected}")
+        if hidden_states.ndim != 3:
+            raise AttentionInputError(f"hidden_states must be (B, N, C), got shape {tuple(hidden_states.shape)}")
+        tokens = hidden_states.transpose(1, 2).unsqueeze(2)  # (B, C, 1, N)
+        masks = self._head_masks(attention_mask, hidden_states, is_causal)
+        return self.out_proj(self._attend(tokens, tokens, masks, False, self.softmax_dtype)), None
+
+    def _head_masks(self, mask: torch.Tensor | None, hidden_states: torch.Tensor,
+                    is_causal: bool | None) -> list[torch.Tensor] | None:
+        """Per-head additive masks from what transformers passes: a ``(B, 1 or heads, Nq, Nk)`` additive or boolean
+        (True: attend, which only sdpa is given) tensor, or none, with ``is_causal`` (else the module's own flag)
+        asking sdpa for the causal one. A masked score gets the dtype's most negative value, as transformers' masks give it."""
+        batch, length = hidden_states.shape[:2]
+        lowest = torch.finfo(hidden_states.dtype).min
+        if mask is None:
+            causal = self.causal_from_flag and (self.is_causal if is_causal is None else is_causal)
+            if not causal or length == 1:
+                return None
+            upper = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).triu(1)
+            return [torch.zeros(length, length, dtype=hidden_states.dtype, device=hidden_states.device)
+                    .masked_fill(upper, lowest)] * self.heads
+        if not isinstance(mask, torch.Tensor):
+            raise AttentionInputError(f"attention_mask is a {type(mask).__name__}, not a tensor")
+        if mask.ndim != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, self.heads) \
+                or mask.shape[-1] != length:
+            raise AttentionInputError(f"attention_mask shape {tuple(mask.shape)} is not (B, 1 or heads, Nq, Nk) for "
+                                      f"B={batch}, heads={self.heads}, N={length}")
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=hidden_states.dtype, device=mask.device).masked_fill(~mask, lowest)
+        return [mask[:, i if mask.shape[1] > 1 else 0] for i in range(self.heads)]
+
+    def to_attention(self) -> nn.Module:
+        """A ``CLIPAttention`` equal to the one this module was built from: same config, same parameters."""
+        [clip_attention] = _clip_attention_types()
+        attn = clip_attention(self.config)
+        self._merge_heads_into(attn)
+        attn.out_proj = self.out_proj
         attn.train(self.training)
         return attn
 
@@ -269,21 +401,33 @@ def _head_convs(linear: nn.Linear, heads: int) -> list[nn.Conv2d]:
     return convs
 
 
-def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameMap:
-    """Replace, in place, every diffusers ``Attention`` in ``model`` by an equivalent :class:`SHAAttention`.
+def _reasons(module: nn.Module) -> list[str]:
+    return unsupported_reasons(module) if isinstance(module, Attention) else clip_unsupported_reasons(module)
 
-    Returns the MHA -> SHA parameter-name map: each replaced MHA parameter name (``...attn1.to_q.weight``) to
-    the per-head SHA names in head order (``...attn1.to_q_convs.0.weight``, ...). Parameters outside q/k/v
-    keep their names and are not in the map.
+
+def _single_head(module: nn.Module) -> _SingleHeads:
+    return SHAAttention(module) if isinstance(module, Attention) else SHACLIPAttention(module)
+
+
+def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameMap:
+    """Replace, in place, every diffusers ``Attention`` in ``model`` by an equivalent :class:`SHAAttention`, and every
+    transformers ``CLIPAttention`` by an equivalent :class:`SHACLIPAttention`.
+
+    Returns the MHA -> SHA parameter-name map: each replaced MHA parameter name (``...attn1.to_q.weight``,
+    ``...self_attn.q_proj.weight``) to the per-head SHA names in head order (``...attn1.to_q_convs.0.weight``, ...).
+    Parameters outside q/k/v keep their names and are not in the map.
 
     A module that cannot be converted exactly raises :class:`UnsupportedAttentionError` naming every such
     module and why, before anything is changed; with ``skip_unsupported=True`` those modules are left as
     they are and logged instead.
     """
-    if isinstance(model, Attention):
-        raise TypeError("convert_to_sha rewrites the modules inside a model; wrap a lone Attention as SHAAttention(attn)")
-    targets = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
-    problems = {name: reasons for name, m in targets.items() if (reasons := unsupported_reasons(m))}
+    attentions = (Attention, *_clip_attention_types())
+    if isinstance(model, attentions):
+        single = "SHAAttention" if isinstance(model, Attention) else "SHACLIPAttention"
+        raise TypeError(f"convert_to_sha rewrites the modules inside a model; wrap a lone {type(model).__name__} as "
+                        f"{single}(attn)")
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, attentions)}
+    problems = {name: reasons for name, m in targets.items() if (reasons := _reasons(m))}
     if problems and not skip_unsupported:
         raise UnsupportedAttentionError(problems)
     for name, reasons in problems.items():
@@ -293,9 +437,9 @@ def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameM
     for name, attn in targets.items():
         if name in problems:
             continue
-        sha = SHAAttention(attn)
+        sha = _single_head(attn)
         model.set_submodule(name, sha)
-        name_map.add(name, sha.heads, attn.to_q.bias is not None)
+        name_map.add(name, sha.heads, getattr(attn, sha.projections[0]).bias is not None, sha.projections)
     logger.info("converted %d attention module(s) to SHA", len(targets) - len(problems))
     return name_map
 
@@ -303,7 +447,8 @@ def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameM
 def convert_to_mha(model: nn.Module) -> NameMap:
     """Undo :func:`convert_to_sha` in place; returns the same MHA -> SHA name map the forward rewrite gave."""
     name_map = NameMap()
-    for name, sha in [(n, m) for n, m in model.named_modules() if isinstance(m, SHAAttention)]:
-        model.set_submodule(name, sha.to_attention())
-        name_map.add(name, sha.heads, sha.mha_config["bias"])
+    for name, sha in [(n, m) for n, m in model.named_modules() if isinstance(m, _SingleHeads)]:
+        attn = sha.to_attention()
+        model.set_submodule(name, attn)
+        name_map.add(name, sha.heads, getattr(attn, sha.projections[0]).bias is not None, sha.projections)
     return name_map
