@@ -12,7 +12,8 @@ import torch
 from pasd_verify.cli import KIND_NAMES, main
 from pasd_verify.errors import PasdVerifyError
 from pasd_verify.kinds import KINDS, CalibrationError, get_kind, graph_of, kind_of, preset_model
-from pasd_verify.sha import SHAAttention
+from pasd_verify.presets import build_vae
+from pasd_verify.sha import SingleHeads, convert_to_sha
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "pasd_verify"
 
@@ -33,7 +34,7 @@ def test_a_preset_of_each_kind_is_recognised_as_that_kind_in_either_form(name):
         loaded = preset_model("tiny", name, form=form)
         assert kind_of(loaded.model) is loaded.kind is get_kind(name)
         assert (loaded.name_map is not None) == (form == "sha")
-        assert any(isinstance(m, SHAAttention) for m in loaded.model.modules()) == (form == "sha")
+        assert any(isinstance(m, SingleHeads) for m in loaded.model.modules()) == (form == "sha")
         assert (loaded.partner is None) == (loaded.kind.partner is None)
         if loaded.partner is not None:
             assert kind_of(loaded.partner).name == loaded.kind.partner
@@ -42,7 +43,20 @@ def test_a_preset_of_each_kind_is_recognised_as_that_kind_in_either_form(name):
 
 
 def _native(name: str, model, partner, sample):
-    """The model called the diffusers way, with the sample's own (integer) timestep: the independent reference."""
+    """The model called the diffusers (or transformers) way, with the sample's own (integer) timestep and int64 token
+    ids as a tokenizer gives them; the VAE's halves as the whole AutoencoderKL of the same seed computes them, with
+    its attentions rewritten as the kind's preset rewrote them: the independent reference."""
+    if name == "text-encoder":
+        with torch.no_grad():
+            return [model(input_ids=sample["input_ids"].long()).last_hidden_state]
+    if name.startswith("vae-"):
+        vae = build_vae("tiny", seed=0)
+        convert_to_sha(vae)
+        with torch.no_grad():
+            if name == "vae-encoder":
+                posterior = vae.encode(sample["image"]).latent_dist
+                return [posterior.mean, posterior.logvar]
+            return [vae.decode(sample["latent"] / vae.config.scaling_factor).sample]
     args = (sample["latent"], sample["timestep"], sample["encoder_hidden_states"])
     with torch.no_grad():
         if name == "unet":
@@ -81,7 +95,7 @@ def test_seeded_samples_carry_exactly_the_keys_the_kind_checks():
         for i, sample in enumerate(samples):
             kind.check_sample(sample, model, f"sample {i}", like=samples[0])
         assert ("control_image" in kind.sample_keys) == kind.control
-        extra = {**samples[0], "noise": samples[0]["latent"]}
+        extra = {**samples[0], "noise": next(iter(samples[0].values()))}
         with pytest.raises(CalibrationError, match=r"^where: unexpected key 'noise'"):
             kind.check_sample(extra, model, "where")
         if kind.control:
@@ -106,7 +120,7 @@ def test_unknown_kinds_presets_and_models_are_refused_naming_the_choices():
         preset_model("huge", "unet")
     with pytest.raises(PasdVerifyError, match="form must be 'mha' or 'sha', got 'both'"):
         preset_model("tiny", "unet", form="both")
-    classes = ", ".join(kind.model_class.__name__ for kind in KINDS.values())
+    classes = ", ".join(kind.class_name for kind in KINDS.values())
     with pytest.raises(PasdVerifyError, match=f"Linear is not a kind pasd-verify knows; expected one of {classes}$"):
         kind_of(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="config overrides apply to the plain UNet only, not to pasd-unet"):

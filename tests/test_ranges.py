@@ -165,3 +165,58 @@ def test_controlnet_refuses_a_unet_range_image():
     inputs = unet_inputs(unet, batch=1, latent=(8, 8))
     with pytest.raises(ImageInputError, match="controlnet_cond"):
         controlnet(**inputs, controlnet_cond=torch.rand(1, 3, 64, 64) * 2 - 1)
+
+
+# --- the text encoder's tokens and the VAE decoder's latents ----------------------------------------------------
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.zeros(1, 77), r"token ids must be integers, got float32"),
+    (torch.zeros(1, 76, dtype=torch.int32), r"expected \(batch, 77\) token ids, got shape \(1, 76\); pad with"),
+    (torch.zeros(77, dtype=torch.int64), r"expected \(batch, 77\) token ids, got shape \(77,\)"),
+    (torch.full((2, 77), 49407), r"token ids in \[49407, 49407\], the vocabulary holds \[0, 999\]"),
+    (torch.full((1, 77), -1), r"token ids in \[-1, -1\]"),
+    ([[0] * 77], r"expected a torch.Tensor of token ids, got list"),
+])
+def test_tokens_outside_the_text_encoders_conventions_are_refused_naming_the_input(ids, message):
+    from pasd_verify.errors import TokenInputError
+    from pasd_verify.ranges import check_tokens
+
+    with pytest.raises(TokenInputError, match=rf"^prompt.safetensors: input_ids: {message}"):
+        check_tokens(ids, "prompt.safetensors: input_ids", vocab_size=1000)
+    check_tokens(torch.randint(0, 1000, (3, 77)), "fine", vocab_size=1000)
+
+
+def test_a_latent_the_loop_did_not_scale_is_told_apart_from_a_scaled_one():
+    """SD1.5's real VAE latents have a spread near 1 / 0.18215 unscaled and near 1 scaled; seeded ones of those
+    spreads stand for them here: the first is refused with the factor to multiply by, the second accepted."""
+    from pasd_verify.errors import LatentInputError
+    from pasd_verify.ranges import check_latent
+
+    g = torch.Generator().manual_seed(0)
+    scaled = torch.randn(1, 4, 12, 12, generator=g)
+    check_latent(scaled, "latent", channels=4, scaling_factor=0.18215)
+    with pytest.raises(LatentInputError, match=r"^latent: standard deviation 5\.\d+, that of an unscaled latent.*"
+                                               r"multiply by the VAE's scaling_factor 0\.18215$"):
+        check_latent(scaled / 0.18215, "latent", channels=4, scaling_factor=0.18215)
+    for bad, message in [(scaled[:, :3], r"expected \(B, 4, h, w\), got shape \(1, 3, 12, 12\)"),
+                         (scaled.int(), r"expected a float tensor, got torch.int32"),
+                         (scaled.clone().fill_(float("nan")), r"576 value\(s\) are NaN or Inf")]:
+        with pytest.raises(LatentInputError, match=rf"^latent: {message}"):
+            check_latent(bad, "latent", channels=4, scaling_factor=0.18215)
+
+
+@pytest.mark.parametrize("kind, key, bad, message", [
+    ("text-encoder", "input_ids", lambda t: t.float(), r"input_ids has dtype float32; expected floating point|"
+                                                       r"input_ids: token ids must be integers"),
+    ("text-encoder", "input_ids", lambda t: t + 5000, r"input_ids: token ids in"),
+    ("vae-encoder", "image", lambda t: (t + 1) / 2 * 255, r"image: values in \[.*\], expected \[-1.0, 1.0\]"),
+    ("vae-decoder", "latent", lambda t: t / 0.18215, r"latent: standard deviation"),
+])
+def test_a_calibration_sample_of_the_new_kinds_is_checked_by_its_convention(kind, key, bad, message):
+    from pasd_verify.kinds import CalibrationError, preset_model
+
+    loaded = preset_model("tiny", kind)
+    [sample] = loaded.kind.seeded_samples(loaded.model, 1, seed=5)
+    loaded.kind.check_sample(sample, loaded.model, "s.safetensors")
+    with pytest.raises(CalibrationError, match=rf"^s.safetensors: ({message})"):
+        loaded.kind.check_sample({**sample, key: bad(sample[key])}, loaded.model, "s.safetensors")

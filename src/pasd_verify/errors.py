@@ -36,3 +36,11 @@ class CheckpointError(PasdVerifyError):
 
 class ImageInputError(PasdVerifyError):
     """An image tensor breaks the input conventions: range, dtype, layout, channels, size or finiteness."""
+
+
+class TokenInputError(PasdVerifyError):
+    """Token ids for the text encoder break its conventions: integers, 77 per prompt, within the vocabulary."""
+
+
+class LatentInputError(PasdVerifyError):
+    """A latent for the VAE decoder breaks its conventions: NCHW float with the VAE's latent channels, scaled."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import PasdVerifyError
 from .models import PASDControlNetModel, PASDUNet2DConditionModel
-from .ranges import LATENT_FACTOR
+from .ranges import LATENT_FACTOR, TEXT_LENGTH
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -45,17 +45,16 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-TEXT_LENGTH = 77
 
 # diffusers' AutoencoderKL: SD1.5's VAE (stabilityai/sd-vae-ft-mse and runwayml's vae/config.json have these
 # values), and a tiny one with the same structure. Its one attention per mid block has a single head at SD1.5's
 # width (attention_head_dim = the width) and a group norm before the projections.
 VAE_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "sample_size": 32,
-        "block_out_channels": (16, 32),
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "tiny": {  # four blocks, as SD1.5's: the latent is the image / 8, PASD's LATENT_FACTOR
+        "sample_size": 64,
+        "block_out_channels": (8, 16, 32, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "latent_channels": 4,
@@ -185,11 +184,13 @@ def build_text_encoder(preset: str = "tiny", *, seed: int = 0, **overrides: Any)
         return CLIPTextModel._from_config(config, attn_implementation=implementation).eval()
 
 
-def text_tokens(model: Any, *, batch: int = 1, seed: int = 0, length: int = TEXT_LENGTH) -> torch.Tensor:
+def text_tokens(model: Any, *, batch: int = 1, seed: int = 0, length: int = TEXT_LENGTH,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Seeded token ids ``(batch, length)`` as a tokenizer lays them out: the start token, random tokens of the
-    vocabulary's ordinary part, the end token, then end tokens as padding; int32, the phone's input type."""
+    vocabulary's ordinary part, the end token, then end tokens as padding; int32, the phone's input type. Drawn from
+    ``generator`` where given, else from ``seed``."""
     config = model.config
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     ordinary = min(config.vocab_size, config.bos_token_id, config.eos_token_id)  # the special tokens come last
     ids = torch.full((batch, length), config.eos_token_id, dtype=torch.int32)
     for row in ids:

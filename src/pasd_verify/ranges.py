@@ -4,6 +4,9 @@
 - Latents are the image size / 8, so image sides must be multiples of 8.
 - PASD's control images have a short side of at least 768 px: the released weights give poor results below.
 - Tensors are NCHW float, 3 channels.
+- The text encoder takes integer token ids, 77 per prompt (padded with the end token), within its vocabulary.
+- The VAE decoder takes latents as the denoising loop holds them: scaled by the VAE's ``scaling_factor`` (0.18215),
+  which gives them a standard deviation near 1; the encoder's latents are unscaled, about 5x wider.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ImageInputError
+from .errors import ImageInputError, LatentInputError, TokenInputError
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,10 @@ UNET_RANGE = (-1.0, 1.0)
 CONTROLNET_RANGE = (0.0, 1.0)
 LATENT_FACTOR = 8
 MIN_CONTROL_SIDE = 768
+TEXT_LENGTH = 77
+# A scaled latent's standard deviation is near 1 (the scaling factor was chosen to make it so); an unscaled one is
+# near 1 / scaling_factor (5.5 for SD1.5). Half of that separates the two.
+UNSCALED_FRACTION = 0.5
 
 
 def to_unet_range(image: torch.Tensor) -> torch.Tensor:
@@ -134,3 +141,35 @@ def prepare_control_image(image: Any, *, upscale: float = 1.0, min_side: int = M
         tensor = F.interpolate(tensor, size=size, mode="bicubic", align_corners=False, antialias=True)
     # bicubic overshoots a little at edges; the ControlNet range is a hard contract
     return tensor.clamp_(0.0, 1.0).contiguous()
+
+
+def check_tokens(ids: Any, name: str, *, vocab_size: int, length: int = TEXT_LENGTH) -> None:
+    """Raise :class:`TokenInputError` naming ``name`` unless ``ids`` is an integer ``(B, length)`` tensor of ids in
+    ``[0, vocab_size)``: what a CLIP tokenizer gives with ``padding="max_length"``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TokenInputError(f"{name}: expected a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TokenInputError(f"{name}: token ids must be integers, got {str(ids.dtype).removeprefix('torch.')}")
+    if ids.ndim != 2 or ids.shape[1] != length or ids.shape[0] == 0:
+        raise TokenInputError(f"{name}: expected (batch, {length}) token ids, got shape {tuple(ids.shape)}; pad "
+                              f"with padding='max_length', max_length={length}")
+    low, high = ids.min().item(), ids.max().item()
+    if low < 0 or high >= vocab_size:
+        raise TokenInputError(f"{name}: token ids in [{low}, {high}], the vocabulary holds [0, {vocab_size - 1}]; "
+                              "a tokenizer of another model?")
+
+
+def check_latent(latent: Any, name: str, *, channels: int, scaling_factor: float) -> None:
+    """Raise :class:`LatentInputError` naming ``name`` unless ``latent`` is a finite NCHW float tensor with
+    ``channels`` channels whose spread is that of a scaled latent (see :data:`UNSCALED_FRACTION`)."""
+    if not isinstance(latent, torch.Tensor) or not latent.is_floating_point():
+        what = type(latent).__name__ if not isinstance(latent, torch.Tensor) else str(latent.dtype)
+        raise LatentInputError(f"{name}: expected a float tensor, got {what}")
+    if latent.ndim != 4 or latent.shape[1] != channels or 0 in latent.shape:
+        raise LatentInputError(f"{name}: expected (B, {channels}, h, w), got shape {tuple(latent.shape)}")
+    if not torch.isfinite(latent).all():
+        raise LatentInputError(f"{name}: {(~torch.isfinite(latent)).sum().item()} value(s) are NaN or Inf")
+    spread = latent.float().std().item() if latent.numel() > 1 else 0.0
+    if spread > UNSCALED_FRACTION / scaling_factor:
+        raise LatentInputError(f"{name}: standard deviation {spread:.3g}, that of an unscaled latent (a scaled one's "
+                               f"is near 1); multiply by the VAE's scaling_factor {scaling_factor:g}")

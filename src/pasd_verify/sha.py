@@ -72,7 +72,7 @@ def unsupported_reasons(attn: Attention) -> list[str]:
     return reasons
 
 
-class _SingleHeads(nn.Module):
+class SingleHeads(nn.Module):
     """What every single-head form shares: per head ``i`` a 1x1 conv each for q, k and v (``<proj>_convs[i]``,
     named after the MHA module's projections and holding rows ``[i*dim_head:(i+1)*dim_head]`` of them),
     ``matmul_1[i]``, ``softmax_1[i]`` and ``matmul_2[i]`` for that head's attention, and ``concat_1`` joining the
@@ -128,7 +128,7 @@ class _SingleHeads(nn.Module):
                     linear.bias.copy_(torch.cat([conv.bias for conv in convs]))
 
 
-class SHAAttention(_SingleHeads):
+class SHAAttention(SingleHeads):
     """Single-head form of a diffusers ``Attention``: the same function, one small graph per head.
 
     Per head ``i``, ``to_q_convs[i]`` / ``to_k_convs[i]`` / ``to_v_convs[i]`` are 1x1 convolutions holding rows
@@ -283,7 +283,7 @@ def clip_unsupported_reasons(attn: nn.Module) -> list[str]:
     return reasons
 
 
-class SHACLIPAttention(_SingleHeads):
+class SHACLIPAttention(SingleHeads):
     """Single-head form of transformers' ``CLIPAttention`` (the SD1.5 text encoder's self-attentions).
 
     ``q_proj_convs[i]`` / ``k_proj_convs[i]`` / ``v_proj_convs[i]`` hold head ``i``'s rows of the MHA projections;
@@ -405,7 +405,7 @@ def _reasons(module: nn.Module) -> list[str]:
     return unsupported_reasons(module) if isinstance(module, Attention) else clip_unsupported_reasons(module)
 
 
-def _single_head(module: nn.Module) -> _SingleHeads:
+def _single_head(module: nn.Module) -> SingleHeads:
     return SHAAttention(module) if isinstance(module, Attention) else SHACLIPAttention(module)
 
 
@@ -447,7 +447,7 @@ def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameM
 def convert_to_mha(model: nn.Module) -> NameMap:
     """Undo :func:`convert_to_sha` in place; returns the same MHA -> SHA name map the forward rewrite gave."""
     name_map = NameMap()
-    for name, sha in [(n, m) for n, m in model.named_modules() if isinstance(m, _SingleHeads)]:
+    for name, sha in [(n, m) for n, m in model.named_modules() if isinstance(m, SingleHeads)]:
         attn = sha.to_attention()
         model.set_submodule(name, attn)
         name_map.add(name, sha.heads, getattr(attn, sha.projections[0]).bias is not None, sha.projections)

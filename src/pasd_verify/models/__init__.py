@@ -1,4 +1,4 @@
-"""PASD's two models on current diffusers, and one call that runs them together."""
+"""PASD's two models on current diffusers, one call that runs them together, and the VAE as its two networks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 
 from .controlnet import PASDConditioningEmbedding, PASDControlNetModel
 from .unet import PASDUNet2DConditionModel, PixelAwareCrossAttnUpBlock2D, PixelAwareUpBlock2D
+from .vae import VAEDecoder, VAEEncoder, split_vae
 
 
 def pasd_forward(unet: PASDUNet2DConditionModel, controlnet: PASDControlNetModel, sample: torch.Tensor,
@@ -28,5 +29,8 @@ __all__ = [
     "PASDUNet2DConditionModel",
     "PixelAwareCrossAttnUpBlock2D",
     "PixelAwareUpBlock2D",
+    "VAEDecoder",
+    "VAEEncoder",
     "pasd_forward",
+    "split_vae",
 ]
