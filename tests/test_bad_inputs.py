@@ -306,7 +306,7 @@ def _bad_value(draw, flag: str) -> str:
     if flag == "--device":
         return draw(st.sampled_from(["banana", "meta", "cuda:x", "", "mps", "cuda" if not torch.cuda.is_available() else "x"]))
     choices = {"--weights", "--encodings-version", "--cache-dtype", "--form", "--kind", "--preset", "--model-class",
-               "--rewrite"}
+               "--rewrite", "--no-rewrite"}
     assert flag in choices, flag
     return draw(st.text(min_size=1, max_size=8).filter(lambda s: s not in ("per_channel", "per_tensor", "float32",
                                                                             "float16", "sha", "mha", "tiny")))
@@ -318,7 +318,7 @@ FLAGS = {
     "adaround": ["--samples", "--iterations", "--param-bw", "--seed", "--cache-budget", "--device", "--weights",
                  "--cache-dtype", "--form", "--kind", "--preset", "--encodings-version", "--latent"],
     "export": ["--samples", "--param-bw", "--act-bw", "--soc-model", "--htp-threshold-db", "--weights", "--form",
-               "--kind", "--preset", "--seed", "--rewrite", "--latent"],
+               "--kind", "--preset", "--seed", "--rewrite", "--no-rewrite", "--latent"],
     "demo": ["--seed"],
 }
 

@@ -49,3 +49,20 @@ def test_an_output_location_that_is_a_file_is_refused_before_any_work(tmp_path, 
         assert main([*command, "--out", out]) == 2
         assert "taken: is a file, not a folder" in capsys.readouterr().err
         assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_the_rewrites_the_command_line_names_are_the_exports():
+    from pasd_verify.cli import REWRITE_NAMES  # spelled in cli.py so that --help imports no onnx
+    from pasd_verify.export.rewrites import REWRITES
+
+    assert REWRITE_NAMES == REWRITES
+
+
+def test_a_rewrite_both_turned_on_and_off_is_refused_before_any_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["export", "--preset", "tiny", "--kind", "text-encoder", "--rewrite", "mask-floor", "--no-rewrite",
+                 "mask-floor", "--out", str(out)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("pasd-verify: error: --rewrite mask-floor and --no-rewrite mask-floor "
+                                               "contradict each other")
+    assert not out.exists()

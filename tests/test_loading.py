@@ -225,3 +225,77 @@ def test_convert_checkpoint_file_refuses_a_name_map_that_does_not_fit_the_checkp
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(src))}: .*'[\w.]+'"):
         convert_checkpoint_file(src, folder / f"sha.{suffix}", name_map)
     assert _leftovers(folder) == [f"mha.{suffix}"]
+
+
+# --- SD1.5's other folders: text_encoder/ (transformers' layout) and vae/ --------------------------------------
+
+def _text_encoder_folder(folder: Path, layout: str):
+    """A tiny text encoder saved by transformers 5 (``save_pretrained``: no prefix), or as SD1.5's 4.x-written
+    ``text_encoder/model.safetensors`` is: every key under ``text_model.`` and the ``position_ids`` buffer kept."""
+    from pasd_verify.presets import build_text_encoder
+
+    model = build_text_encoder("tiny", seed=4)
+    model.save_pretrained(folder)
+    if layout == "transformers 4.x":
+        state = {"text_model." + k: v for k, v in model.state_dict().items()}
+        state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        save_state_dict_file(state, folder / "model.safetensors")
+    return model
+
+
+@pytest.mark.parametrize("layout", ["transformers 5", "transformers 4.x"])
+def test_a_text_encoder_folder_loads_and_converts_in_the_checkpoints_own_names(tmp_path, layout):
+    """The folder's CLIPTextModel is found by its config's architectures; it computes what the saved model computes;
+    convert writes SHA keys and a name map in the file's own naming (prefix included), and the SHA file loads into
+    the SHA model, which equals the saved MHA model."""
+    from pasd_verify.kinds import load_model_form
+    from pasd_verify.presets import text_tokens
+
+    folder = tmp_path / "text_encoder"
+    original = _text_encoder_folder(folder, layout)
+    ids = text_tokens(original, batch=2, seed=1)
+    with torch.no_grad():
+        expected = original(input_ids=ids).last_hidden_state
+        loaded = load_model(folder)
+        assert type(loaded).__name__ == "CLIPTextModel"
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, expected, rtol=0, atol=0)
+
+    out = tmp_path / "out"
+    assert main(["convert", "--model-config", str(folder / "config.json"), "--state-dict",
+                 str(folder / "model.safetensors"), "--out", str(out)]) == 0
+    prefix = "text_model." if layout == "transformers 4.x" else ""
+    name_map = json.loads((out / "name_map.json").read_text())
+    assert len(name_map) == 12 and all(k.startswith(prefix + "encoder.layers.") for k in name_map)
+    sha_keys = set(load_state_dict_file(out / "state_dict_sha.safetensors"))
+    assert {n for names in name_map.values() for n in names} <= sha_keys
+    assert (prefix + "embeddings.position_ids" in sha_keys) == bool(prefix)  # carried over as the file had it
+    sha = load_model_form(folder / "config.json", out / "state_dict_sha.safetensors", form="sha")
+    assert sha.kind.name == "text-encoder" and len(sha.name_map) == 12
+    with torch.no_grad():
+        assert (sha.model(input_ids=ids).last_hidden_state - expected).abs().max() <= sha_tolerance(torch.float32) * \
+            expected.abs().max()
+    back = tmp_path / "back.safetensors"
+    convert_checkpoint(folder / "config.json", out / "state_dict_sha.safetensors", back, to="mha")
+    assert_same_state_dict(load_state_dict_file(back), load_state_dict_file(folder / "model.safetensors"))
+
+
+def test_a_vae_folder_gives_either_half_by_kind_and_refuses_to_guess(tmp_path):
+    from pasd_verify.kinds import load_model_form
+    from pasd_verify.models import VAEDecoder, VAEEncoder
+    from pasd_verify.presets import build_vae
+
+    folder = tmp_path / "vae"
+    build_vae("tiny", seed=3).save_pretrained(folder)
+    weights = folder / WEIGHTS
+    halves = {kind: load_model_form(folder, weights, kind=kind) for kind in ("vae-encoder", "vae-decoder")}
+    assert isinstance(halves["vae-encoder"].model, VAEEncoder) and isinstance(halves["vae-decoder"].model, VAEDecoder)
+    for kind, loaded in halves.items():
+        assert loaded.kind.name == kind and loaded.source["model_class"] == "AutoencoderKL"
+        prefix = "encoder." if kind == "vae-encoder" else "decoder."
+        assert list(loaded.name_map.modules) == [prefix + "mid_block.attentions.0"]
+    with pytest.raises(PasdVerifyError, match=r"a VAE holds two networks; choose --kind vae-encoder or --kind "
+                                              r"vae-decoder$"):
+        load_model_form(folder, weights)
+    with pytest.raises(PasdVerifyError, match=r"holds a text-encoder \(CLIPTextModel\), not a unet$"):
+        _text_encoder_folder(tmp_path / "te", "transformers 5")
+        load_model_form(tmp_path / "te" / "config.json", tmp_path / "te" / "model.safetensors", kind="unet")

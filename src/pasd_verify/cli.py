@@ -20,7 +20,11 @@ from .io import Interrupted, clear_stop_request, interrupt, stop_requested
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
 # pasd_verify.loading.MODEL_CLASSES).
 MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DConditionModel", "PASDControlNetModel",
-                     "AutoencoderKL")
+                     "AutoencoderKL", "CLIPTextModel")
+
+# The export rewrites --no-rewrite names, spelled here for the same reason (a test checks they match
+# pasd_verify.export.rewrites.REWRITES).
+REWRITE_NAMES = ("silu-as-division", "layernorm-identity-mul", "mask-floor")
 
 
 class _KindNames:
@@ -41,6 +45,7 @@ class _KindNames:
 
 
 KIND_NAMES = _KindNames()
+DEFAULT_KIND = "pasd-unet"
 
 # Numbers worth a column in the stage table, in the order shown.
 _SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "tolerance",
@@ -165,9 +170,9 @@ def _model_from_args(args: argparse.Namespace, outputs_check):
     outputs_check(args.out, [args.state_dict, args.model_config, args.calibration,
                              getattr(args, "param_encodings", None)])
     if args.preset is not None:
-        return preset_model(args.preset, args.kind, seed=args.seed, form=args.form)
+        return preset_model(args.preset, args.kind or DEFAULT_KIND, seed=args.seed, form=args.form)
     return load_model_form(args.model_config, args.state_dict, form=args.form, model_class=args.model_class,
-                           partner=args.controlnet)
+                           partner=args.controlnet, kind=args.kind)
 
 
 def _adaround(args: argparse.Namespace) -> int:
@@ -197,6 +202,16 @@ def _adaround(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rewrites(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every rewrite but those turned off; one turned both on and off is a contradiction, not a choice."""
+    from .export.rewrites import REWRITES
+
+    both = sorted(set(args.rewrite or ()) & set(args.no_rewrite or ()))
+    if both:
+        raise PasdVerifyError(f"--rewrite {both[0]} and --no-rewrite {both[0]} contradict each other")
+    return tuple(r for r in REWRITES if r not in (args.no_rewrite or ()))
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportConfig, check_output_folder, export_files
     from .logs import library_warnings
@@ -208,7 +223,7 @@ def _export(args: argparse.Namespace) -> int:
     config = ExportConfig(calibration=args.calibration, samples=args.samples, latent=args.latent,
                           weights=args.weights, param_bw=args.param_bw, act_bw=args.act_bw, soc_model=args.soc_model,
                           htp_threshold_db=args.htp_threshold_db, localize=not args.no_localize,
-                          rewrites=args.rewrite or (), param_encodings=args.param_encodings, seed=args.seed,
+                          rewrites=_rewrites(args), param_encodings=args.param_encodings, seed=args.seed,
                           release_model=True)
     loaded = _model_from_args(args, check_output_folder)
     with _stage_lines("pasd_verify.export"), library_warnings("export", logging.getLogger("pasd_verify.export")) as caught:
@@ -239,8 +254,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     where.add_argument("--model-class", choices=MODEL_CLASS_NAMES, help="override the model class")
     where.add_argument("--controlnet", help="PASD UNet only: the ControlNet folder whose residuals it is calibrated on")
     where.add_argument("--preset", choices=["tiny", "sd15"], help="an embedded seeded model instead of files")
-    where.add_argument("--kind", choices=KIND_NAMES, default="pasd-unet",
-                       help="with --preset: which model (default pasd-unet)")
+    where.add_argument("--kind", choices=KIND_NAMES,
+                       help=f"which network: with --preset, which to build (default {DEFAULT_KIND}); with "
+                            "--model-config, which half of a VAE folder (vae-encoder or vae-decoder), else a check "
+                            "of what the folder holds")
     where.add_argument("--form", choices=["sha", "mha"], default="sha",
                        help=f"{verb} the SHA rewrite (default; names follow the SHA name map) or the MHA model")
     data = parser.add_argument_group("calibration")
@@ -310,10 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--htp-threshold-db", type=float, default=30.0,
                    help="least SQNR of the HTP against the CPU on the same QDQ graph (default 30)")
     q.add_argument("--no-localize", action="store_true", help="on a disagreement, do not search for its first op")
-    q.add_argument("--rewrite", action="append", choices=["silu-as-division", "layernorm-identity-mul"],
-                   help="an exact rewrite before export (repeatable): silu-as-division avoids the HTP's GroupNorm -> "
-                        "SiLU -> Conv divergence, layernorm-identity-mul its LayerNorm -> per-channel MatMul one at "
-                        "16 tokens (see README)")
+    q.add_argument("--no-rewrite", action="append", choices=REWRITE_NAMES, metavar="NAME",
+                   help="turn off one of the rewrites every export applies (repeatable): silu-as-division (the HTP's "
+                        "GroupNorm -> SiLU -> Conv divergence), layernorm-identity-mul (its LayerNorm -> per-channel "
+                        "MatMul one at 16 tokens), mask-floor (the text encoder's -3.4e38 causal mask, which 16-bit "
+                        "quantization cannot hold); see README")
+    q.add_argument("--rewrite", action="append", choices=REWRITE_NAMES, metavar="NAME",
+                   help="a rewrite by name: every one is on by default; kept for scripts that name them")
     q.add_argument("--param-encodings", metavar="ENCODINGS",
                    help="AdaRounded parameter encodings (pasd-verify adaround's param_encodings.encodings): their "
                         "layers keep these grids instead of being recalibrated; --state-dict must be the "
@@ -377,6 +397,7 @@ def _signals_as_interrupts():
         yield
     finally:
         _working = False
+        clear_stop_request()  # reported by main(); the process may run more (a caller's script, a test session)
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
@@ -393,23 +414,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with _signals_as_interrupts():
-            code = args.func(args)
-            if stop_requested() is None:
-                return code
-            raise Interrupted(stop_requested())  # a library swallowed the signal's exception; the stop stands
+            try:
+                code = args.func(args)
+            except Exception as e:
+                if stop_requested() is None:
+                    raise
+                # what a signal a library swallowed turned into: report the stop, not its symptom
+                raise Interrupted(stop_requested()) from e
+            if stop_requested() is not None:  # a library swallowed the signal's exception; the stop stands
+                raise Interrupted(stop_requested())
+            return code
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(_interrupted_line(signum), file=sys.stderr)
         return 128 + signum
-    except (PasdVerifyError, OSError) as e:
-        if stop_requested() is not None:  # what a swallowed signal turned into: report the stop, not its symptom
-            print(_interrupted_line(stop_requested()), file=sys.stderr)
-            return 128 + stop_requested()
-        if isinstance(e, PasdVerifyError):
-            print(printable(f"pasd-verify: error: {e}"), file=sys.stderr)
-        else:  # the disk, not the inputs: full, read-only, a permission; named by its path
-            where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "writing the outputs"
-            print(printable(f"pasd-verify: error: {where}: {e.strerror or e}"), file=sys.stderr)
+    except PasdVerifyError as e:
+        print(printable(f"pasd-verify: error: {e}"), file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk, not the inputs: full, read-only, a permission; named by its path
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "writing the outputs"
+        print(printable(f"pasd-verify: error: {where}: {e.strerror or e}"), file=sys.stderr)
         return 2
 
 

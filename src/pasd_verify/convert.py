@@ -41,9 +41,10 @@ def _plan(config: str | os.PathLike | dict, checkpoint: Path, form: str, model_c
     shapes = checkpoint_shapes(checkpoint)
     choice = choose_model(config, shapes, model_class=model_class)
     model = build_model(config, choice, device="meta")
-    mha_shapes = parameter_shapes(model)
-    name_map = convert_to_sha(model)
-    conversion = _Conversion(choice, mha_shapes, parameter_shapes(model), name_map)
+    mha_shapes = choice.file_shapes(parameter_shapes(model))
+    # every name below is the checkpoint's (a 4.x text encoder's carry text_model.), the name map's included
+    name_map = convert_to_sha(model).prefixed(choice.key_prefix)
+    conversion = _Conversion(choice, mha_shapes, choice.file_shapes(parameter_shapes(model)), name_map)
     check_checkpoint_matches(shapes, conversion.shapes(form), f"{checkpoint} ({form.upper()} form)",
                              None if isinstance(config, dict) else config)
     return conversion

@@ -43,7 +43,10 @@ FP64_TOLERANCE = 1e-12
 # A short AdaRound: enough iterations for the optimisation to show, few enough for a demo.
 ADAROUND_SAMPLES, ADAROUND_ITERATIONS = 4, 50
 # The export stage: calibration samples, and the exact rewrites without which the HTP disagrees (README: export).
-EXPORT_SAMPLES, EXPORT_REWRITES = 2, ("silu-as-division", "layernorm-identity-mul")
+EXPORT_SAMPLES = 2
+# the five networks of a PASD app, as the demo's export stage names their folders
+EXPORT_NETWORKS = (("controlnet", "pasd-controlnet"), ("unet", "pasd-unet"), ("text_encoder", "text-encoder"),
+                   ("vae_encoder", "vae-encoder"), ("vae_decoder", "vae-decoder"))
 
 
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
@@ -203,13 +206,14 @@ def adaround(seed: int, out_dir: Path) -> dict[str, Any]:
 
 
 def export(seed: int, out_dir: Path) -> dict[str, Any]:
-    """``pasd-verify export`` of the tiny SHA PASD ControlNet and UNet with both exact rewrites: float ONNX,
-    aimet-onnx W8A16 encodings and QDQ, context binary; each step's agreement with the one before it."""
+    """``pasd-verify export`` of the five tiny SHA networks of a PASD app (PASD ControlNet and UNet, CLIP text
+    encoder, VAE encoder and decoder) with the default rewrites: float ONNX, aimet-onnx W8A16 encodings and QDQ,
+    context binary; each step's agreement with the one before it."""
     from .export.pipeline import ExportConfig, export_files
 
     numbers: dict[str, Any] = {"passed": True}
-    config = ExportConfig(samples=EXPORT_SAMPLES, latent=(8, 8), seed=seed, rewrites=EXPORT_REWRITES)
-    for name, kind in (("controlnet", "pasd-controlnet"), ("unet", "pasd-unet")):
+    config = ExportConfig(samples=EXPORT_SAMPLES, latent=(8, 8), seed=seed)
+    for name, kind in EXPORT_NETWORKS:
         loaded = preset_model("tiny", kind, seed=seed, form="sha")
         report = export_files(loaded.model, out_dir / f"export_{name}", config, partner=loaded.partner,
                               source=loaded.source)
@@ -271,7 +275,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
 # Every name the stages write into the output folder: a rerun into the same folder replaces them as one set.
 OUTPUTS = ("state_dict_mha.safetensors", "state_dict_sha.safetensors", "state_dict_mha_roundtrip.safetensors",
            "parameters_mha.encodings", "parameters_sha.encodings", "parameters_sha_aimet.encodings", "adaround",
-           "export_controlnet", "export_unet", "report.json")
+           *(f"export_{name}" for name, _ in EXPORT_NETWORKS), "report.json")
 
 
 def _run_stages(out_dir: Path, seed: int, progress: bool, stages: Sequence[Stage]) -> dict[str, Any]:

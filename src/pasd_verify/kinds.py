@@ -32,22 +32,22 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_model_weights
+from .checkpoint import checkpoint_shapes
 from .errors import ImageInputError, LatentInputError, PasdVerifyError, TokenInputError
-from .loading import build_model, choose_model, load_model, parameter_shapes
+from .loading import load_model
 from .models import PASDControlNetModel, PASDUNet2DConditionModel, VAEDecoder, VAEEncoder, split_vae
 from .name_map import NameMap, holds_sha_projections
 from .presets import UNET_PRESETS, build_pasd, build_text_encoder, build_unet, build_vae, text_tokens
 from .ranges import LATENT_FACTOR, TEXT_LENGTH, UNET_RANGE, check_image, check_latent, check_tokens
-from .sha import convert_to_sha
+from .sha import convert_to_sha, sha_name_map
 
 # A calibration sample: one denoising step's inputs, as a user's pipeline dumps them (quant.calibration's files).
 Sample = dict[str, torch.Tensor]
@@ -173,6 +173,7 @@ class SampleLayout:
     size: Callable[[Sample], tuple[int, int] | None]
     default_size: Callable[[nn.Module], tuple[int, int] | None]
     integer_keys: tuple[str, ...] = ()
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,11 @@ class ModelKind:
     @property
     def sample_keys(self) -> tuple[str, ...]:
         return self.layout.keys
+
+    def report_notes(self, size: tuple[int, int] | None) -> dict[str, Any]:
+        """What a report says about the graph's inputs beyond their names: the working size, and the layout's notes
+        on how each input or output is computed or converted (``conventions``)."""
+        return {**({"latent": list(size)} if size is not None else {}), "conventions": dict(self.layout.notes)}
 
     def sample_size(self, sample: Sample) -> tuple[int, int] | None:
         """The latent size ``(h, w)`` ``sample`` is at (None for the text encoder)."""
@@ -374,7 +380,8 @@ def _denoiser_layout(control: bool) -> SampleLayout:
 
     return SampleLayout(SAMPLE_KEYS + ((CONTROL_KEY,) if control else ()), draw, check, feeds,
                         size=lambda sample: tuple(sample["latent"].shape[-2:]), default_size=_config_latent,
-                        integer_keys=("timestep",))
+                        integer_keys=("timestep",),
+                        notes={"timestep": "float input; sinusoidal embedding computed in the graph"})
 
 
 def _check_tokens(sample, model, source):
@@ -387,7 +394,8 @@ _TEXT_LAYOUT = SampleLayout(
     draw=lambda model, g, size: {"input_ids": text_tokens(model, generator=g)},
     check=_check_tokens,
     feeds=lambda sample: {"input_ids": sample["input_ids"].to(torch.int32)},  # the phone's input type
-    size=lambda sample: None, default_size=lambda model: None, integer_keys=("input_ids",))
+    size=lambda sample: None, default_size=lambda model: None, integer_keys=("input_ids",),
+    notes={"input_ids": "int32 (B, 77), padded with the end token; the causal mask is built in the graph"})
 
 
 def _vae_latent(model: nn.Module) -> tuple[int, int]:
@@ -406,7 +414,9 @@ _VAE_IMAGE_LAYOUT = SampleLayout(
                                                      size[1] * LATENT_FACTOR, generator=g) * 2 - 1},
     check=_check_vae_image,
     feeds=lambda sample: {"image": sample["image"]},
-    size=lambda sample: tuple(s // LATENT_FACTOR for s in sample["image"].shape[-2:]), default_size=_vae_latent)
+    size=lambda sample: tuple(s // LATENT_FACTOR for s in sample["image"].shape[-2:]), default_size=_vae_latent,
+    notes={"image": "[-1, 1] (2 * photo - 1)",
+           "latent_mean, latent_logvar": "unscaled; the app samples and multiplies by scaling_factor"})
 
 
 def _check_vae_latent(sample, model, source):
@@ -420,7 +430,9 @@ _VAE_LATENT_LAYOUT = SampleLayout(
     draw=lambda model, g, size: {"latent": torch.randn(1, model.config.latent_channels, *size, generator=g)},
     check=_check_vae_latent,
     feeds=lambda sample: {"latent": sample["latent"]},
-    size=lambda sample: tuple(sample["latent"].shape[-2:]), default_size=_vae_latent)
+    size=lambda sample: tuple(sample["latent"].shape[-2:]), default_size=_vae_latent,
+    notes={"latent": "scaled by scaling_factor, as the loop holds it; the graph divides by it",
+           "image": "about [-1, 1]; the app clamps (image / 2 + 0.5) to [0, 1] after the graph"})
 
 
 def _text_encoder_preset(preset: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, None]:
@@ -510,27 +522,32 @@ def _form(form: str) -> str:
 
 
 def load_model_form(model_config: str | os.PathLike, state_dict: str | os.PathLike, *, form: str = "sha",
-                    model_class: str | None = None, partner: str | os.PathLike | None = None) -> LoadedModel:
+                    model_class: str | None = None, partner: str | os.PathLike | None = None,
+                    kind: str | None = None) -> LoadedModel:
     """The model a config and an MHA or SHA checkpoint describe, in ``form``, and its partner from the folder
     ``partner``: an MHA checkpoint is rewritten to SHA in memory for ``form="sha"``; an SHA checkpoint (the
-    ``NameMap`` naming scheme) loads into the SHA model directly."""
+    ``NameMap`` naming scheme) loads into the SHA model directly. ``kind`` names the network when the folder holds
+    more than one (a VAE: ``vae-encoder`` or ``vae-decoder``), and must match the folder otherwise."""
     state_dict = Path(state_dict)
-    shapes = checkpoint_shapes(state_dict)
-    name_map = None
-    if not holds_sha_projections(shapes):
-        model = load_model(model_config, model_class=model_class, weights=state_dict)
-        if _form(form) == "sha":
-            name_map = convert_to_sha(model)
-    else:
-        if _form(form) != "sha":
-            raise PasdVerifyError(f"{state_dict}: holds an SHA checkpoint; use --form sha")
-        model = build_model(model_config, choose_model(model_config, shapes, model_class=model_class), device="meta")
-        name_map = convert_to_sha(model)
-        check_checkpoint_matches(shapes, parameter_shapes(model), f"{state_dict} (SHA form)", model_config)
-        model.load_state_dict(load_model_weights(state_dict), strict=True, assign=True)
-        model.eval()
-    kind = kind_of(model)
+    sha_file = holds_sha_projections(checkpoint_shapes(state_dict))
+    if sha_file and _form(form) != "sha":
+        raise PasdVerifyError(f"{state_dict}: holds an SHA checkpoint; use --form sha")
+    whole = load_model(model_config, model_class=model_class, weights=state_dict, sha=sha_file)
+    model = _network(whole, kind, model_config)
+    name_map = sha_name_map(model) if sha_file else (convert_to_sha(model) if _form(form) == "sha" else None)
     loaded_partner = load_model(partner) if partner is not None else None
     source = {"model_config": str(model_config), "state_dict": str(state_dict), "form": form,
-              "model_class": type(model).__name__}
-    return LoadedModel(model, loaded_partner, kind, source, name_map)
+              "model_class": type(whole).__name__, **({"kind": kind} if kind else {})}
+    return LoadedModel(model, loaded_partner, kind_of(model), source, name_map)
+
+
+def _network(whole: nn.Module, kind: str | None, source: str | os.PathLike) -> nn.Module:
+    """The network of ``kind`` in a loaded folder's model: the model itself, or one half of a VAE."""
+    if isinstance(whole, AutoencoderKL):
+        halves = {"vae-encoder": 0, "vae-decoder": 1}
+        if kind not in halves:
+            raise PasdVerifyError(f"{source}: a VAE holds two networks; choose --kind vae-encoder or --kind vae-decoder")
+        return split_vae(whole)[halves[kind]]
+    if kind is not None and kind_of(whole).name != kind:
+        raise PasdVerifyError(f"{source}: holds a {kind_of(whole).name} ({type(whole).__name__}), not a {kind}")
+    return whole

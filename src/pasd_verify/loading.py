@@ -6,10 +6,17 @@ read from its weights: pixel attentions (``up_blocks.*.pixel_attentions.*``) mak
 (``controlnet_cond_embedding.to_rgbs.*``) or RRDB blocks (``controlnet_cond_embedding.preprocesser.*``) make a PASD
 ControlNet and set its ``return_rgbs`` / ``use_rrdb``. :func:`choose_model` makes that decision and says why;
 :func:`load_model` is the ``from_pretrained`` that uses it.
+
+SD1.5's ``text_encoder/`` folder is transformers' layout: its ``config.json`` names ``architectures:
+["CLIPTextModel"]`` instead of a ``_class_name``, and its weights (``model.safetensors``) carry the ``text_model.``
+prefix transformers 4.x wrote (and, in older files, the ``position_ids`` buffer), which transformers 5's
+``CLIPTextModel`` no longer has: a :class:`ModelChoice` records that prefix, so that checks and conversions speak the
+file's names and loading strips them.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -17,7 +24,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +41,29 @@ from .sha import convert_to_sha
 
 logger = logging.getLogger(__name__)
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls
-    for cls in (UNet2DConditionModel, ControlNetModel, PASDUNet2DConditionModel, PASDControlNetModel, AutoencoderKL)
+MODEL_CLASSES: dict[str, type[nn.Module] | str] = {
+    **{cls.__name__: cls
+       for cls in (UNet2DConditionModel, ControlNetModel, PASDUNet2DConditionModel, PASDControlNetModel, AutoencoderKL)},
+    # transformers' text encoder, imported only for a folder that holds one
+    "CLIPTextModel": "transformers:CLIPTextModel",
 }
-# diffusers' weight file names, in the order from_pretrained prefers them; .pth is accepted as well.
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.pth")
+# diffusers' weight file names, in the order from_pretrained prefers them, then transformers'; .pth is accepted too.
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.pth",
+                "model.safetensors", "pytorch_model.bin")
+# What transformers 4.x wrote before every text encoder key, and the buffer older files kept.
+TEXT_MODEL_PREFIX = "text_model."
+_POSITION_IDS = "embeddings.position_ids"
+# Classes whose models keep a buffer their checkpoints do not hold (non-persistent: made at init)
+_UNSAVED_BUFFERS = frozenset({"CLIPTextModel"})
+
+
+def resolve_class(name: str) -> type[nn.Module]:
+    """The class :data:`MODEL_CLASSES` names ``name``."""
+    cls = MODEL_CLASSES[name]
+    if isinstance(cls, str):
+        module, _, attribute = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attribute)
+    return cls
 
 _PIXEL_ATTENTION = ".pixel_attentions."
 _PASD_CONTROLNET_FLAGS = {"return_rgbs": "controlnet_cond_embedding.to_rgbs.",
@@ -55,6 +79,16 @@ class ModelChoice:
     cls: type[nn.Module]
     reason: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    key_prefix: str = ""  # what the checkpoint puts before the model's own names (a 4.x text encoder's text_model.)
+    file_only: dict[str, tuple[int, ...]] = field(default_factory=dict)  # checkpoint entries the model does not hold
+
+    def file_shapes(self, model_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The model's state-dict shapes under the checkpoint's names, with the entries only the file holds."""
+        return {**{self.key_prefix + k: v for k, v in model_shapes.items()}, **self.file_only}
+
+    def model_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's state dict under the model's own names, without the entries only the file holds."""
+        return {k[len(self.key_prefix):]: v for k, v in state.items() if k not in self.file_only}
 
     @property
     def name(self) -> str:
@@ -97,21 +131,39 @@ def choose_model(config: str | os.PathLike | dict, keys: Iterable[str] | None = 
     cannot load into a model that has them.
     """
     cfg = load_config(config)
+    shapes = keys if isinstance(keys, Mapping) else None  # checkpoint_shapes' dict: the keys with their shapes
     keys = None if keys is None else list(keys)
     if model_class is not None:
         if model_class not in MODEL_CLASSES:
             raise PasdVerifyError(f"model class {model_class!r} is not one of {sorted(MODEL_CLASSES)}")
-        cls, reason = MODEL_CLASSES[model_class], "given explicitly"
+        cls, reason = resolve_class(model_class), "given explicitly"
     else:
         cls, reason = _class_from(cfg, keys, _source(config))
+    if cls.__name__ == "CLIPTextModel":
+        return _text_encoder_choice(cls, reason, keys, shapes)
     if cls is not PASDControlNetModel:
         return ModelChoice(cls, reason)
     overrides, notes = _controlnet_flags(cfg, keys)
     return ModelChoice(cls, "; ".join([reason, *notes]), overrides)
 
 
+def _text_encoder_choice(cls: type[nn.Module], reason: str, keys: list[str] | None,
+                         shapes: Mapping[str, Any] | None) -> ModelChoice:
+    """A text encoder's checkpoint names: with or without transformers 4.x's ``text_model.`` prefix, with or without
+    the ``position_ids`` buffer (a constant ``arange``, which the model builds itself)."""
+    if not keys or not all(k.startswith(TEXT_MODEL_PREFIX) for k in keys):
+        return ModelChoice(cls, reason)
+    position_ids = TEXT_MODEL_PREFIX + _POSITION_IDS
+    file_only = {position_ids: tuple(shapes[position_ids]) if shapes else None} if position_ids in keys else {}
+    return ModelChoice(cls, f"{reason}; the checkpoint's keys carry transformers 4.x's {TEXT_MODEL_PREFIX} prefix",
+                       key_prefix=TEXT_MODEL_PREFIX, file_only=file_only)
+
+
 def _class_from(cfg: dict, keys: list[str] | None, source: str) -> tuple[type[nn.Module], str]:
     class_name = cfg.get("_class_name")
+    architectures = cfg.get("architectures")
+    if class_name is None and architectures == ["CLIPTextModel"]:  # transformers' layout names no _class_name
+        return resolve_class("CLIPTextModel"), "config architectures CLIPTextModel (transformers' layout)"
     if not isinstance(class_name, str) or class_name not in MODEL_CLASSES:
         raise PasdVerifyError(f"config {source}: _class_name {class_name!r} is not one of {sorted(MODEL_CLASSES)}; "
                               f"name the class with --model-class")
@@ -206,14 +258,19 @@ def build_model(config: str | os.PathLike | dict, choice: ModelChoice, *,
                 device: str | torch.device = "meta") -> nn.Module:
     """Instantiate ``choice`` from ``config``; on ``meta`` no memory is used."""
     cfg = {**load_config(config), **choice.overrides}
-    check_config_fields(cfg, choice.cls, _source(config))
+    library = "transformers" if choice.name == "CLIPTextModel" else "diffusers"
+    if library == "diffusers":
+        check_config_fields(cfg, choice.cls, _source(config))
     with torch.device(device):
         try:
+            if library == "transformers":
+                config_class = choice.cls.config_class
+                return choice.cls._from_config(config_class.from_dict(cfg), attn_implementation="sdpa").eval()
             return choice.cls.from_config(cfg).eval()
         except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AttributeError) as e:
             # fields that are each fine but do not fit together (a list per block of the wrong length, ...)
-            raise PasdVerifyError(f"config {_source(config)}: diffusers cannot build a {choice.cls.__name__} from it: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise PasdVerifyError(f"config {_source(config)}: {library} cannot build a {choice.cls.__name__} from "
+                                  f"it: {type(e).__name__}: {e}") from e
 
 
 def model_from_config(config: str | os.PathLike | dict, *, keys: Iterable[str] | None = None,
@@ -243,21 +300,27 @@ def find_weights(folder: str | os.PathLike) -> Path:
 
 
 def load_model(folder: str | os.PathLike, *, model_class: str | None = None,
-               weights: str | os.PathLike | None = None) -> nn.Module:
+               weights: str | os.PathLike | None = None, sha: bool = False) -> nn.Module:
     """A model with its weights from a local diffusers folder, like diffusers' ``from_pretrained``, but the class
     comes from :func:`choose_model`: a PASD folder gives the PASD model, whatever its config's ``_class_name``.
 
     The weights (``weights``, or the folder's ``diffusion_pytorch_model.*``) must match the model exactly; an
     error names the file and the first missing, unexpected or mis-shaped key. Returns the model in eval mode on
-    the CPU, with the weights' dtype.
+    the CPU, with the weights' dtype. ``sha``: the weights are in SHA form (the ``NameMap`` naming scheme), and load
+    into the model rewritten to SHA.
     """
     weights = Path(weights) if weights is not None else find_weights(folder)
     shapes = checkpoint_shapes(weights)
     choice = choose_model(folder, shapes, model_class=model_class)
-    model = build_model(folder, choice, device="meta")
-    check_checkpoint_matches(shapes, parameter_shapes(model), str(weights), folder)
-    # Built on meta and given the file's tensors: no random init, no second copy of the weights.
-    model.load_state_dict(load_model_weights(weights), strict=True, assign=True)
+    # Built on meta and given the file's tensors: no random init, no second copy of the weights. The text encoder
+    # keeps a buffer its checkpoints do not hold (position_ids, non-persistent), which only a real init makes; it
+    # is small enough (0.5 GB at SD1.5 size) to build on the CPU.
+    model = build_model(folder, choice, device="cpu" if choice.name in _UNSAVED_BUFFERS else "meta")
+    if sha:
+        convert_to_sha(model)
+    check_checkpoint_matches(shapes, choice.file_shapes(parameter_shapes(model)),
+                             f"{weights} (SHA form)" if sha else str(weights), folder)
+    model.load_state_dict(choice.model_state(load_model_weights(weights)), strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise PasdVerifyError(f"{weights}: {choice.name} has state outside its checkpoint; cannot load it here")
     logger.info("%s: loaded as %s", folder, choice.describe())

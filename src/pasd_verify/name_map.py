@@ -130,6 +130,11 @@ class NameMap(dict[str, list[str]]):
         first = next(key for key in self if _module_of(key) == module)
         return projections_named(first[len(dot):].split(".")[0])
 
+    def prefixed(self, prefix: str) -> NameMap:
+        """The same map with ``prefix`` before every name: the names of a checkpoint that puts the model under it
+        (a transformers 4.x text encoder's ``text_model.``)."""
+        return NameMap((prefix + mha, [prefix + sha for sha in shas]) for mha, shas in self.items())
+
     @property
     def modules(self) -> dict[str, int]:
         """Each converted attention module, with its head count."""

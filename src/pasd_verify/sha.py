@@ -444,11 +444,19 @@ def convert_to_sha(model: nn.Module, *, skip_unsupported: bool = False) -> NameM
     return name_map
 
 
+def sha_name_map(model: nn.Module) -> NameMap:
+    """The MHA -> SHA name map of a model already in SHA form: the one :func:`convert_to_sha` gave."""
+    name_map = NameMap()
+    for name, sha in model.named_modules():
+        if isinstance(sha, SingleHeads):
+            biased = getattr(sha, f"{sha.projections[0]}_convs")[0].bias is not None
+            name_map.add(name, sha.heads, biased, sha.projections)
+    return name_map
+
+
 def convert_to_mha(model: nn.Module) -> NameMap:
     """Undo :func:`convert_to_sha` in place; returns the same MHA -> SHA name map the forward rewrite gave."""
-    name_map = NameMap()
+    name_map = sha_name_map(model)
     for name, sha in [(n, m) for n, m in model.named_modules() if isinstance(m, SingleHeads)]:
-        attn = sha.to_attention()
-        model.set_submodule(name, attn)
-        name_map.add(name, sha.heads, getattr(attn, sha.projections[0]).bias is not None, sha.projections)
+        model.set_submodule(name, sha.to_attention())
     return name_map

@@ -39,8 +39,9 @@ def _export(tmp_path, kind="unet", form="mha", **kwargs):
 
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory):
+    """The tiny UNet exported as it is, every rewrite turned off: the graph the HTP miscomputes."""
     folder = tmp_path_factory.mktemp("mha")
-    return folder, _export(folder)
+    return folder, _export(folder, rewrites=())
 
 
 def test_export_writes_a_context_binary_that_ran_wholly_on_the_htp(diverged):
@@ -206,3 +207,35 @@ def test_mha_and_sha_agree_on_the_htp_and_their_context_binaries_load(tmp_path):
     profiles = {form: r["stages"]["htp"]["htp"]["profile"] for form, r in reports.items()}
     assert all(p["htp_ops"] > 0 and p["execute_cycles"] > 0 and p["finalize_ms"] > 0 for p in profiles.values())
     assert profiles["sha"]["htp_ops"] > profiles["mha"]["htp_ops"]
+
+
+@pytest.mark.parametrize("kind", ["text-encoder", "vae-encoder", "vae-decoder"])
+def test_the_other_networks_of_a_pasd_app_pass_on_the_htp_with_the_default_rewrites(tmp_path, kind):
+    """The text encoder and the VAE's two halves, tiny, in SHA form, as ``pasd-verify export`` runs them: every node on
+    the HTP, the HTP agreeing with the CPU on the QDQ graph, and the HTP's distance from float no worse than the QDQ
+    graph's own (the HTP adds no error of its own beyond it)."""
+    report = _export(tmp_path, kind=kind, form="sha")
+    float_stage, qdq, htp = (report["stages"][s] for s in ("float_export", "encodings_and_qdq", "htp"))
+    assert float_stage["passed"] and float_stage["rewrites"].keys() == {"silu-as-division", "layernorm-identity-mul",
+                                                                        "mask-floor"}
+    assert htp["htp"]["status"] == "passed" and htp["all_nodes_on_htp"], htp
+    assert htp["cpu_vs_htp_sqnr_db"] >= HTP_SQNR_DB, htp
+    assert htp["fp32_vs_htp_sqnr_db"] >= qdq["fp32_vs_qdq_sqnr_db"] - 1.0
+    assert report["passed"] is True
+
+
+def test_the_mask_floor_is_what_keeps_the_text_encoders_scores_through_16_bit_quantization(tmp_path):
+    """With the causal mask's -3.4e38 in the graph, the scores-plus-mask tensor's 16-bit grid has steps of ~1e34,
+    and every real score falls into one: the QDQ graph loses the text (an order of magnitude more error than with
+    the floor, which changes the float graph not at all)."""
+    reports = {}
+    for rewrites in [("mask-floor",), ()]:
+        folder = tmp_path / (rewrites[0] if rewrites else "none")
+        folder.mkdir()
+        reports[rewrites] = _export(folder, kind="text-encoder", form="sha", rewrites=rewrites, localize=False)
+    floored, raw = reports[("mask-floor",)], reports[()]
+    assert floored["stages"]["float_export"]["rewrites"] == {"mask-floor": 2}  # one mask per layer of the tiny one
+    assert floored["stages"]["float_export"]["relative_error"] == raw["stages"]["float_export"]["relative_error"]
+    gain = floored["stages"]["encodings_and_qdq"]["fp32_vs_qdq_sqnr_db"] - \
+        raw["stages"]["encodings_and_qdq"]["fp32_vs_qdq_sqnr_db"]
+    assert gain >= 10.0, gain

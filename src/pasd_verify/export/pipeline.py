@@ -78,9 +78,10 @@ class ExportConfig:
     :class:`pasd_verify.quant.adaround.AdaroundConfig` is for AdaRound).
 
     ``calibration`` is a folder of samples (:mod:`pasd_verify.quant.calibration`); without it, ``samples`` seeded
-    ones at ``latent`` (default: the config's sample size). ``rewrites`` (:mod:`pasd_verify.export.rewrites`) are
-    applied to the model in place before export; the float stage reports how far the rewritten model is from the
-    original. ``localize`` searches the first op the HTP gets wrong when it disagrees. ``param_encodings`` (what
+    ones at ``latent`` (default: the config's sample size). ``rewrites`` (:mod:`pasd_verify.export.rewrites`; all
+    of them by default: each is exact or bounded, changes nothing in a graph without its pattern, and answers a
+    graph the HTP is known to miscompute or quantization to ruin) are applied to the model in place before export;
+    the float stage reports what each changed and how far the rewritten model is from the original. ``localize`` searches the first op the HTP gets wrong when it disagrees. ``param_encodings`` (what
     ``pasd-verify adaround`` wrote beside the rounded weights the model holds) freezes those layers' grids
     (:mod:`pasd_verify.export.frozen`). ``release_model`` frees the torch weights of the model and its partner
     (moved to the meta device) once the float graph is written: every later stage works from the ONNX files, and at
@@ -98,7 +99,7 @@ class ExportConfig:
     soc_model: str = DEFAULT_SOC_MODEL
     htp_threshold_db: float = HTP_SQNR_DB
     localize: bool = True
-    rewrites: tuple[str, ...] = ()
+    rewrites: tuple[str, ...] = REWRITES
     param_encodings: str | None = None
     seed: int = 0
     release_model: bool = False
@@ -285,10 +286,10 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, config: ExportCon
     adarounded = (adarounded_entries(config.param_encodings, model) if config.param_encodings is not None else None)
     data = calibration_samples(model, folder=config.calibration, count=config.samples, latent=config.latent,
                                seed=config.seed, partner=partner)
-    shape = data[0]["latent"].shape[-2:]
-    # the check input is held out from calibration: agreement on data the encodings were not fitted to
-    check = seeded_samples(model, 1, latent=tuple(shape), seed=config.seed + 7919)[0]
     graph = graph_of(model)
+    shape = graph.kind.sample_size(data[0])  # the latent size the samples are at; None for the text encoder
+    # the check input is held out from calibration: agreement on data the encodings were not fitted to
+    check = seeded_samples(model, 1, latent=shape, seed=config.seed + 7919)[0]
     check_feeds = graph.feeds(check, partner)
     check_arrays = _numpy(check_feeds)  # what every onnxruntime and HTP run of the check input takes
     calibration_feeds = [_numpy(graph.feeds(s, partner)) for s in data]
@@ -296,7 +297,7 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, config: ExportCon
     report: dict[str, Any] = {
         "tool": "pasd-verify", "version": __version__, "command": "export", "source": source or {},
         "graph": {"kind": graph.kind.name, "inputs": graph.input_names, "outputs": graph.output_names,
-                  "latent": list(shape), "timestep": "float input; sinusoidal embedding computed in the graph"},
+                  **graph.kind.report_notes(shape)},
         "config": {**asdict(config), "rewrites": list(config.rewrites),
                    "calibration": config.calibration or f"{len(data)} seeded samples"},
         "thresholds": {"float_relative_error": FLOAT_TOLERANCE, "sim_vs_qdq_sqnr_db": QDQ_SQNR_DB,
