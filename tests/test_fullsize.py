@@ -1,6 +1,7 @@
 """SD1.5 size, end to end (``-m fullsize``): the whole ``pasd-verify export`` pipeline on the SD1.5-size PASD UNet
-and PASD ControlNet, each in its SHA and MHA form (seeded random weights, 64x64 latent, one calibration sample,
-W8A16 per-channel, both exact rewrites): float export, AIMET calibration, encodings and QDQ graph, HTP compile
+and PASD ControlNet (64x64 latent), CLIP text encoder (77 tokens) and VAE encoder and decoder (PASD's working size:
+a 768 x 768 image, a 96 x 96 latent), each in its SHA and MHA form (seeded random weights, one calibration sample,
+W8A16 per-channel, the default rewrites): float export, AIMET calibration, encodings and QDQ graph, HTP compile
 and the emulated HTP run.
 
 Not in CI: the emulated HTP run of one SD1.5-size UNet alone takes longer than CI's whole budget allows beside the
@@ -24,7 +25,8 @@ from pasd_verify.memory import peak_rss_of
 pytestmark = [pytest.mark.fullsize,
               pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))]
 
-TARGETS = ("pasd_unet", "pasd_controlnet")
+TARGETS = ("pasd_unet", "pasd_controlnet", "text_encoder", "vae_encoder", "vae_decoder")
+LATENT = {"vae_encoder": [96, 96], "vae_decoder": [96, 96]}  # else SD1.5's 64 x 64 (the text encoder has none)
 CASES = [(target, form) for target in TARGETS for form in ("sha", "mha")]
 GIB = 2**30
 
@@ -39,7 +41,8 @@ def check_outputs(tmp_path_factory):
 def test_sd15_size_export_passes_every_step(benchmark, peak_memory, check_outputs, target, form):
     benchmark.group = f"export-sd15-{target}"
     run = benchmark.pedantic(peak_rss_of, args=("pasd_verify.export.workloads:export_run", target, form, None, 1,
-                                                [64, 64], 0, "sd15", str(check_outputs / f"{target}-{form}.npz")),
+                                                LATENT.get(target, [64, 64]), 0, "sd15",
+                                                str(check_outputs / f"{target}-{form}.npz")),
                              rounds=1)
     result = run["result"]
     peak_memory(benchmark, run)

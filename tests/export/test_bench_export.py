@@ -1,6 +1,6 @@
 """QNN export time and memory (``-m bench``): the whole ``pasd-verify export`` pipeline (float ONNX, AIMET
-calibration, encodings and QDQ graph, HTP compile and run), MHA against SHA, on the tiny PASD pair and on the tiny
-UNet as its heads grow (1, 2, 4, 8) at a fixed width.
+calibration, encodings and QDQ graph, HTP compile and run), MHA against SHA, on the tiny PASD pair, the tiny text
+encoder and VAE halves, and on the tiny UNet as its heads grow (1, 2, 4, 8) at a fixed width.
 
 Each run is a fresh child process (:func:`pasd_verify.export.workloads.export_run`); its peak RSS growth goes through
 the memory gate, each stage's time and the HTP child's own peak go to ``extra_info``. pytest-benchmark groups MHA
@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.bench,
 
 HEADS = (1, 2, 4, 8)
 CASES = [("unet", form, heads) for heads in HEADS for form in ("mha", "sha")]
-CASES += [(target, form, None) for target in ("pasd_unet", "pasd_controlnet") for form in ("mha", "sha")]
+CASES += [(target, form, None) for target in ("pasd_unet", "pasd_controlnet", "text_encoder", "vae_encoder",
+                                              "vae_decoder") for form in ("mha", "sha")]
 MIB = 2**20
 
 measured: dict[tuple[str, str, int | None], dict] = {}

@@ -1,13 +1,14 @@
 """The export workloads the benchmarks run in child processes (:func:`pasd_verify.memory.peak_rss_of`).
 
 Each builds a seeded model, converts it to SHA when asked, and runs the whole ``pasd-verify export`` pipeline on it
-(both exact rewrites, so that the HTP agrees and the run measures a passing export) into a temporary folder. The
+(with the default rewrites, so that the HTP agrees and the run measures a passing export) into a temporary folder. The
 result carries each stage's time and the peak RSS after it, the HTP child's own peak (compile and run happen in a
 grandchild, which the caller's RSS does not see), and the figures that compare MHA with SHA on the HTP.
 
 Targets: ``unet`` (the plain UNet; ``heads`` overrides its number of heads at the same width), ``pasd_unet`` and
-``pasd_controlnet`` (the PASD pair, calibrated on the ControlNet's residuals), each at the ``tiny`` or ``sd15``
-preset's size. At SD1.5 size the run releases the torch weights after the float export, as ``pasd-verify export``
+``pasd_controlnet`` (the PASD pair, calibrated on the ControlNet's residuals), ``text_encoder``, ``vae_encoder`` and
+``vae_decoder`` (the other three networks of a PASD app), each at the ``tiny`` or ``sd15`` preset's size (the VAE's
+image is the latent size x 8). At SD1.5 size the run releases the torch weights after the float export, as ``pasd-verify export``
 does: calibration needs that memory.
 """
 
@@ -19,11 +20,9 @@ from typing import Any
 from ..kinds import preset_model
 from ..presets import UNET_PRESETS
 from .pipeline import ExportConfig, export_files
-from .rewrites import ONNX_REWRITES, TORCH_REWRITES
 
-TARGETS = ("unet", "pasd_unet", "pasd_controlnet")
+TARGETS = ("unet", "pasd_unet", "pasd_controlnet", "text_encoder", "vae_encoder", "vae_decoder")
 FORMS = ("mha", "sha")
-REWRITES = (*TORCH_REWRITES, *ONNX_REWRITES)
 
 
 def export_run(target: str, form: str, heads: int | None = None, samples: int = 4, latent: list[int] | None = None,
@@ -39,7 +38,7 @@ def export_run(target: str, form: str, heads: int | None = None, samples: int = 
     loaded = preset_model(preset, target.replace("_", "-"), seed=seed, form=form, **overrides)
     latent = tuple(latent or [UNET_PRESETS[preset]["sample_size"]] * 2)
     with tempfile.TemporaryDirectory(prefix="pasd-verify-export-bench-") as out:
-        config = ExportConfig(samples=samples, latent=latent, rewrites=REWRITES, localize=False, seed=seed,
+        config = ExportConfig(samples=samples, latent=latent, localize=False, seed=seed,
                               release_model=preset != "tiny", check_outputs=outputs)
         report = export_files(loaded.model, out, config, partner=loaded.partner)
     stages = report["stages"]
