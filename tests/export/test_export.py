@@ -29,7 +29,11 @@ from pasd_verify.export.rewrites import SiLUAsDivision, apply_onnx_rewrites, app
 from pasd_verify.quant.calibration import seeded_samples
 from pasd_verify.sha import convert_to_sha
 
-KINDS = ("unet", "pasd-unet", "pasd-controlnet")
+KINDS = ("unet", "pasd-unet", "pasd-controlnet", "text-encoder", "vae-encoder", "vae-decoder")
+# the kinds each rewrite has a pattern in: SiLU modules everywhere but CLIP (quick-GELU); LayerNorms in the UNets'
+# transformers and in CLIP, none in the VAE (GroupNorm)
+SILU_KINDS = tuple(k for k in KINDS if k != "text-encoder")
+LAYERNORM_KINDS = tuple(k for k in KINDS if not k.startswith("vae-"))
 
 
 def _numpy(feeds):
@@ -94,7 +98,7 @@ def test_silu_as_division_is_silu(values):
     assert torch.equal(SiLUAsDivision()(x.double()), x.double() / (1 + torch.exp(-x.double())))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", SILU_KINDS)
 def test_silu_rewrite_keeps_the_model_output(kind):
     model, graph, feeds = _graph_and_feeds(kind, "sha", (8, 8))
     before = graph(feeds)
@@ -212,13 +216,15 @@ def test_check_outputs_hold_the_check_input_and_what_each_step_computed_from_it(
     assert not list(tmp_path.glob(".check.npz.*")), "the atomic write left its temporary file"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYERNORM_KINDS)
 def test_layernorm_identity_mul_leaves_the_float_graph_bit_identical(tmp_path, kind):
     """x * 1.0 == x in IEEE arithmetic: every output of the rewritten graph equals the original's bit for bit."""
     _, graph, feeds = _graph_and_feeds(kind, "mha", (8, 8))
     path = export_float(graph, feeds, tmp_path / "model.onnx")
     model = onnx.load(str(path))
-    norms = sum(n.op_type == "LayerNormalization" for n in model.graph.node)
+    consumed = {name for n in model.graph.node for name in n.input}
+    # those that feed an op (CLIP's final LayerNorm makes the graph's output, which no op reads)
+    norms = sum(n.op_type == "LayerNormalization" and n.output[0] in consumed for n in model.graph.node)
     assert apply_onnx_rewrites(model, ["layernorm-identity-mul"]) == {"layernorm-identity-mul": norms} and norms
     onnx.checker.check_model(model)
     onnx.save(model, str(tmp_path / "rewritten.onnx"))
@@ -348,16 +354,24 @@ def test_diffusers_blocks_cut_from_the_qdq_graph_recompute_it_exactly(quantized_
     """What block localization stands on: each diffusers block cut out of the QDQ graph, run on the CPU on its
     inputs as the whole graph computes them, gives the whole graph's values bit for bit; each block reads only
     graph inputs and what earlier blocks compute; the last one makes the graph's output."""
-    qdq = quantized_tiny_sha["paths"]["qdq"]
+    blocks = _blocks_recompute_the_graph(quantized_tiny_sha["paths"]["qdq"], _numpy(quantized_tiny_sha["feeds"]),
+                                         tmp_path)
+    names = [b.name for b in blocks]
+    assert names[-1] == "conv_out"
+    assert {"conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
+            "up_blocks.1"} == set(names[:-1])
+    assert blocks[-1].outputs == ["noise"]
+
+
+def _blocks_recompute_the_graph(qdq, feeds, tmp_path):
+    """Cut every block out of ``qdq``; each, run alone on its inputs as the whole graph computes them, gives the
+    whole graph's values bit for bit, and reads only graph inputs and what earlier blocks compute."""
     model = onnx.load(str(qdq))
     blocks = graph_blocks(model)
     names = [b.name for b in blocks]
-    assert len(set(names)) == len(names) and names[-1] == "conv_out"
-    assert {"conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
-            "up_blocks.1"} == set(names[:-1])
+    assert len(set(names)) == len(names)
     graph_inputs = [i.name for i in model.graph.input]
     wanted = sorted({t for b in blocks for t in b.inputs + b.outputs} - set(graph_inputs))
-    feeds = _numpy(quantized_tiny_sha["feeds"])
     whole = {**feeds, **run_onnx(extract_prefix(qdq, graph_inputs, wanted, tmp_path / "whole.onnx"), feeds, wanted)}
     made = set(graph_inputs)
     for block in blocks:
@@ -367,7 +381,24 @@ def test_diffusers_blocks_cut_from_the_qdq_graph_recompute_it_exactly(quantized_
         for tensor in block.outputs:
             assert np.array_equal(alone[tensor], whole[tensor]), (block.name, tensor)
         made |= {o for node in onnx.load(str(path)).graph.node for o in node.output}
-    assert blocks[-1].outputs == ["noise"]
+    return blocks
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("text-encoder", ["embeddings", "encoder.layers.0", "encoder.layers.1", "final_layer_norm"]),
+    ("vae-decoder", ["post_quant_conv", "decoder.conv_in", "decoder.mid_block", "decoder.up_blocks.0",
+                     "decoder.up_blocks.1", "decoder.up_blocks.2", "decoder.up_blocks.3", "decoder.conv_out"]),
+])
+def test_the_other_networks_are_localized_by_their_own_blocks(tmp_path, kind, expected):
+    """The text encoder's layers and the VAE half's blocks (one level down, under encoder./decoder.) are the blocks
+    a disagreement is looked for in, in data-flow order, and cut out they recompute the whole QDQ graph."""
+    model, graph, feeds = _graph_and_feeds(kind, "sha", (2, 2))
+    export_float(graph, feeds, tmp_path / "model.onnx")
+    (tmp_path / "aimet").mkdir()
+    sim = quantization_sim(tmp_path / "model.onnx", [_numpy(feeds)], workdir=tmp_path / "aimet")
+    paths = export_quantized(sim, tmp_path, large=False)
+    blocks = _blocks_recompute_the_graph(paths["qdq"], _numpy(feeds), tmp_path)
+    assert [b.name for b in blocks] == expected
 
 
 def test_sqnr_and_relative_error_are_what_they_say():
@@ -394,3 +425,29 @@ def test_an_export_option_out_of_range_is_refused_before_any_work(tmp_path, caps
     assert main(["export", "--preset", "tiny", "--kind", "unet", flag, value, "--out", str(out)]) == 2
     assert f"error: {field} must be" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, form", [("text-encoder", "mha"), ("text-encoder", "sha"), ("unet", "sha")])
+def test_mask_floor_raises_only_the_masks_and_leaves_the_float_graph_bit_identical(tmp_path, kind, form):
+    """The text encoder's causal masks (one constant per layer, both forms) are raised to the floor and nothing else
+    changes: every output bit-identical (float32's exp of a score 1000 below the row's largest is exactly 0, as
+    of -3.4e38). A graph without a mask (the UNet) is left as it was."""
+    from pasd_verify.export.rewrites import MASK_FLOOR, MASKED
+
+    _, graph, feeds = _graph_and_feeds(kind, form, (8, 8))
+    path = export_float(graph, feeds, tmp_path / "model.onnx")
+    model = onnx.load(str(path))
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    masks = [name for name, a in before.items() if a.dtype.kind == "f" and a.size and a.min() <= MASKED]
+    assert len(masks) == (2 if kind == "text-encoder" else 0)  # the tiny text encoder has 2 layers
+    assert apply_onnx_rewrites(model, ["mask-floor"]) == {"mask-floor": len(masks)}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for name, values in before.items():
+        if name in masks:
+            assert after[name].min() == MASK_FLOOR and np.array_equal(after[name] == MASK_FLOOR, values <= MASKED)
+        else:
+            assert np.array_equal(after[name], values), name
+    onnx.save(model, str(tmp_path / "rewritten.onnx"))
+    ours, original = run_onnx(tmp_path / "rewritten.onnx", _numpy(feeds)), run_onnx(path, _numpy(feeds))
+    for name in graph.output_names:
+        assert np.array_equal(ours[name], original[name]), name

@@ -1,7 +1,8 @@
 """Find where the HTP first disagrees with onnxruntime's CPU on a QDQ graph, and keep a reproducer.
 
 First by diffusers block: each block (``conv_in``, ``time_embedding``, ``down_blocks.0``, ..., ``mid_block``,
-``up_blocks.3``, ``conv_out``; a ControlNet's ``controlnet_down_blocks.i`` too) is cut out of the QDQ graph with
+``up_blocks.3``, ``conv_out``; a ControlNet's ``controlnet_down_blocks.i`` too; the text encoder's
+``encoder.layers.i``, a VAE half's ``encoder.down_blocks.i`` or ``decoder.up_blocks.i``) is cut out of the QDQ graph with
 the quantizers of what enters it, compiled as its own graph and run on its inputs as the CPU computed them. A block
 judged alone does not inherit the error of the blocks before it, so the first bad block is where the HTP breaks
 the numbers, not where an accumulated error crosses the threshold. Then by op, within that block's graph:
@@ -148,11 +149,18 @@ def extract_prefix(model_path: str | os.PathLike, inputs: list[str], outputs: st
 _JOINED = {"time_proj": "time_embedding", "conv_norm_out": "conv_out", "conv_act": "conv_out"}
 
 
+# Halves that hold a model's blocks one level down: the VAE's encoder and decoder, the text encoder's encoder.
+_HALVES = ("encoder", "decoder")
+
+
 def block_of(module: str) -> str:
     """The diffusers block a module path lies in: ``down_blocks.1``, ``mid_block``, ``controlnet_down_blocks.3``,
     ``time_embedding`` (with ``time_proj``), ``conv_out`` (with ``conv_norm_out`` and ``conv_act``), or another
-    top-level module (``conv_in``, ``controlnet_cond_embedding``)."""
+    top-level module (``conv_in``, ``controlnet_cond_embedding``); inside a VAE half or the text encoder's encoder,
+    the same one level down (``decoder.up_blocks.2``, ``encoder.mid_block``, ``encoder.layers.7``)."""
     parts = module.split(".")
+    if len(parts) > 1 and parts[0] in _HALVES:
+        return f"{parts[0]}.{block_of('.'.join(parts[1:]))}"
     block = ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
     return _JOINED.get(block, block)
 
