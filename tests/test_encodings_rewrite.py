@@ -510,3 +510,40 @@ def test_an_activation_file_already_holding_a_head_output_is_refused_naming_it(n
     with pytest.raises(EncodingsError) as info:
         mha_to_sha(mixed, name_map, source="mixed.encodings")
     assert str(info.value) == f"mixed.encodings: activation_encodings names {head!r} twice"
+
+
+@pytest.mark.aimet
+@pytest.mark.parametrize("kind", ["text-encoder", "vae-decoder"])
+def test_the_other_networks_encodings_convert_into_what_aimet_gives_their_sha_form(kind, tmp_path):
+    """Real AIMET (aimet-torch) exports of the tiny text encoder (transformers' q_proj naming, Linear projections on
+    tokens) and VAE decoder (diffusers' to_q naming, a group norm before them): the MHA file's per-channel weight
+    encodings, converted, are AIMET's own on the SHA model; the q/k/v output encodings land on tensor names AIMET
+    gives the SHA graph; the converted file validates against the SHA model and joins back into the MHA file."""
+    from pasd_verify.kinds import preset_model
+    from pasd_verify.quant import export_encodings, quantize
+
+    mha = preset_model("tiny", kind, form="mha")
+    sha = preset_model("tiny", kind, form="sha")
+    [sample] = mha.kind.seeded_samples(mha.model, 1, latent=(2, 2), seed=0)
+    dummy = tuple(mha.kind.graph(mha.model).feeds(sample).values())
+    exported = {}
+    for form, loaded in (("mha", mha), ("sha", sha)):
+        sim = quantize(loaded.kind.graph(loaded.model).module, dummy)
+        exported[form] = load_encodings(export_encodings(sim, dummy, tmp_path / f"{form}.encodings"))
+    name_map = sha.name_map
+    converted, report = mha_to_sha(exported["mha"], name_map)
+    aimet_sha = params(exported["sha"])
+    assert report.params_split == sum(k.endswith(".weight") for k in name_map)  # AIMET quantizes no bias
+    assert params(converted).keys() == aimet_sha.keys()
+    assert all(close(params(converted)[n], aimet_sha[n]) for n in aimet_sha)
+    projected = [n for n in activations(converted) if "_convs" in n]
+    assert report.activations_copied == 3 * len(name_map.modules)
+    assert len(projected) == 3 * sum(name_map.modules.values())
+    assert set(projected) <= set(activations(exported["sha"]))
+    # the unchanged output projection's output (AIMET names a biased one <scope>#1.end/Add_output_0) is kept
+    outputs = [n for n in activations(exported["mha"]) if "/out_proj#" in n or "/to_out/" in n]
+    assert outputs and set(outputs) <= set(activations(converted)) & set(activations(exported["sha"]))
+    sha_shapes = {n: tuple(p.shape) for n, p in sha.model.state_dict().items()}
+    assert check_encodings(converted, sha_shapes, required=required_sha_encodings(exported["mha"], name_map)) == []
+    back, _ = sha_to_mha(converted, name_map)
+    assert params(back) == params(exported["mha"])

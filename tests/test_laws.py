@@ -258,7 +258,7 @@ KINDS = [
                 **_fp32_slow),
     Kind.preset("sd15_vae", functools.partial(_vae_example, "sd15"), st.just(_SD15_VAE_SHAPE), **_fp32_slow),
     Kind.drawn("sd15_text_encoder", _text_encoder_examples("sd15"), dtypes=(torch.float32,), marks=(pytest.mark.slow,),
-               cost=4),
+               cost=16),  # an SD1.5 text encoder is built for each example: a few cover eager and sdpa
 ]
 
 

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,18 +294,27 @@ def _differing_keys(dicts: list[dict]) -> list[str]:
 
 # --- activation names ---------------------------------------------------------------------------------------
 
+# AIMET's scope for the last ONNX node of a module that exports as several (a Linear with a bias on tokens: MatMul,
+# then Add): ``<module scope>#1.end``. Its output is the module's output.
+_LAST_NODE = re.compile(r"#\d+\.end$")
+# The output projections an attention keeps unchanged in SHA form, in each library's naming.
+_OUTPUT_PROJECTIONS = ("to_out", "out_proj")
+
+
 def _sha_activations(name: str, renames: dict[str, list[str]]) -> list[str] | None:
     """The SHA names taking the encoding of the MHA activation ``name``, or None: a module name is looked up as it
-    is, an ONNX tensor name (``<scope>/<op>_output_0``) by its scope."""
+    is, an ONNX tensor name (``<scope>/<op>_output_0``, ``<scope>#1.end/<op>_output_0``) by its scope."""
     if name in renames:
         return renames[name]
     scope, _, tensor = name.rpartition("/")
-    return renames.get(scope) if scope and tensor.endswith("_output_0") else None
+    return renames.get(_LAST_NODE.sub("", scope)) if scope and tensor.endswith("_output_0") else None
 
 
 def _is_attention_internal(name: str, scopes: list[str]) -> bool:
-    """An activation of an attention's internals in the MHA graph (not its unchanged ``to_out``)."""
-    return any(name.startswith(scope + "/") and not name.startswith(scope + "/to_out/") for scope in scopes)
+    """An activation of an attention's internals in the MHA graph (not its unchanged output projection)."""
+    return any(name.startswith(scope + "/") and not any(name.startswith(f"{scope}/{kept}{end}")
+                                                        for kept in _OUTPUT_PROJECTIONS for end in ("/", "#"))
+               for scope in scopes)
 
 
 # --- the rewrite --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,8 +31,12 @@ def aimet_torch_session() -> Iterator[None]:
       keeps that choice for the process; it is the same choice every simulation here makes).
     - AIMET logs every quantizer decision at INFO/WARNING to the console: quiet unless pasd-verify's own logging is
       at INFO (``--verbose``).
+    - AIMET quantizes transformers' ``GELUActivation`` but has no definition of CLIP's ``QuickGELUActivation``: one
+      is registered the way AIMET defines its own (input and output quantizer around the module's own forward),
+      where transformers is loaded.
     """
     QuantizationMixin.ignore(Timesteps)
+    _register_quick_gelu()
     loggers = [logging.getLogger(area.value) for area in AimetLogger.LogAreas]
     levels = [logger.level for logger in loggers]
     if not logging.getLogger("pasd_verify").isEnabledFor(logging.INFO):
@@ -42,6 +47,25 @@ def aimet_torch_session() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def _register_quick_gelu() -> None:
+    """AIMET's unary-activation definition (as its ``QuantizedGELU`` for transformers' ``GELUActivation``) for CLIP's
+    ``QuickGELUActivation``, once, when transformers' activations are loaded (a model can only hold one then)."""
+    activations = sys.modules.get("transformers.activations")
+    if activations is None or activations.QuickGELUActivation in QuantizationMixin.cls_to_qcls:
+        return
+
+    @QuantizationMixin.implements(activations.QuickGELUActivation)
+    class QuantizedQuickGELUActivation(QuantizationMixin, activations.QuickGELUActivation):
+        __quant_init__ = QuantizationMixin.__unary__
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            (input_quantizer,), (output_quantizer,) = self.input_quantizers, self.output_quantizers
+            if input_quantizer:
+                x = input_quantizer(x)
+            out = super().forward(x)
+            return output_quantizer(out) if output_quantizer else out
 
 
 _CONFIGS = Path(aimet_quantsim_settings.__file__).parent / "quantsim_config"
