@@ -186,23 +186,24 @@ def test_release_model_frees_the_weights_and_changes_no_output(tmp_path, monkeyp
     assert written[True] == written[False]
 
 
-def test_mha_and_sha_agree_on_the_htp_and_their_context_binaries_load(tmp_path):
-    """Both forms of the tiny UNet, compiled: their context binaries load without compiling and agree with each
-    other and with the CPU; the profile counts the SHA's per-head ops."""
-    rewrites = ("silu-as-division", "layernorm-identity-mul")
+@pytest.mark.parametrize("kind", ["unet", "text-encoder"])
+def test_mha_and_sha_agree_on_the_htp_and_their_context_binaries_load(tmp_path, kind):
+    """Both forms of the tiny UNet and of the tiny text encoder (4 heads per layer), compiled: their context binaries
+    load without compiling and agree with each other and with the CPU; the profile counts the SHA's per-head ops."""
     reports, outputs = {}, {}
-    model = preset_model("tiny", "unet").model
+    model = preset_model("tiny", kind).model
     graph = export_graph(model)
+    [output] = graph.output_names
     # the export's own held-out check input (seed + 7919), rebuilt here
-    feeds = {k: v.numpy() for k, v in graph.feeds(seeded_samples(model, 1, seed=7919)[0]).items()}
+    feeds = {k: v.numpy() for k, v in graph.feeds(seeded_samples(model, 1, latent=(8, 8), seed=7919)[0]).items()}
     for form in ("mha", "sha"):
         (tmp_path / form).mkdir()
-        reports[form] = _export(tmp_path / form, form=form, rewrites=rewrites)
+        reports[form] = _export(tmp_path / form, kind=kind, form=form)
         loaded = run_on_htp(tmp_path / form / "model_ctx.onnx", feeds)
         assert loaded.status == "passed", loaded
-        cpu = run_onnx(tmp_path / form / "model.qdq.onnx", feeds)["noise"]
-        assert sqnr_db(cpu, loaded.outputs["noise"]) >= HTP_SQNR_DB
-        outputs[form] = loaded.outputs["noise"]
+        cpu = run_onnx(tmp_path / form / "model.qdq.onnx", feeds)[output]
+        assert sqnr_db(cpu, loaded.outputs[output]) >= HTP_SQNR_DB
+        outputs[form] = loaded.outputs[output]
     assert sqnr_db(outputs["mha"], outputs["sha"]) >= HTP_SQNR_DB
     profiles = {form: r["stages"]["htp"]["htp"]["profile"] for form, r in reports.items()}
     assert all(p["htp_ops"] > 0 and p["execute_cycles"] > 0 and p["finalize_ms"] > 0 for p in profiles.values())
