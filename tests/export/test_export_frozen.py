@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from pasd_verify.checkpoint import load_state_dict_file
+from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
 from pasd_verify.cli import main
 from pasd_verify.encodings import EncodingsError, save_encodings
 from pasd_verify.export.frozen import (ON_GRID_STEPS, adarounded_entries, initializers_holding, off_grid_steps,
@@ -234,8 +234,7 @@ def test_adaround_then_export_ships_the_rounded_weights_on_their_grids(tmp_path,
     adarounded = {e["name"] for e in json.loads((tmp_path / "ada" / "param_encodings.encodings").read_text())[
         "param_encodings"]}
     weights = {name: rounded[name] for name in adarounded}
-    export = [*model, "--state-dict", str(tmp_path / "ada" / "adarounded.safetensors"),
-              "--rewrite", "silu-as-division", "--rewrite", "layernorm-identity-mul"]
+    export = [*model, "--state-dict", str(tmp_path / "ada" / "adarounded.safetensors")]
 
     assert main(["export", *export, "--param-encodings", str(tmp_path / "ada" / "param_encodings.encodings"),
                  "--out", str(tmp_path / "frozen")]) == 0, capsys.readouterr().out
@@ -252,3 +251,34 @@ def test_adaround_then_export_ships_the_rounded_weights_on_their_grids(tmp_path,
     main(["export", *export, "--no-localize", "--out", str(tmp_path / "recalibrated")])
     moved = adarounded - _reproduced(weights, _dequantized_initializers(tmp_path / "recalibrated" / "model.qdq.onnx"))
     assert len(moved) >= 0.9 * len(adarounded)
+
+
+@pytest.mark.htp
+@pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))
+def test_an_sd15_text_encoder_folder_goes_through_adaround_and_export_to_the_htp(tmp_path, capsys):
+    """A user's ``text_encoder/`` folder as SD1.5 ships it (transformers 4.x's ``text_model.`` prefix and
+    ``position_ids`` in ``model.safetensors``), tiny: AdaRound on it, then the export of the rounded weights with
+    their grids frozen. Every AdaRounded weight (the per-head q/k/v convs, out_proj, the MLP's fc1/fc2) comes out of
+    the QDQ graph exactly, and the graph passes on the HTP."""
+    from pasd_verify.presets import build_text_encoder
+
+    folder = tmp_path / "text_encoder"
+    build_text_encoder("tiny", seed=5).save_pretrained(folder)
+    state = load_state_dict_file(folder / "model.safetensors")
+    save_state_dict_file({**{"text_model." + k: v for k, v in state.items()},
+                          "text_model.embeddings.position_ids": torch.arange(77)[None]}, folder / "model.safetensors")
+    model = ["--model-config", str(folder), "--samples", "2"]
+    assert main(["adaround", *model, "--state-dict", str(folder / "model.safetensors"), "--iterations", "2",
+                 "--out", str(tmp_path / "ada")]) == 0
+    rounded = load_state_dict_file(tmp_path / "ada" / "adarounded.safetensors")
+    adarounded = {e["name"] for e in json.loads((tmp_path / "ada" / "param_encodings.encodings").read_text())[
+        "param_encodings"]}
+    assert any("q_proj_convs" in n for n in adarounded) and any("mlp.fc2" in n for n in adarounded)
+    assert main(["export", *model, "--state-dict", str(tmp_path / "ada" / "adarounded.safetensors"),
+                 "--param-encodings", str(tmp_path / "ada" / "param_encodings.encodings"),
+                 "--out", str(tmp_path / "frozen")]) == 0, capsys.readouterr().out
+    report = json.loads((tmp_path / "frozen" / "report.json").read_text())
+    assert report["graph"]["kind"] == "text-encoder" and report["passed"] is True
+    assert report["stages"]["calibration"]["frozen_param_encodings"] == len(adarounded)
+    weights = {name: rounded[name] for name in adarounded}
+    assert _reproduced(weights, _dequantized_initializers(tmp_path / "frozen" / "model.qdq.onnx")) == adarounded
