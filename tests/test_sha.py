@@ -396,6 +396,22 @@ def test_rewrite_forward_and_undo_keep_the_device():
     assert {p.device.type for p in restored.parameters()} == {"meta"}
 
 
+@pytest.mark.parametrize("mask", ["causal_flag", "bool"])
+def test_clip_sha_keeps_the_device_of_its_inputs_in_every_mask_it_builds(mask):
+    """The same on the meta device for SHACLIPAttention: the causal mask it builds (sdpa's is_causal) and the
+    additive one it makes of a boolean mask are on the inputs' device, and undo rebuilds on the module's."""
+    from pasd_verify.sha import SHACLIPAttention
+
+    sha = SHACLIPAttention(_clip_attention("sdpa", width=16, heads=2).to("meta"))
+    hidden = torch.empty(2, 5, 16, device="meta")
+    if mask == "causal_flag":
+        out, _ = sha(hidden, None, is_causal=True)
+    else:
+        out, _ = sha(hidden, torch.ones(2, 1, 5, 5, dtype=torch.bool, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 5, 16)
+    assert {p.device.type for p in sha.to_attention().parameters()} == {"meta"}
+
+
 @pytest.mark.parametrize("make", [
     lambda: Attention(16, heads=2, dim_head=8),
     lambda: Attention(16, cross_attention_dim=12, heads=2, dim_head=8),
