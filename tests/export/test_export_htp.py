@@ -240,3 +240,21 @@ def test_the_mask_floor_is_what_keeps_the_text_encoders_scores_through_16_bit_qu
     gain = floored["stages"]["encodings_and_qdq"]["fp32_vs_qdq_sqnr_db"] - \
         raw["stages"]["encodings_and_qdq"]["fp32_vs_qdq_sqnr_db"]
     assert gain >= 10.0, gain
+
+
+def test_a_plain_unet_folder_exports_and_passes_with_the_defaults(tmp_path, capsys):
+    """As a new user runs it: ``pasd-verify export`` on a UNet folder, no flag about rewrites. The defaults apply
+    every rewrite (the graph without them is the one the HTP miscomputes, the ``diverged`` fixture above), list
+    them in the report, and the export passes on the HTP."""
+    from pasd_verify.cli import main
+    from pasd_verify.presets import build_unet
+
+    build_unet("tiny", seed=11).save_pretrained(tmp_path / "unet")
+    code = main(["export", "--model-config", str(tmp_path / "unet"), "--state-dict",
+                 str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"), "--samples", "2", "--latent", "8", "8",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["rewrites"] == ["silu-as-division", "layernorm-identity-mul", "mask-floor"]
+    assert report["stages"]["float_export"]["rewrites"]["silu-as-division"] > 0
+    assert report["stages"]["htp"]["htp"]["status"] == "passed" and report["passed"] is True
