@@ -171,6 +171,45 @@ def test_an_attentions_to_out_activations_are_kept(name_map, version):
     assert not set(kept) & set(report.activations_dropped)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_biased_projections_output_named_by_its_last_node_takes_the_heads_encodings(name_map, version):
+    """AIMET names the output of a projection that exports as several nodes (a Linear with a bias on tokens: MatMul,
+    then Add) ``<scope>#1.end/Add_output_0``, as in the text encoder's and the VAE's files: it is the projection's
+    output, copied to every head's conv like ``<scope>/MatMul_output_0``; and CLIP's output projection named that
+    way (``out_proj#1.end``) is kept, not dropped as an attention internal (diffusers' ``to_out/0#1.end`` is in the
+    golden file already: the UNet's to_out has a bias)."""
+    from pasd_verify.name_map import onnx_scope
+
+    mha = copy.deepcopy(golden("mha", "per_channel", version))
+    module = next(k for k in name_map if k.endswith("to_v.weight")).rsplit(".", 2)[0]
+    scope = onnx_scope("unet." + module)
+    assert f"{scope}/to_out/0#1.end/Add_output_0" in activations(mha)
+    sources = list(activations(mha).values())
+    biased, out_proj = f"{scope}/to_v#1.end/Add_output_0", f"{scope}/out_proj#1.end/Add_output_0"
+    added = {biased: sources[0], out_proj: sources[1]}
+    assert _unnamed(sources[0]) != _unnamed(sources[1])
+    plain = {n for n in activations(mha) if n.startswith(f"{scope}/to_v/")}  # replaced by the biased form
+    if version == "0.6.1":
+        for name in plain:
+            del mha["activation_encodings"][name]
+        mha["activation_encodings"].update(copy.deepcopy(added))
+    else:
+        mha["activation_encodings"] = [e for e in mha["activation_encodings"] if e["name"] not in plain]
+        mha["activation_encodings"] += [dict(copy.deepcopy(e), name=n) for n, e in added.items()]
+    converted, report = mha_to_sha(mha, name_map)
+    out = activations(converted)
+    heads = len(name_map[f"{module}.to_v.weight"])
+    for i in range(heads):
+        assert _unnamed(out[f"{scope}/to_v_convs/to_v_convs.{i}/Conv_output_0"]) == _unnamed(sources[0])
+    assert _unnamed(out[out_proj]) == _unnamed(sources[1]) and out_proj not in report.activations_dropped
+    assert biased not in out
+
+
+def _unnamed(entry):
+    """An activation entry without its name (1.0.0 entries carry it, 0.6.1 ones are keyed by it)."""
+    return {k: v for k, v in entry.items() if k != "name"} if isinstance(entry, dict) else entry
+
+
 # --- the report `pasd-verify convert` prints ------------------------------------------------------------------
 
 @pytest.mark.parametrize("weights", WEIGHTS)
