@@ -41,20 +41,11 @@ def test_the_files_are_the_same_every_time_they_are_written(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny", "sd15"])
 def test_the_text_encoders_special_tokens_are_the_tokenizers(tokenizer, preset):
-    config = build_text_encoder(preset).config if preset == "tiny" else _sd15_config()
+    with torch.device("meta"):  # the config is what is checked: no SD1.5-size weights are made
+        config = build_text_encoder(preset).config
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert len(tokenizer) <= config.vocab_size
-
-
-def _sd15_config():
-    from transformers import CLIPTextConfig
-
-    from pasd_verify.presets import _TEXT_ENCODER_COMMON, TEXT_ENCODER_PRESETS, _tokenizer_files, BOS, EOS
-
-    vocab, _ = _tokenizer_files()
-    return CLIPTextConfig(**TEXT_ENCODER_PRESETS["sd15"], **_TEXT_ENCODER_COMMON, bos_token_id=vocab[BOS],
-                          eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
 
 
 @given(batch=st.integers(1, 4), seed=st.integers(0, 2**16))
