@@ -1,0 +1,245 @@
+"""The five networks of a PASD app, each on a backend of its own, behind the call its torch model has.
+
+``fp32`` is the torch model as loaded (MHA: the reference); ``sha`` the same model rewritten to single-head
+attention; ``qdq`` the exported W8A16 QDQ graph on onnxruntime's CPU; ``htp`` the exported context binary on
+Qualcomm's HTP backend. A graph backend answers with the torch model's own call (``text_encoder(ids)[0]``, the
+ControlNet's ``(rgbs, down, mid)``, ``vae.encode(x).latent_dist``...), so :class:`~.pasd.PASDPipeline` runs any mix
+unchanged. Exported graphs are batch 1 at one size: a batch is run row by row, a different size is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from torch import nn
+
+from ..errors import PasdVerifyError
+from ..models.vae import split_vae
+from ..sha import convert_to_sha
+
+# the order a PASD run calls them in
+NETWORKS = ("text_encoder", "vae_encoder", "controlnet", "unet", "vae_decoder")
+KIND_OF = {"text_encoder": "text-encoder", "vae_encoder": "vae-encoder", "controlnet": "pasd-controlnet",
+           "unet": "pasd-unet", "vae_decoder": "vae-decoder"}
+BACKENDS = ("fp32", "sha", "qdq", "htp")
+TORCH_BACKENDS = ("fp32", "sha")
+GRAPH_FILES = {"qdq": "model.qdq.onnx", "htp": "model_ctx.onnx"}
+
+
+class BackendError(PasdVerifyError):
+    """A network cannot run on the backend asked for (a missing export, a graph of another size)."""
+
+
+@dataclass(frozen=True)
+class Components:
+    """A PASD run's fp32 torch components (diffusers' and transformers' models) and its scheduler's config."""
+
+    text_encoder: nn.Module
+    tokenizer: Any
+    vae: nn.Module
+    unet: nn.Module
+    controlnet: nn.Module
+    scheduler_config: dict
+
+
+def preset_components(preset: str = "tiny", *, seed: int = 0) -> Components:
+    """The five networks of the named preset with seeded weights (:mod:`pasd_verify.presets`), the presets'
+    tokenizer and SD1.5's scheduler config."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from ..presets import build_pasd, build_text_encoder, build_vae, write_tokenizer
+    from .pasd import SD15_SCHEDULER_CONFIG
+
+    unet, controlnet = build_pasd(preset, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="pasd-verify-tokenizer-") as folder:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder))
+    return Components(build_text_encoder(preset, seed=seed), tokenizer, build_vae(preset, seed=seed), unet,
+                      controlnet, dict(SD15_SCHEDULER_CONFIG))
+
+
+def parse_backends(items: list[str] | None) -> dict[str, str]:
+    """``["unet=htp", "vae_decoder=qdq"]`` -> every network's backend (``fp32`` where not named); ``all=B`` sets
+    every network at once, later items override earlier ones."""
+    backends = dict.fromkeys(NETWORKS, "fp32")
+    for item in items or ():
+        network, sep, backend = item.partition("=")
+        if not sep or backend not in BACKENDS or network not in (*NETWORKS, "all"):
+            raise BackendError(f"--backend {item!r}: expected NET=BACKEND with NET one of {', '.join(NETWORKS)} or "
+                               f"all, and BACKEND one of {', '.join(BACKENDS)}")
+        backends.update(dict.fromkeys(NETWORKS if network == "all" else (network,), backend))
+    return backends
+
+
+def sha_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every attention in single-head form (the original is untouched)."""
+    converted = copy.deepcopy(model)
+    convert_to_sha(converted)
+    return converted
+
+
+# --- exported graphs ------------------------------------------------------------------------------------------
+
+class GraphRunner:
+    """One exported graph on the CPU (``qdq``) or the HTP (``htp``): named numpy feeds in, named outputs out."""
+
+    def __init__(self, network: str, backend: str, folder: str | os.PathLike):
+        path = Path(folder) / GRAPH_FILES[backend]
+        if not path.is_file():
+            raise BackendError(f"{network} on {backend}: {path} does not exist; export {network} with "
+                               f"`pasd-verify export` into {folder}, or let the pipeline export it")
+        self.network, self.backend, self.path = network, backend, path
+        if backend == "htp":
+            from ..export.htp_server import HtpSession
+
+            self._session = HtpSession(path)
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: tuple(i.shape) for i in self._session.get_inputs()}
+        self.outputs = [o.name for o in self._session.get_outputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, shape in self.inputs.items():
+            if tuple(feeds[name].shape) != shape:
+                raise BackendError(f"{self.network} on {self.backend}: {self.path} was compiled for {name} of shape "
+                                   f"{list(shape)}, this run feeds {list(feeds[name].shape)} (graphs run at one "
+                                   "size; export at this photo's working size)")
+        return dict(zip(self.outputs, self._session.run(self.outputs, {k: feeds[k] for k in self.inputs})))
+
+    def close(self) -> None:
+        close = getattr(self._session, "close", None)
+        if close is not None:
+            close()
+
+
+def _rows(tensor: torch.Tensor) -> list[np.ndarray]:
+    return [row[None].detach().float().numpy() for row in tensor]
+
+
+def _timestep_rows(t: torch.Tensor | float, batch: int) -> list[np.ndarray]:
+    steps = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(batch)
+    return [np.array([float(s)], dtype=np.float32) for s in steps]
+
+
+class _GraphModule(nn.Module):
+    """A graph in the pipeline's place: the torch model's config (the pipeline reads it) and the model's call."""
+
+    def __init__(self, runner: GraphRunner, config: Any):
+        super().__init__()
+        self.runner, self.config = runner, config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+
+class TextEncoderGraph(_GraphModule):
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        rows = [self.runner({"input_ids": row.astype(np.int32)})["last_hidden_state"]
+                for row in (r[None].numpy() for r in input_ids)]
+        return (torch.from_numpy(np.concatenate(rows)),)
+
+
+class ControlNetGraph(_GraphModule):
+    """The exported ControlNet runs at conditioning scale 1; the scale multiplies its residuals here, as
+    diffusers' forward does after the zero convs (exactly linear)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                return_dict=False, **kwargs):
+        outputs = [self.runner({"sample": s, "timestep": t, "encoder_hidden_states": e, "control_image": c})
+                   for s, t, e, c in zip(_rows(sample), _timestep_rows(timestep, sample.shape[0]),
+                                         _rows(encoder_hidden_states), _rows(controlnet_cond))]
+        joined = {name: torch.from_numpy(np.concatenate([o[name] for o in outputs])) for name in outputs[0]}
+        rgbs = [joined[n] for n in self.runner.outputs if n.startswith("rgb")] or None
+        down = [joined[n] * conditioning_scale for n in self.runner.outputs if n.startswith("down_residual_")]
+        return rgbs, down, joined["mid_residual"] * conditioning_scale
+
+
+class UNetGraph(_GraphModule):
+    def forward(self, sample, timestep, encoder_hidden_states, down_block_additional_residuals=(),
+                mid_block_additional_residual=None, return_dict=False, **kwargs):
+        residuals = [*down_block_additional_residuals, mid_block_additional_residual]
+        names = [*(f"down_residual_{i}" for i in range(len(residuals) - 1)), "mid_residual"]
+        rows = []
+        for i, (s, t, e) in enumerate(zip(_rows(sample), _timestep_rows(timestep, sample.shape[0]),
+                                          _rows(encoder_hidden_states))):
+            feeds = {"sample": s, "timestep": t, "encoder_hidden_states": e,
+                     **{n: r[i:i + 1].float().numpy() for n, r in zip(names, residuals)}}
+            rows.append(self.runner(feeds)["noise"])
+        return (torch.from_numpy(np.concatenate(rows)),)
+
+
+class SplitVAE(nn.Module):
+    """``AutoencoderKL``'s ``encode`` / ``decode`` from its two networks, either on any backend: ``encode`` gives
+    diffusers' own ``DiagonalGaussianDistribution`` of the encoder's mean and log-variance; the decoder network
+    takes the scaled latent (the phone's graph boundary), so ``decode(z)`` feeds it ``z * scaling_factor``."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, config: Any):
+        super().__init__()
+        self.encoder_network, self.decoder_network, self.config = encoder, decoder, config
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        mean, logvar = self.encoder_network(x)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)))
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        image = self.decoder_network(z * self.config.scaling_factor)
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+class VAEHalfGraph(_GraphModule):
+    def forward(self, x: torch.Tensor):
+        name = next(iter(self.runner.inputs))
+        rows = [self.runner({name: row}) for row in _rows(x)]
+        outputs = [torch.from_numpy(np.concatenate([r[name] for r in rows])) for name in self.runner.outputs]
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+
+_GRAPH_MODULES = {"text_encoder": TextEncoderGraph, "controlnet": ControlNetGraph, "unet": UNetGraph,
+                  "vae_encoder": VAEHalfGraph, "vae_decoder": VAEHalfGraph}
+
+
+def network_module(network: str, backend: str, components: Components, *, export_dir: str | os.PathLike | None = None,
+                   runners: list[GraphRunner] | None = None) -> nn.Module:
+    """``network`` on ``backend``, as a module with the call the pipeline makes; a graph backend's runner is
+    appended to ``runners`` (the caller closes them)."""
+    if backend in TORCH_BACKENDS:
+        if network in ("vae_encoder", "vae_decoder"):
+            model = split_vae(components.vae)[0 if network == "vae_encoder" else 1]
+        else:
+            model = getattr(components, network)
+        return sha_copy(model) if backend == "sha" else model
+    if export_dir is None:
+        raise BackendError(f"{network} on {backend} needs its export: give --export-dir")
+    runner = GraphRunner(network, backend, Path(export_dir) / network)
+    if runners is not None:
+        runners.append(runner)
+    config = components.vae.config if network.startswith("vae") else getattr(components, network).config
+    return _GRAPH_MODULES[network](runner, config)
+
+
+def pipeline_components(backends: dict[str, str], components: Components, *,
+                        export_dir: str | os.PathLike | None = None,
+                        runners: list[GraphRunner] | None = None) -> dict[str, nn.Module]:
+    """The pipeline's ``text_encoder``, ``vae``, ``controlnet`` and ``unet`` for a choice of backends. With both
+    VAE halves on ``fp32`` the VAE is diffusers' ``AutoencoderKL`` itself (no re-association of its scaling)."""
+    modules = {n: network_module(n, b, components, export_dir=export_dir, runners=runners)
+               for n, b in backends.items() if not (n.startswith("vae") and
+                                                    backends["vae_encoder"] == backends["vae_decoder"] == "fp32")}
+    vae = components.vae if "vae_encoder" not in modules else SplitVAE(modules.pop("vae_encoder"),
+                                                                      modules.pop("vae_decoder"),
+                                                                      components.vae.config)
+    return {**modules, "vae": vae}
