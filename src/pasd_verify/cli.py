@@ -247,6 +247,51 @@ def _export(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from .pipeline.check import Thresholds
+    from .pipeline.command import PipelineCheckConfig, pipeline_files
+    from .pipeline.networks import parse_backends
+
+    _begin_work(*_MODELS, *_EXPORT, "transformers:CLIPTokenizer", "matplotlib.figure")
+    backends = parse_backends(args.backend)
+    config = PipelineCheckConfig(
+        prompt=args.prompt, steps=args.steps, guidance=args.guidance, conditioning_scale=args.conditioning_scale,
+        upscale=args.upscale, process_size=args.process_size, start=args.start, seed=args.seed, noise=args.noise,
+        backends=tuple(backends.items()), export_dir=args.export_dir,
+        thresholds=Thresholds(picture_psnr_db=args.psnr_db, picture_ssim=args.ssim))
+    with _stage_lines("pasd_verify.pipeline"):
+        report = pipeline_files(args.out, config, preset=args.preset, sd_dir=args.sd_dir, pasd_dir=args.pasd_dir,
+                                image=args.image, progress=_say)
+    picture = report["picture"]
+    if picture is None:
+        print(f"the run with these backends did not complete: {report['candidate_error']}")
+    else:
+        print(f"picture against fp32: PSNR {picture['psnr_db']:.1f} dB (>= {args.psnr_db:g}), SSIM "
+              f"{picture['ssim']:.3f} (>= {args.ssim:g})")
+        worst = min(report["closed_loop"], key=lambda s: s["guidance_std_ratio"])
+        print(f"guidance signal: std ratio at least {worst['guidance_std_ratio']:.3f} (step {worst['step']}), "
+              f"latent SQNR after the last step {report['closed_loop'][-1]['latent_sqnr_db']:.1f} dB")
+    for name, figures in report["networks"].items():
+        alone = figures["picture_alone"]
+        shown = (f"picture PSNR {alone['psnr_db']:.1f} dB, SSIM {alone['ssim']:.3f}" if alone else
+                 f"did not run: {figures['error']}")
+        print(f"  {name} alone on {figures['backend']}: {shown}, {len(figures['faults'])} teacher-forced figure(s) "
+              "past a threshold")
+    culprit = report["culprit"]
+    if culprit:
+        where = f" at step {culprit['step']}" if culprit["step"] is not None else ""
+        value = f"{culprit['value']:.3g}" if isinstance(culprit["value"], float) else culprit["value"]
+        print(f"first fault: {culprit['network']}{where}: {culprit['figure']} {value} (threshold "
+              f"{culprit['threshold']})")
+    print(f"wrote {len(report['outputs'])} outputs into {args.out}")
+    print("pipeline PASSED" if report["passed"] else "pipeline did NOT pass: see report.json")
+    return 0 if report["passed"] else 1
+
+
+def _say(message: str) -> None:
+    print(f"... {message}", flush=True)
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     where = parser.add_argument_group("the model: a local checkpoint, or an embedded preset")
     where.add_argument("--model-config", help="diffusers config.json (or its folder); PASD folders are recognised")
@@ -341,6 +386,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     exp.add_argument("--out", required=True, help="output folder")
     exp.set_defaults(func=_export)
+
+    pipe = sub.add_parser("pipeline", parents=[verbose],
+                          help="run PASD's whole super-resolution with networks on chosen backends, judged against fp32")
+    models = pipe.add_argument_group("the models: an embedded preset, or local folders")
+    models.add_argument("--preset", choices=["tiny", "sd15"], help="seeded networks of this size")
+    models.add_argument("--sd-dir", help="SD1.5 folder (text_encoder/, tokenizer/, vae/, scheduler/)")
+    models.add_argument("--pasd-dir", help="PASD folder (unet/, controlnet/)")
+    run = pipe.add_argument_group("the run (PASD's defaults)")
+    run.add_argument("--image", help="the photo (default: scikit-image's astronaut)")
+    run.add_argument("--prompt", default="", help="the user's prompt; PASD's added prompt is appended")
+    run.add_argument("--steps", type=int, default=20)
+    run.add_argument("--guidance", type=float, default=9.0)
+    run.add_argument("--conditioning-scale", type=float, default=1.0)
+    run.add_argument("--upscale", type=int, default=1)
+    run.add_argument("--process-size", type=int, default=768,
+                     help="PASD's least short side: smaller photos are resized up to it (default 768)")
+    run.add_argument("--start", choices=["photo", "noise"], default="photo",
+                     help="the VAE-encoded photo with noise added (PASD's default) or pure noise")
+    run.add_argument("--noise", help="the run's noise (.npz, as written beside the outputs) instead of --seed's")
+    run.add_argument("--seed", type=int, default=0)
+    where = pipe.add_argument_group("backends and judgement")
+    where.add_argument("--backend", action="append", metavar="NET=BACKEND",
+                       help="text_encoder, vae_encoder, controlnet, unet, vae_decoder or all = fp32, sha, qdq or htp "
+                            "(repeatable; default fp32)")
+    where.add_argument("--export-dir", help="one `pasd-verify export` folder per network (DIR/unet, ...); without it "
+                                            "the pipeline exports the networks itself, calibrated on the fp32 run")
+    where.add_argument("--psnr-db", type=float, default=20.0, help="least PSNR of the picture against fp32")
+    where.add_argument("--ssim", type=float, default=0.8, help="least SSIM of the picture against fp32")
+    pipe.add_argument("--out", required=True, help="output folder")
+    pipe.set_defaults(func=_pipeline)
     return parser
 
 

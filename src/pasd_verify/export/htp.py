@@ -113,3 +113,93 @@ def run_on_htp(graph: str | os.PathLike, feeds: dict[str, np.ndarray], *, soc_mo
 def _last_error(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip() and "[W:onnxruntime" not in line]
     return "\n".join(lines[-3:]) or "the child exited without a message"
+
+
+class HtpSessionError(RuntimeError):
+    """The HTP child of an :class:`HtpSession` failed a call, or died (the signal is in the message)."""
+
+
+@dataclass
+class _Node:
+    name: str
+    shape: tuple = ()
+
+
+class HtpSession:
+    """One graph kept loaded on the HTP backend in a child process for many calls (a pipeline's steps), with
+    onnxruntime's ``InferenceSession`` calls (``get_inputs``, ``get_outputs``, ``run``). A QDQ graph is compiled
+    when the child starts; a context model (``model_ctx.onnx``) is loaded as compiled. The child's death, a signal
+    from the backend included, raises :class:`HtpSessionError` naming the graph and signal; the caller lives on."""
+
+    def __init__(self, graph: str | os.PathLike, *, soc_model: str = DEFAULT_SOC_MODEL):
+        missing = htp_available()
+        if missing:
+            raise HtpSessionError(missing)
+        self.graph = Path(graph)
+        self._folder_context = private_folder("pasd-verify-htp-session-")
+        self._folder = self._folder_context.__enter__()
+        self._stderr = open(self._folder / "stderr.txt", "w+")
+        self._child = subprocess.Popen([sys.executable, str(CHILD), "serve", str(graph), soc_model, str(os.getpid())],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.calls = 0
+        self.run_seconds = 0.0
+        self.peak_rss_bytes = 0
+        header = self._reply("loading")
+        self._inputs = [_Node(name, tuple(shape)) for name, shape in header["inputs"]]
+        self._outputs = [_Node(name) for name in header["outputs"]]
+        self.load_seconds = header["load_seconds"]
+
+    def _reply(self, doing: str) -> dict:
+        line = self._child.stdout.readline()
+        if not line:
+            code = self._child.wait()
+            self._stderr.seek(0)
+            why = signal.Signals(-code).name if code < 0 else f"exit status {code}: {_last_error(self._stderr.read())}"
+            self.close()
+            raise HtpSessionError(f"the HTP child died ({why}) while {doing} {self.graph}")
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.close()
+            raise HtpSessionError(f"the HTP child answered {line[:200]!r} while {doing} {self.graph}") from None
+
+    def get_inputs(self) -> list[_Node]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Node]:
+        return self._outputs
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._child is None:
+            raise HtpSessionError(f"the HTP session of {self.graph} is closed")
+        feeds_path, out = self._folder / "feeds.npz", self._folder / "outputs.npz"
+        np.savez(feeds_path, **feeds)
+        self._child.stdin.write(f"{feeds_path} {out}\n")
+        self._child.stdin.flush()
+        reply = self._reply(f"running call {self.calls + 1} of")
+        if "error" in reply:
+            raise HtpSessionError(f"{self.graph}: {reply['error']}")
+        self.calls += 1
+        self.run_seconds += reply["run_seconds"]
+        self.peak_rss_bytes = max(self.peak_rss_bytes, reply["peak_rss_bytes"])
+        with np.load(out) as outputs:
+            return [outputs[name] for name in names]
+
+    def close(self) -> None:
+        """End the child (its stdin closes; it is killed if it does not end in 10 s) and remove the exchange folder."""
+        if self._child is not None:
+            child, self._child = self._child, None
+            try:
+                child.stdin.close()
+                child.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                child.kill()
+                child.wait()
+            self._stderr.close()
+            self._folder_context.__exit__(None, None, None)
+
+    def __enter__(self) -> HtpSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -38,9 +38,9 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def main(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str, profile_path: str) -> None:
-    """Compile ``graph`` for the HTP (the context model at ``context_path`` when given), run the feeds in
-    ``feeds_path``; write ``outputs.npz`` and ``times.json`` (compile and run seconds, peak RSS) into ``out``."""
+def open_session(graph: str, soc_model: str, context_path: str = "", profile_path: str = ""):
+    """An onnxruntime session of ``graph`` on the HTP backend alone (no CPU fallback): a QDQ graph is compiled
+    (and its context model written at ``context_path`` when given); a context model is loaded as it is."""
     import onnxruntime as ort
     import onnxruntime_qnn
 
@@ -55,9 +55,15 @@ def main(graph: str, feeds_path: str, out: str, soc_model: str, context_path: st
     if profile_path:
         provider.update(profiling_level="detailed", profiling_file_path=profile_path)
     options.add_provider_for_devices(devices, provider)
+    return ort.InferenceSession(graph, options)
+
+
+def main(graph: str, feeds_path: str, out: str, soc_model: str, context_path: str, profile_path: str) -> None:
+    """Compile ``graph`` for the HTP (the context model at ``context_path`` when given), run the feeds in
+    ``feeds_path``; write ``outputs.npz`` and ``times.json`` (compile and run seconds, peak RSS) into ``out``."""
     times = {}
     started = time.perf_counter()
-    session = ort.InferenceSession(graph, options)
+    session = open_session(graph, soc_model, context_path, profile_path)
     times["compile_seconds"] = time.perf_counter() - started
     Path(out, "times.json").write_text(json.dumps(times))  # a crash while running still tells the compile time
     with np.load(feeds_path) as f:
@@ -72,6 +78,36 @@ def main(graph: str, feeds_path: str, out: str, soc_model: str, context_path: st
     Path(out, "times.json").write_text(json.dumps(times))
 
 
+def serve(graph: str, soc_model: str) -> None:
+    """Keep ``graph``'s HTP session for many calls (a pipeline's steps): one JSON line on stdout with the graph's
+    inputs and outputs once it is loaded, then for each stdin line "FEEDS OUT" the outputs of FEEDS in OUT and one
+    JSON line (the run's seconds, or the error). Ends at the end of stdin."""
+    # the protocol keeps the real stdout; what onnxruntime and QNN print goes to stderr instead
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    started = time.perf_counter()
+    session = open_session(graph, soc_model)
+    header = {"inputs": [[i.name, i.shape] for i in session.get_inputs()],
+              "outputs": [o.name for o in session.get_outputs()], "load_seconds": time.perf_counter() - started}
+    print(json.dumps(header), file=channel, flush=True)
+    names = header["outputs"]
+    for line in sys.stdin:
+        feeds_path, out = line.split()
+        started = time.perf_counter()
+        try:
+            with np.load(feeds_path) as f:
+                outputs = session.run(names, {k: f[k] for k in f.files})
+            np.savez(out, **dict(zip(names, outputs)))
+            reply = {"run_seconds": time.perf_counter() - started, "peak_rss_bytes": _peak_rss_bytes()}
+        except Exception as e:  # onnxruntime's errors: reported to the parent, the session stays
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(reply), file=channel, flush=True)
+
+
 if __name__ == "__main__":
-    die_with_parent(int(sys.argv[7]))
-    main(*sys.argv[1:7])
+    if sys.argv[1] == "serve":
+        die_with_parent(int(sys.argv[4]))
+        serve(sys.argv[2], sys.argv[3])
+    else:
+        die_with_parent(int(sys.argv[7]))
+        main(*sys.argv[1:7])

@@ -29,7 +29,7 @@ from .. import __version__
 from ..encodings import save_encodings
 from ..errors import PasdVerifyError
 from ..io import atomic_path, refuse_overwriting_inputs, staged_outputs, write_json
-from ..kinds import ExportGraph, graph_of
+from ..kinds import ExportGraph, Sample, graph_of
 from ..memory import peak_rss_bytes, trim_heap
 from ..quant.calibration import calibration_samples, seeded_samples
 from .frozen import adarounded_entries, frozen_changes, onnx_param_encodings
@@ -278,14 +278,17 @@ def localize_divergence(qdq_path: Path, check_arrays: dict[str, np.ndarray], num
 
 
 def export_files(model: nn.Module, out_dir: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
-                 partner: nn.Module | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+                 partner: nn.Module | None = None, source: dict[str, Any] | None = None,
+                 samples: list[Sample] | None = None) -> dict[str, Any]:
     """Export ``model`` (any kind of :mod:`pasd_verify.kinds`, in the form it is in; a kind with a partner needs it)
     into ``out_dir``, every stage checked against the one before it; all outputs or none. Returns the report that is
-    also written as ``report.json``."""
+    also written as ``report.json``. ``samples`` calibrates on samples a caller computed itself (the pipeline's own
+    run: :mod:`pasd_verify.pipeline.exports`) instead of ``config``'s; they are not range-checked as a user's
+    folder is (a random-weight model's latents have any spread)."""
     # checked before anything is exported: a wrong file fails in seconds, not after the float export
     adarounded = (adarounded_entries(config.param_encodings, model) if config.param_encodings is not None else None)
-    data = calibration_samples(model, folder=config.calibration, count=config.samples, latent=config.latent,
-                               seed=config.seed, partner=partner)
+    data = samples or calibration_samples(model, folder=config.calibration, count=config.samples,
+                                          latent=config.latent, seed=config.seed, partner=partner)
     graph = graph_of(model)
     shape = graph.kind.sample_size(data[0])  # the latent size the samples are at; None for the text encoder
     # the check input is held out from calibration: agreement on data the encodings were not fitted to
@@ -299,7 +302,8 @@ def export_files(model: nn.Module, out_dir: str | os.PathLike, config: ExportCon
         "graph": {"kind": graph.kind.name, "inputs": graph.input_names, "outputs": graph.output_names,
                   **graph.kind.report_notes(shape)},
         "config": {**asdict(config), "rewrites": list(config.rewrites),
-                   "calibration": config.calibration or f"{len(data)} seeded samples"},
+                   "calibration": (f"{len(data)} samples given by the caller" if samples else
+                                   config.calibration or f"{len(data)} seeded samples")},
         "thresholds": {"float_relative_error": FLOAT_TOLERANCE, "sim_vs_qdq_sqnr_db": QDQ_SQNR_DB,
                        "cpu_vs_htp_sqnr_db": config.htp_threshold_db},
     }

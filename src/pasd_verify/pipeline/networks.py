@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,43 @@ def sha_copy(model: nn.Module) -> nn.Module:
     return converted
 
 
+def expected_shapes(network: str, latent: tuple[int, int], channels: int = 4) -> dict[str, tuple[int, ...]]:
+    """The graph input shapes a run at ``latent`` (h, w) feeds ``network`` (batch 1: a batch runs row by row)."""
+    h, w = latent
+    image = (1, 3, h * 8, w * 8)
+    return {"text_encoder": {}, "vae_encoder": {"image": image}, "vae_decoder": {"latent": (1, channels, h, w)},
+            "controlnet": {"sample": (1, channels, h, w), "control_image": image},
+            "unet": {"sample": (1, channels, h, w)}}[network]
+
+
+def check_exports(backends: dict[str, str], export_dir: str | os.PathLike | None, latent: tuple[int, int],
+                  channels: int = 4) -> None:
+    """Before any work: every network on a graph backend has its graph in ``export_dir/<network>``, compiled for
+    this run's size; an error names the file, the input and both sizes."""
+    import onnx
+
+    for network, backend in backends.items():
+        if backend in TORCH_BACKENDS or export_dir is None:
+            continue
+        path = Path(export_dir) / network / GRAPH_FILES[backend]
+        if not path.is_file():
+            raise BackendError(f"{network} on {backend}: {path} does not exist; export {network} with "
+                               f"`pasd-verify export` into {path.parent}, or leave out --export-dir and the pipeline "
+                               "exports it")
+        try:
+            inputs = onnx.load(str(path), load_external_data=False).graph.input
+        except Exception as e:  # onnx raises DecodeError and others for a file that is not a model
+            raise BackendError(f"{path}: not a readable ONNX graph: {e}") from None
+        shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in inputs}
+        for name, shape in expected_shapes(network, latent, channels).items():
+            if name not in shapes:
+                raise BackendError(f"{path}: no input {name!r}; is it an export of {network}? inputs: {sorted(shapes)}")
+            if shapes[name] != shape:
+                raise BackendError(f"{path}: {name} was compiled as {list(shapes[name])}, this photo's working size "
+                                   f"needs {list(shape)} (graphs run at one size: export at this size, or give a "
+                                   "photo of the compiled size)")
+
+
 # --- exported graphs ------------------------------------------------------------------------------------------
 
 class GraphRunner:
@@ -99,7 +137,7 @@ class GraphRunner:
                                f"`pasd-verify export` into {folder}, or let the pipeline export it")
         self.network, self.backend, self.path = network, backend, path
         if backend == "htp":
-            from ..export.htp_server import HtpSession
+            from ..export.htp import HtpSession
 
             self._session = HtpSession(path)
         else:
@@ -110,6 +148,7 @@ class GraphRunner:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: tuple(i.shape) for i in self._session.get_inputs()}
         self.outputs = [o.name for o in self._session.get_outputs()]
+        self.calls, self.seconds = 0, 0.0
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, shape in self.inputs.items():
@@ -117,7 +156,19 @@ class GraphRunner:
                 raise BackendError(f"{self.network} on {self.backend}: {self.path} was compiled for {name} of shape "
                                    f"{list(shape)}, this run feeds {list(feeds[name].shape)} (graphs run at one "
                                    "size; export at this photo's working size)")
-        return dict(zip(self.outputs, self._session.run(self.outputs, {k: feeds[k] for k in self.inputs})))
+        started = time.perf_counter()
+        outputs = self._session.run(self.outputs, {k: feeds[k] for k in self.inputs})
+        self.calls += 1
+        self.seconds += time.perf_counter() - started
+        return dict(zip(self.outputs, outputs))
+
+    def figures(self) -> dict[str, Any]:
+        """Calls and seconds spent in them (an HTP child's own load time and peak memory too)."""
+        figures = {"graph": str(self.path), "calls": self.calls, "seconds": self.seconds}
+        for name in ("load_seconds", "peak_rss_bytes"):
+            if hasattr(self._session, name):
+                figures[name] = getattr(self._session, name)
+        return figures
 
     def close(self) -> None:
         close = getattr(self._session, "close", None)
@@ -213,9 +264,10 @@ _GRAPH_MODULES = {"text_encoder": TextEncoderGraph, "controlnet": ControlNetGrap
 
 
 def network_module(network: str, backend: str, components: Components, *, export_dir: str | os.PathLike | None = None,
-                   runners: list[GraphRunner] | None = None) -> nn.Module:
-    """``network`` on ``backend``, as a module with the call the pipeline makes; a graph backend's runner is
-    appended to ``runners`` (the caller closes them)."""
+                   runners: dict[str, GraphRunner] | None = None) -> nn.Module:
+    """``network`` on ``backend``, as a module with the call the pipeline makes. A graph backend's runner is kept in
+    ``runners`` under ``"network=backend"`` and reused from there: one HTP child per network for every pipeline
+    built with the same ``runners`` (the caller closes them)."""
     if backend in TORCH_BACKENDS:
         if network in ("vae_encoder", "vae_decoder"):
             model = split_vae(components.vae)[0 if network == "vae_encoder" else 1]
@@ -224,22 +276,23 @@ def network_module(network: str, backend: str, components: Components, *, export
         return sha_copy(model) if backend == "sha" else model
     if export_dir is None:
         raise BackendError(f"{network} on {backend} needs its export: give --export-dir")
-    runner = GraphRunner(network, backend, Path(export_dir) / network)
-    if runners is not None:
-        runners.append(runner)
+    runners = {} if runners is None else runners
+    key = f"{network}={backend}"
+    if key not in runners:
+        runners[key] = GraphRunner(network, backend, Path(export_dir) / network)
     config = components.vae.config if network.startswith("vae") else getattr(components, network).config
-    return _GRAPH_MODULES[network](runner, config)
+    return _GRAPH_MODULES[network](runners[key], config)
 
 
 def pipeline_components(backends: dict[str, str], components: Components, *,
                         export_dir: str | os.PathLike | None = None,
-                        runners: list[GraphRunner] | None = None) -> dict[str, nn.Module]:
+                        runners: dict[str, GraphRunner] | None = None) -> dict[str, nn.Module]:
     """The pipeline's ``text_encoder``, ``vae``, ``controlnet`` and ``unet`` for a choice of backends. With both
     VAE halves on ``fp32`` the VAE is diffusers' ``AutoencoderKL`` itself (no re-association of its scaling)."""
+    whole_vae = backends["vae_encoder"] == backends["vae_decoder"] == "fp32"
     modules = {n: network_module(n, b, components, export_dir=export_dir, runners=runners)
-               for n, b in backends.items() if not (n.startswith("vae") and
-                                                    backends["vae_encoder"] == backends["vae_decoder"] == "fp32")}
-    vae = components.vae if "vae_encoder" not in modules else SplitVAE(modules.pop("vae_encoder"),
-                                                                      modules.pop("vae_decoder"),
-                                                                      components.vae.config)
+               for n, b in backends.items() if not (whole_vae and n.startswith("vae"))}
+    if whole_vae:
+        return {**modules, "vae": components.vae}
+    vae = SplitVAE(modules.pop("vae_encoder"), modules.pop("vae_decoder"), components.vae.config)
     return {**modules, "vae": vae}

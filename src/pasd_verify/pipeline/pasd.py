@@ -196,11 +196,13 @@ class StartNoise:
 
 @dataclass
 class Trace:
-    """Every step's tensors: the latent the step starts from (the teacher-forcing input), the two guidance halves'
-    noise predictions and the latent after the step; ``embeddings`` is the text encoder's [uncond, cond] output."""
+    """Every step's tensors: the latent the step starts from, the scheduler-scaled latent the networks take (the
+    teacher-forcing input), the two guidance halves' noise predictions and the latent after the step;
+    ``embeddings`` is the text encoder's [uncond, cond] output, ``start_latent`` the loop's first latent."""
 
     timesteps: list[int] = field(default_factory=list)
     latents_in: list[torch.Tensor] = field(default_factory=list)
+    model_inputs: list[torch.Tensor] = field(default_factory=list)
     noise_uncond: list[torch.Tensor] = field(default_factory=list)
     noise_cond: list[torch.Tensor] = field(default_factory=list)
     latents_out: list[torch.Tensor] = field(default_factory=list)
@@ -260,10 +262,11 @@ class PASDPipeline(DiffusionPipeline):
         latents = self.scheduler.add_noise(latents, noise.added, torch.tensor([ADDED_NOISE_LEVEL]))
         return latents * self.scheduler.init_noise_sigma
 
-    def denoise_step(self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, image: torch.Tensor,
-                     conditioning_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step's networks: the ControlNet then the UNet on both guidance halves; returns (uncond, cond)."""
-        model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+    def predict_noise(self, model_input: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                      image: torch.Tensor, conditioning_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's networks on the scheduler-scaled latent: the ControlNet then the UNet on both guidance halves
+        (PASD's batch of two, uncond first); returns (uncond, cond)."""
+        model_input = torch.cat([model_input] * 2)
         _, down, mid = self.controlnet(model_input, t, encoder_hidden_states=embeddings,
                                        controlnet_cond=torch.cat([image] * 2), conditioning_scale=conditioning_scale,
                                        return_dict=False)
@@ -293,9 +296,11 @@ class PASDPipeline(DiffusionPipeline):
         trace.start_latent = latents
         self.scheduler.set_timesteps(num_inference_steps)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            uncond, cond = self.denoise_step(latents, t, trace.embeddings, image, conditioning_scale)
+            model_input = self.scheduler.scale_model_input(latents, t)
+            uncond, cond = self.predict_noise(model_input, t, trace.embeddings, image, conditioning_scale)
             trace.timesteps.append(int(t))
             trace.latents_in.append(latents)
+            trace.model_inputs.append(model_input)
             trace.noise_uncond.append(uncond)
             trace.noise_cond.append(cond)
             latents = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents,

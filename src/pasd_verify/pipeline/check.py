@@ -1,0 +1,287 @@
+"""The pipeline check: PASD's whole super-resolution with chosen networks on chosen backends, judged against the
+fp32 run on the same photo, prompt and noise by what users see and what breaks it.
+
+- the picture: PSNR and SSIM against the fp32 picture (scikit-image's metrics);
+- the trajectory, closed loop: each step's latent against fp32's (SQNR);
+- teacher-forced: each network alone on its backend, fed the fp32 run's own inputs (each denoising step's latent,
+  the fp32 embeddings, the fp32 final latent), so a network's own error is told apart from error that grows along
+  the trajectory; each denoising step is a job with its inputs on disk (``steps/step_NN.npz``);
+- the guidance signal: the (conditional - unconditional) noise prediction against fp32's (SQNR, and the ratio of
+  standard deviations: quantization that erases it leaves a picture that ignores the prompt, ai-hub-apps #155);
+- attribution: the picture with one network at a time on its backend and the rest on fp32.
+
+When the picture fails, the report names the first network and step whose teacher-forced figure crosses its
+threshold (networks in the order a run calls them, steps in order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..export.agreement import sqnr_db
+from ..errors import PasdVerifyError
+from .networks import NETWORKS, Components, GraphRunner, pipeline_components
+from .pasd import (CONDITIONING_SCALE, GUIDANCE, NEGATIVE_PROMPT, STEPS, PASDOutput, PASDPipeline, StartNoise,
+                   Trace)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What the check holds each figure to. The picture's are the anchor's (ExecuTorch's HTP test of ai-hub-models'
+    SD2.1: 20 dB, 0.8); the teacher-forced ones say when one network's own error is large enough to name it."""
+
+    picture_psnr_db: float = 20.0
+    picture_ssim: float = 0.8
+    # the guidance difference's spread against fp32's: #155's W8A16 UNet kept 0.0091 / 0.175 = 5% of it
+    guidance_std_ratio: tuple[float, float] = (0.5, 2.0)
+    guidance_sqnr_db: float = 10.0
+    # a network's teacher-forced output against fp32's (noise prediction, embeddings, start latent)
+    network_sqnr_db: float = 20.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "guidance_std_ratio", tuple(self.guidance_std_ratio))
+        low, high = self.guidance_std_ratio
+        if not 0 < low <= 1 <= high:
+            raise PasdVerifyError(f"guidance_std_ratio must be (low, high) with 0 < low <= 1 <= high, got "
+                                  f"{self.guidance_std_ratio}")
+        for name in ("picture_psnr_db", "guidance_sqnr_db", "network_sqnr_db"):
+            if not math.isfinite(getattr(self, name)):
+                raise PasdVerifyError(f"{name} must be a finite number of dB, got {getattr(self, name)}")
+        if not 0 < self.picture_ssim <= 1:
+            raise PasdVerifyError(f"picture_ssim must be in (0, 1], got {self.picture_ssim}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One PASD run's settings (PASD's defaults)."""
+
+    prompt: str
+    negative_prompt: str = NEGATIVE_PROMPT
+    steps: int = STEPS
+    guidance: float = GUIDANCE
+    conditioning_scale: float = CONDITIONING_SCALE
+
+
+def build_pipeline(components: Components, backends: dict[str, str], *, export_dir: str | Path | None = None,
+                   runners: dict[str, GraphRunner] | None = None, scheduler_config: dict | None = None) -> PASDPipeline:
+    """A pipeline of ``components`` with each network on its backend and UniPC built from the components' scheduler
+    config, as PASD builds it."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler.from_config(scheduler_config or components.scheduler_config)
+    pipe = PASDPipeline(tokenizer=components.tokenizer, scheduler=scheduler,
+                        **pipeline_components(backends, components, export_dir=export_dir, runners=runners))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe: PASDPipeline, image: torch.Tensor, noise: StartNoise, settings: RunSettings,
+        on_step: Callable[[int, int], Any] | None = None) -> PASDOutput:
+    return pipe(settings.prompt, image, negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance, conditioning_scale=settings.conditioning_scale, noise=noise,
+                on_step=on_step)
+
+
+# --- figures --------------------------------------------------------------------------------------------------
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().numpy()
+
+
+def picture_figures(reference: torch.Tensor, picture: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM of ``picture`` against ``reference``, both NCHW in [0, 1] (scikit-image's metrics)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = (_np(x[0]).transpose(1, 2, 0).astype(np.float64) for x in (reference, picture))
+    psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
+    return {"psnr_db": float(psnr), "ssim": float(structural_similarity(a, b, data_range=1.0, channel_axis=-1))}
+
+
+def guidance_figures(ref_uncond: torch.Tensor, ref_cond: torch.Tensor, uncond: torch.Tensor,
+                     cond: torch.Tensor) -> dict[str, float]:
+    """The guidance difference (cond - uncond) against fp32's: SQNR and the ratio of standard deviations."""
+    reference, test = _np(ref_cond - ref_uncond), _np(cond - uncond)
+    spread = float(reference.std())
+    return {"guidance_sqnr_db": sqnr_db(reference, test),
+            "guidance_std_ratio": float(test.std()) / spread if spread > 0 else float("nan")}
+
+
+def step_figures(reference: Trace, trace: Trace, i: int) -> dict[str, float]:
+    return {"step": i, "timestep": reference.timesteps[i],
+            "noise_sqnr_db": min(sqnr_db(_np(reference.noise_uncond[i]), _np(trace.noise_uncond[i])),
+                                 sqnr_db(_np(reference.noise_cond[i]), _np(trace.noise_cond[i]))),
+            **guidance_figures(reference.noise_uncond[i], reference.noise_cond[i], trace.noise_uncond[i],
+                               trace.noise_cond[i])}
+
+
+def closed_loop(reference: PASDOutput, result: PASDOutput) -> list[dict[str, float]]:
+    """Per step of a whole run: the latent after the step against fp32's, and the step's guidance signal."""
+    return [{**step_figures(reference.trace, result.trace, i),
+             "latent_sqnr_db": sqnr_db(_np(reference.trace.latents_out[i]), _np(result.trace.latents_out[i]))}
+            for i in range(len(reference.trace.timesteps))]
+
+
+# --- teacher forcing: each network alone, on the fp32 run's inputs -------------------------------------------
+
+def save_step_jobs(reference: PASDOutput, image: torch.Tensor, settings: RunSettings, folder: Path) -> list[Path]:
+    """One file per denoising step with everything a teacher-forced step needs (and fp32's answer): the unit of
+    work a later run can spread over machines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trace, paths = reference.trace, []
+    for i, t in enumerate(trace.timesteps):
+        path = folder / f"step_{i:02d}.npz"
+        np.savez(path, step=i, timestep=t, model_input=_np(trace.model_inputs[i]), embeddings=_np(trace.embeddings),
+                 image=_np(image), conditioning_scale=settings.conditioning_scale,
+                 fp32_noise_uncond=_np(trace.noise_uncond[i]), fp32_noise_cond=_np(trace.noise_cond[i]))
+        paths.append(path)
+    return paths
+
+
+def teacher_forced_step(job: Path, pipe: PASDPipeline) -> dict[str, float]:
+    """Run one step job through ``pipe``'s ControlNet and UNet (one of them on a backend, the other fp32) and
+    compare with fp32's noise predictions stored in the job."""
+    with np.load(job) as f:
+        arrays = {k: torch.from_numpy(np.asarray(f[k])) for k in f.files}
+    t = arrays["timestep"].long()
+    with torch.no_grad():
+        uncond, cond = pipe.predict_noise(arrays["model_input"], t, arrays["embeddings"], arrays["image"],
+                                          float(arrays["conditioning_scale"]))
+    reference = Trace(timesteps=[int(t)], noise_uncond=[arrays["fp32_noise_uncond"]],
+                      noise_cond=[arrays["fp32_noise_cond"]])
+    candidate = Trace(timesteps=[int(t)], noise_uncond=[uncond], noise_cond=[cond])
+    return {**step_figures(reference, candidate, 0), "step": int(arrays["step"])}
+
+
+def teacher_forced(network: str, pipe: PASDPipeline, reference: PASDOutput, image: torch.Tensor,
+                   settings: RunSettings, jobs: list[Path]) -> dict[str, Any]:
+    """``network`` alone on its backend (``pipe`` holds it, the rest fp32), fed fp32's inputs."""
+    with torch.no_grad():
+        if network == "text_encoder":
+            embeddings = pipe.encode_prompt(settings.prompt, settings.negative_prompt)
+            return {"embeddings_sqnr_db": sqnr_db(_np(reference.trace.embeddings), _np(embeddings))}
+        if network == "vae_encoder":
+            start = pipe.prepare_latents(image, reference.noise, settings.steps)
+            return {"start_latent_sqnr_db": sqnr_db(_np(reference.trace.start_latent), _np(start))}
+        if network == "vae_decoder":
+            decoded = pipe.vae.decode(reference.latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            return picture_figures(reference.picture, (decoded / 2 + 0.5).clamp(0, 1))
+    return {"steps": [teacher_forced_step(job, pipe) for job in jobs]}
+
+
+def network_faults(network: str, figures: dict[str, Any], thresholds: Thresholds) -> list[dict[str, Any]]:
+    """Where ``network``'s teacher-forced figures cross their thresholds, in step order."""
+    faults = []
+
+    def below(name: str, value: float, limit: float, step: int | None = None) -> None:
+        if not value >= limit:  # NaN fails too
+            faults.append({"network": network, "step": step, "figure": name, "value": value, "threshold": limit})
+
+    if "embeddings_sqnr_db" in figures:
+        below("embeddings_sqnr_db", figures["embeddings_sqnr_db"], thresholds.network_sqnr_db)
+    if "start_latent_sqnr_db" in figures:
+        below("start_latent_sqnr_db", figures["start_latent_sqnr_db"], thresholds.network_sqnr_db)
+    if "psnr_db" in figures:
+        below("psnr_db", figures["psnr_db"], thresholds.picture_psnr_db)
+        below("ssim", figures["ssim"], thresholds.picture_ssim)
+    low, high = thresholds.guidance_std_ratio
+    for step in figures.get("steps", ()):
+        i = step["step"]
+        below("noise_sqnr_db", step["noise_sqnr_db"], thresholds.network_sqnr_db, i)
+        below("guidance_sqnr_db", step["guidance_sqnr_db"], thresholds.guidance_sqnr_db, i)
+        ratio = step["guidance_std_ratio"]
+        if not low <= ratio <= high:
+            faults.append({"network": network, "step": i, "figure": "guidance_std_ratio", "value": ratio,
+                           "threshold": [low, high]})
+    return faults
+
+
+# --- the whole check ------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    report: dict[str, Any]
+    reference: PASDOutput
+    candidate: PASDOutput | None
+    attribution: dict[str, PASDOutput] = field(default_factory=dict)
+
+
+def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``work()``, or the reason a graph backend could not run it (an HTP child's death is a result, not a crash of
+    the check)."""
+    from ..export.htp import HtpSessionError
+    from .networks import BackendError
+
+    try:
+        return work(), None
+    except (HtpSessionError, BackendError) as e:
+        return None, str(e)
+
+
+def check_pipeline(components: Components, image: torch.Tensor, noise: StartNoise, settings: RunSettings,
+                   backends: dict[str, str], *, thresholds: Thresholds = Thresholds(),
+                   export_dir: str | Path | None = None, jobs_dir: Path,
+                   progress: Callable[[str], Any] | None = None) -> CheckResult:
+    """The fp32 run, the run with ``backends``, each chosen network alone (attribution and teacher forcing), every
+    figure against ``thresholds``. ``export_dir`` holds one export folder per network on a graph backend."""
+    say = progress or (lambda message: None)
+    chosen = [n for n in NETWORKS if backends[n] != "fp32"]
+    runners: dict[str, GraphRunner] = {}
+    try:
+        say("fp32 reference run")
+        reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, settings)
+        jobs = save_step_jobs(reference, image, settings, jobs_dir)
+        say(f"candidate run ({', '.join(f'{n}={backends[n]}' for n in chosen) or 'all fp32'})")
+        candidate, candidate_error = _attempt(lambda: run(
+            build_pipeline(components, backends, export_dir=export_dir, runners=runners), image, noise, settings))
+        attribution, networks = {}, {}
+        for network in chosen:
+            alone = {**dict.fromkeys(NETWORKS, "fp32"), network: backends[network]}
+            say(f"{network} alone on {backends[network]}: teacher-forced")
+            pipe, error = _attempt(lambda: build_pipeline(components, alone, export_dir=export_dir, runners=runners))
+            forced, error = (None, error) if error else _attempt(
+                lambda: teacher_forced(network, pipe, reference, image, settings, jobs))
+            whole = candidate
+            if len(chosen) > 1 and not error:
+                say(f"{network} alone on {backends[network]}: whole run")
+                whole, error = _attempt(lambda: run(pipe, image, noise, settings))
+                if whole is not None:
+                    attribution[network] = whole
+            networks[network] = {
+                "backend": backends[network], "error": error, "teacher_forced": forced or {},
+                "picture_alone": picture_figures(reference.picture, whole.picture) if whole is not None else None,
+                "faults": (network_faults(network, forced, thresholds) if forced else
+                           [{"network": network, "step": None, "figure": "error", "value": error, "threshold": None}])}
+        sessions = {key: runner.figures() for key, runner in runners.items()}
+    finally:
+        for runner in runners.values():
+            runner.close()
+    low, high = thresholds.guidance_std_ratio
+    if candidate is not None:
+        picture, steps = picture_figures(reference.picture, candidate.picture), closed_loop(reference, candidate)
+        checks = {"picture_psnr": picture["psnr_db"] >= thresholds.picture_psnr_db,
+                  "picture_ssim": picture["ssim"] >= thresholds.picture_ssim,
+                  "guidance_std_ratio": all(low <= s["guidance_std_ratio"] <= high for s in steps)}
+    else:
+        picture, steps, checks = None, [], {"candidate_ran": False}
+    faults = [f for n in chosen for f in networks[n]["faults"]]
+    report = {
+        "passed": all(checks.values()),
+        "checks": checks,
+        "backends": backends,
+        "thresholds": asdict(thresholds),
+        "candidate_error": candidate_error,
+        "picture": picture,
+        "closed_loop": steps,
+        "networks": networks,
+        # the first network (in call order) and step whose own, teacher-forced error crosses a threshold
+        "culprit": faults[0] if faults and not all(checks.values()) else None,
+        "teacher_forced_faults": faults,
+        "graph_sessions": sessions,
+    }
+    return CheckResult(report, reference, candidate, attribution)

@@ -1,0 +1,66 @@
+"""The pipeline exports its own networks, calibrated as Qualcomm's recipe calibrates them: on the fp32 pipeline's
+own run (the text encoder on the prompts, the VAE encoder on the photo, the ControlNet and UNet on every step's
+inputs, both guidance halves, the VAE decoder on the final latent), in SHA form (what ships), at this photo's
+working size, through :func:`pasd_verify.export.pipeline.export_files` (float ONNX, aimet-onnx W8A16, QDQ graph,
+HTP context binary, every step checked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..models.vae import split_vae
+from .networks import Components, sha_copy
+from .pasd import PASDOutput
+
+
+def calibration_samples(network: str, components: Components, reference: PASDOutput, image: torch.Tensor,
+                        prompts: tuple[str, str]) -> list[dict[str, torch.Tensor]]:
+    """``network``'s inputs in the fp32 run, one batch-1 sample per call (:mod:`pasd_verify.quant.calibration`)."""
+    trace = reference.trace
+    if network == "text_encoder":
+        tokenizer = components.tokenizer
+        return [{"input_ids": tokenizer(p, padding="max_length", max_length=tokenizer.model_max_length,
+                                        truncation=True, return_tensors="pt").input_ids} for p in prompts]
+    if network == "vae_encoder":
+        return [{"image": image * 2 - 1}]
+    if network == "vae_decoder":
+        return [{"latent": reference.latents}]
+    return [{"latent": trace.model_inputs[i], "timestep": torch.tensor([t]),
+             "encoder_hidden_states": trace.embeddings[half:half + 1], "control_image": image}
+            for i, t in enumerate(trace.timesteps) for half in (0, 1)]
+
+
+def _sha_network(network: str, components: Components) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    if network in ("vae_encoder", "vae_decoder"):
+        return split_vae(sha_copy(components.vae))[0 if network == "vae_encoder" else 1], None
+    if network == "unet":
+        return sha_copy(components.unet), sha_copy(components.controlnet)
+    return sha_copy(getattr(components, network)), None
+
+
+def export_networks(networks: list[str], components: Components, reference: PASDOutput, image: torch.Tensor,
+                    prompts: tuple[str, str], export_dir: Path, *, seed: int = 0,
+                    progress: Callable[[str], Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Export each of ``networks`` into ``export_dir/<network>`` calibrated on the fp32 run; returns each export's
+    report (its ``passed`` says whether every export step agreed)."""
+    from ..export.pipeline import ExportConfig, export_files
+
+    reports = {}
+    for network in networks:
+        if progress:
+            progress(f"exporting {network} (SHA, W8A16, calibrated on the fp32 run)")
+        model, partner = _sha_network(network, components)
+        samples = calibration_samples(network, components, reference, image, prompts)
+        # localization of a disagreement is left to the pipeline check, which names the network and step first
+        reports[network] = export_files(model, export_dir / network, ExportConfig(seed=seed, localize=False),
+                                        partner=partner,
+                                        samples=samples, source={"pipeline": "calibrated on the fp32 run",
+                                                                 "network": network, "samples": len(samples)})
+        del model, partner
+    return reports
+
+
+__all__ = ["calibration_samples", "export_networks"]

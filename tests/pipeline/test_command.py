@@ -1,0 +1,117 @@
+"""``pasd-verify pipeline`` on the torch backends: its outputs, its exit codes, and bad input refused before work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pasd_verify.cli import main
+from pasd_verify.pipeline.networks import BackendError, parse_backends
+
+SMALL = ["--preset", "tiny", "--process-size", "64", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photo") / "chelsea.png"
+    Image.fromarray(data.chelsea()).resize((80, 64), Image.BICUBIC).save(path)
+    return path
+
+
+def test_parse_backends_sets_each_network_and_all():
+    backends = parse_backends(["all=sha", "unet=fp32"])
+    assert backends == {"text_encoder": "sha", "vae_encoder": "sha", "controlnet": "sha", "unet": "fp32",
+                        "vae_decoder": "sha"}
+    assert set(parse_backends(None).values()) == {"fp32"}
+    for bad in ("unet", "unet=gpu", "decoder=qdq"):
+        with pytest.raises(BackendError, match=bad):
+            parse_backends([bad])
+
+
+def test_sha_pipeline_writes_every_output_and_passes(tmp_path, photo, capsys):
+    out = tmp_path / "out"
+    assert main(["pipeline", *SMALL, "--image", str(photo), "--backend", "all=sha", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["working_size"] == [80, 64]
+    # SHA is MHA's function: the picture is fp32's to rounding, far past the thresholds
+    assert report["picture"]["psnr_db"] > 60 and report["picture"]["ssim"] > 0.999
+    assert sorted(report["networks"]) == ["controlnet", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert len(report["networks"]["unet"]["teacher_forced"]["steps"]) == 2
+    for name in ("picture_fp32.png", "picture_candidate.png", "picture_unet_alone.png", "comparison.png",
+                 "steps.png", "noise.npz", "steps/step_00.npz", "steps/step_01.npz"):
+        assert (out / name).is_file(), name
+    assert Image.open(out / "picture_candidate.png").size == (80, 64)
+    # the noise written is the noise used: a second run on it gives the same fp32 picture
+    again = tmp_path / "again"
+    assert main(["pipeline", *SMALL, "--image", str(photo), "--noise", str(out / "noise.npz"), "--out",
+                 str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "picture_fp32.png")),
+                          np.asarray(Image.open(again / "picture_fp32.png")))
+    assert "pipeline PASSED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--backend", "unet=gpu"], "--backend 'unet=gpu'"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--process-size", "60"], "--process-size must be a positive multiple of 8"),
+    (["--sd-dir", "."], "give either --preset or both --sd-dir and --pasd-dir"),
+    (["--backend", "unet=qdq", "--export-dir", "{tmp}/nowhere"], "nowhere/unet/model.qdq.onnx does not exist"),
+])
+def test_bad_arguments_exit_2_and_leave_nothing(tmp_path, photo, capsys, arguments, message):
+    out = tmp_path / "out"
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
+    assert main(["pipeline", *SMALL, "--image", str(photo), *arguments, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not an image", "not a readable image"),
+    (None, "not a readable image"),  # missing file
+])
+def test_a_bad_photo_is_named(tmp_path, capsys, content, message):
+    path = tmp_path / "photo.png"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["pipeline", *SMALL, "--image", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_noise_file_of_another_size_is_refused(tmp_path, photo, capsys):
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, start="noise", first=np.zeros((1, 4, 16, 16), np.float32))
+    assert main(["pipeline", *SMALL, "--image", str(photo), "--noise", str(noise), "--out", str(tmp_path / "o")]) == 2
+    assert "first is float32 (1, 4, 16, 16); this run needs float32 (1, 4, 8, 10)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _graph_with_input(path, name, shape):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("noise", TensorProto.FLOAT, list(shape))
+    path.parent.mkdir(parents=True)
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", [name], ["noise"])], "g", [x], [y])),
+              str(path))
+
+
+def test_an_export_of_another_size_or_not_a_graph_is_refused_before_work(tmp_path, photo, capsys):
+    exports = tmp_path / "exports"
+    _graph_with_input(exports / "unet" / "model.qdq.onnx", "sample", (1, 4, 16, 16))
+    (exports / "vae_decoder").mkdir()
+    (exports / "vae_decoder" / "model_ctx.onnx").write_bytes(b"\x00garbage")
+    common = ["pipeline", *SMALL, "--image", str(photo), "--export-dir", str(exports), "--out", str(tmp_path / "o")]
+    assert main([*common, "--backend", "unet=qdq"]) == 2
+    assert "unet/model.qdq.onnx: sample was compiled as [1, 4, 16, 16], this photo's working size needs [1, 4, 8, 10]" \
+        in capsys.readouterr().err
+    assert main([*common, "--backend", "vae_decoder=htp"]) == 2
+    assert "vae_decoder/model_ctx.onnx: not a readable ONNX graph" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
