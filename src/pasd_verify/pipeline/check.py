@@ -10,8 +10,9 @@ fp32 run on the same photo, prompt and noise by what users see and what breaks i
   standard deviations: quantization that erases it leaves a picture that ignores the prompt, ai-hub-apps #155);
 - attribution: the picture with one network at a time on its backend and the rest on fp32.
 
-When the picture fails, the report names the first network and step whose teacher-forced figure crosses its
-threshold (networks in the order a run calls them, steps in order).
+The check fails when the picture, the closed-loop guidance signal or any network's own (teacher-forced) figure
+crosses its threshold; the report then names the first network and step whose teacher-forced figure crosses one
+(networks in the order a run calls them, steps in order).
 """
 
 from __future__ import annotations
@@ -270,6 +271,8 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
     else:
         picture, steps, checks = None, [], {"candidate_ran": False}
     faults = [f for n in chosen for f in networks[n]["faults"]]
+    # a network whose own error crosses its threshold fails the check even where this photo's picture hides it
+    checks["networks_teacher_forced"] = not faults
     report = {
         "passed": all(checks.values()),
         "checks": checks,
@@ -279,8 +282,9 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
         "picture": picture,
         "closed_loop": steps,
         "networks": networks,
-        # the first network (in call order) and step whose own, teacher-forced error crosses a threshold
-        "culprit": faults[0] if faults and not all(checks.values()) else None,
+        # the first network (in call order) and step whose own, teacher-forced error crosses a threshold; None when
+        # the check fails with every network within its thresholds (error grown along the trajectory)
+        "culprit": faults[0] if faults else None,
         "teacher_forced_faults": faults,
         "graph_sessions": sessions,
     }

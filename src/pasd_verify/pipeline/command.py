@@ -193,6 +193,10 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
             exports = {n: {"passed": r["passed"], "folder": f"exports/{n}"} for n, r in reports.items()}
         result = check_pipeline(components, tensor, noise, settings, backends, thresholds=config.thresholds,
                                 export_dir=export_dir, jobs_dir=staging / "steps", progress=say)
+        for figures in result.report["graph_sessions"].values():  # where the graph will be once the outputs land
+            graph = Path(figures["graph"])
+            if graph.is_relative_to(staging):
+                figures["graph"] = str(Path(out_dir) / graph.relative_to(staging))
         report = {"tool": "pasd-verify", "version": __version__, "command": "pipeline",
                   "source": {"preset": preset, "sd_dir": sd_dir, "pasd_dir": pasd_dir, "photo": photo_source,
                              "export_dir": config.export_dir},

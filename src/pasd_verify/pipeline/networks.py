@@ -145,6 +145,8 @@ class GraphRunner:
 
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            # the graph as written, as the export checked it (no fusing of its QDQ pairs into integer kernels)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: tuple(i.shape) for i in self._session.get_inputs()}
         self.outputs = [o.name for o in self._session.get_outputs()]

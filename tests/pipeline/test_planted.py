@@ -1,0 +1,133 @@
+"""Planted failures the pipeline check must catch and name (users' reports: a clipped text embedding, a guidance
+difference erased by a coarse UNet output grid, a wrongly clamped VAE decoder, a timestep fed in the wrong form).
+
+The networks are the tiny seeded ones, exported by the pipeline itself (SHA, W8A16, calibrated on the fp32 run) at
+a 64 x 64 working size; each plant edits a copy of one export (:mod:`plants`) and runs with that network on the QDQ
+graph, the rest fp32. The export's own checks stayed green for every one of them: the plants change the encodings
+(the QDQ graph and AIMET's simulation of it agree), or the app's feeding (the graph is untouched).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pasd_verify.export.htp import htp_available
+from pasd_verify.pipeline import NETWORKS, StartNoise, pasd_prompt, preset_components, to_tensor
+from pasd_verify.pipeline import networks as networks_module
+from pasd_verify.pipeline.check import RunSettings, build_pipeline, check_pipeline, run
+from pasd_verify.pipeline.exports import export_networks
+
+from plants import TimestepAsFraction, copy_exports, output_range, plant_output_grid
+
+pytestmark = [pytest.mark.htp, pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))]
+
+SETTINGS = RunSettings(prompt=pasd_prompt("a portrait of an astronaut"), steps=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from skimage import data
+
+    components = preset_components("tiny", seed=0)
+    image = to_tensor(Image.fromarray(data.astronaut()).resize((64, 64), Image.BICUBIC))
+    noise = StartNoise.draw("photo", (1, 4, 8, 8), torch.Generator().manual_seed(0))
+    reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, SETTINGS)
+    exports = tmp_path_factory.mktemp("exports")
+    reports = export_networks(["text_encoder", "unet", "vae_decoder"], components, reference, image,
+                              (SETTINGS.negative_prompt, SETTINGS.prompt), exports)
+    return components, image, noise, exports, reports
+
+
+def _check(setup, tmp_path, network, exports):
+    components, image, noise, _, _ = setup
+    backends = {**dict.fromkeys(NETWORKS, "fp32"), network: "qdq"}
+    return check_pipeline(components, image, noise, SETTINGS, backends, export_dir=exports,
+                          jobs_dir=tmp_path / "steps").report
+
+
+def test_the_unplanted_exports_pass_their_own_checks_and_the_pipeline_check(setup, tmp_path):
+    *_, exports, reports = setup
+    assert all(r["passed"] for r in reports.values()), {n: r["passed"] for n, r in reports.items()}
+    for network in reports:
+        report = _check(setup, tmp_path / network, network, exports)
+        assert report["passed"], (network, report["checks"], report["teacher_forced_faults"][:3])
+
+
+@pytest.mark.parametrize("network, output, plant, figure", [
+    # the embedding's grid cut to the middle quarter of its calibrated range: large features clip
+    ("text_encoder", "last_hidden_state", lambda lo, hi: {"low": lo / 4, "high": hi / 4}, "embeddings_sqnr_db"),
+    # the noise prediction on a grid 1024 times coarser: the noise itself survives it, the (cond - uncond) difference
+    # guidance multiplies by 9 falls between its steps (ai-hub-apps #155)
+    ("unet", "noise", lambda lo, hi: {"coarser": 1024}, "guidance_sqnr_db"),
+    # the decoder's image clamped to [0, 1] where it spans [-1, 1]: every dark pixel becomes mid-grey
+    ("vae_decoder", "image", lambda lo, hi: {"low": 0.0, "high": 1.0}, "psnr_db"),
+])
+def test_a_planted_output_grid_fails_the_check_and_is_named(setup, tmp_path, network, output, plant, figure):
+    *_, exports, _ = setup
+    planted = copy_exports(exports, tmp_path / "exports")
+    import onnx
+
+    low, high = output_range(onnx.load(str(planted / network / "model.qdq.onnx"), load_external_data=False), output)
+    plant_output_grid(planted / network, output, **plant(low, high))
+    report = _check(setup, tmp_path, network, planted)
+    assert not report["passed"]
+    assert report["culprit"]["network"] == network, report["culprit"]
+    assert any(f["figure"] == figure for f in report["teacher_forced_faults"]), report["teacher_forced_faults"]
+
+
+def test_a_timestep_fed_as_a_fraction_fails_the_check_and_names_the_unet(setup, tmp_path, monkeypatch):
+    *_, exports, reports = setup
+    assert reports["unet"]["passed"], "the export itself is sound: the fault is in how the app feeds it"
+    monkeypatch.setitem(networks_module._GRAPH_MODULES, "unet", TimestepAsFraction)
+    report = _check(setup, tmp_path, "unet", exports)
+    assert not report["passed"]
+    culprit = report["culprit"]
+    assert (culprit["network"], culprit["step"], culprit["figure"]) == ("unet", 0, "noise_sqnr_db"), culprit
+
+
+def test_a_planted_grid_passes_the_exports_cpu_against_htp_check(setup, tmp_path):
+    """What the export checks on the HTP (the same QDQ graph on the CPU and on the HTP) cannot see a bad grid:
+    both run it alike."""
+    from pasd_verify.export.agreement import HTP_SQNR_DB, sqnr_db
+    from pasd_verify.export.htp import run_on_htp
+    from pasd_verify.export.onnx_io import run_onnx
+
+    *_, exports, _ = setup
+    planted = copy_exports(exports, tmp_path / "exports")
+    plant_output_grid(planted / "vae_decoder", "image", low=0.0, high=1.0)
+    feeds = {"latent": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    graph = planted / "vae_decoder" / "model.qdq.onnx"
+    cpu = run_onnx(graph, feeds)
+    htp = run_on_htp(graph, feeds)
+    assert htp.status == "passed", htp.error
+    assert cpu["image"].min() >= -1e-6, "the plant did not clamp"
+    assert sqnr_db(cpu["image"], htp.outputs["image"]) >= HTP_SQNR_DB
+
+
+def test_every_network_on_the_htp_passes_and_keeps_one_child_per_network(tmp_path, capsys):
+    """The command as a user runs it: the pipeline exports all five networks itself and runs them on the HTP, each
+    in one child that serves every call (the fp32 run, the candidate run, teacher forcing and attribution)."""
+    import json
+
+    from pasd_verify.cli import main
+    from skimage import data
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((64, 64), Image.BICUBIC).save(photo)
+    out = tmp_path / "out"
+    code = main(["pipeline", "--preset", "tiny", "--image", str(photo), "--process-size", "64", "--steps", "2",
+                 "--backend", "all=htp", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0, (report["checks"], report["culprit"])
+    assert all(e["passed"] for e in report["exports"].values())
+    sessions = report["graph_sessions"]
+    assert sorted(sessions) == sorted(f"{n}=htp" for n in NETWORKS)
+    # the denoisers serve both guidance halves of 2 steps in the candidate run, teacher forcing and attribution
+    assert sessions["unet=htp"]["calls"] == 3 * 2 * 2
+    assert all(Path(s["graph"]).is_file() for s in sessions.values())
+    assert (out / "comparison.png").is_file() and (out / "exports" / "unet" / "model_ctx_qnn.bin").is_file()
