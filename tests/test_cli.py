@@ -14,9 +14,13 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
     assert report["passed"] is True
     assert [s["name"] for s in report["stages"]] == [
         "sha_rewrite", "equivalence_fp32", "equivalence_fp64", "checkpoint", "encodings", "undo", "pasd", "adaround",
-        "export",
+        "export", "pipeline",
     ]
     assert all(s["status"] == "passed" for s in report["stages"])
+    pipeline = report["stages"][-1]
+    # every network exported and run on the HTP through PASD's loop, judged by the picture against fp32's
+    assert pipeline["picture_psnr_db"] >= 20 and pipeline["picture_ssim"] >= 0.8
+    assert (tmp_path / pipeline["comparison"]).is_file()
     printed = capsys.readouterr()
     assert "PASSED" in printed.out
     # our table and progress only: the tracer and AIMET warnings went to the log and are counted

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from diffusers.models.attention_processor import Attention
 from torch import nn
 from tqdm.auto import tqdm
@@ -44,6 +45,8 @@ FP64_TOLERANCE = 1e-12
 ADAROUND_SAMPLES, ADAROUND_ITERATIONS = 4, 50
 # The export stage: calibration samples, and the exact rewrites without which the HTP disagrees (README: export).
 EXPORT_SAMPLES = 2
+PIPELINE_SIZE = 64  # pixels a side: the emulated HTP takes minutes per VAE call at PASD's 768
+PIPELINE_STEPS = 2
 # the five networks of a PASD app, as the demo's export stage names their folders
 EXPORT_NETWORKS = (("controlnet", "pasd-controlnet"), ("unet", "pasd-unet"), ("text_encoder", "text-encoder"),
                    ("vae_encoder", "vae-encoder"), ("vae_decoder", "vae-decoder"))
@@ -234,6 +237,33 @@ def export(seed: int, out_dir: Path) -> dict[str, Any]:
     return numbers
 
 
+def pipeline(seed: int, out_dir: Path) -> dict[str, Any]:
+    """``pasd-verify pipeline`` on the tiny networks: PASD's whole super-resolution of a real photo (scikit-image's
+    astronaut at 64 x 64: the emulated HTP's time grows with the pixels) for a few steps with every network on the
+    HTP (exported by the pipeline itself, calibrated on the fp32 run), judged against the fp32 run."""
+    from skimage import data as skdata
+
+    from .export.htp import htp_available
+    from .pipeline.command import PipelineCheckConfig, pipeline_files
+
+    backend = "htp" if htp_available() is None else "qdq"  # where the HTP backend cannot load, its QDQ graph
+    photo = Image.fromarray(skdata.astronaut()).resize((PIPELINE_SIZE, PIPELINE_SIZE), Image.BICUBIC)
+    config = PipelineCheckConfig(prompt="a portrait of an astronaut", steps=PIPELINE_STEPS, seed=seed,
+                                 process_size=PIPELINE_SIZE, backends=(("all", backend),))
+    report = pipeline_files(out_dir / "pipeline", config, preset="tiny",
+                            photo=(photo, f"skimage.data.astronaut at {PIPELINE_SIZE} x {PIPELINE_SIZE}"))
+    loop = report["closed_loop"]
+    return {"passed": report["passed"], "backend": backend, "steps": PIPELINE_STEPS,
+            "picture_psnr_db": report["picture"]["psnr_db"] if report["picture"] else None,
+            "picture_ssim": report["picture"]["ssim"] if report["picture"] else None,
+            "guidance_std_ratio_min": min((s["guidance_std_ratio"] for s in loop), default=None),
+            "guidance_sqnr_db_min": min((s["guidance_sqnr_db"] for s in loop), default=None),
+            "final_latent_sqnr_db": loop[-1]["latent_sqnr_db"] if loop else None,
+            **{f"{n}_alone_psnr_db": f["picture_alone"]["psnr_db"] for n, f in report["networks"].items()
+               if f["picture_alone"]},
+            "culprit": report["culprit"], "comparison": "pipeline/comparison.png"}
+
+
 @dataclass(frozen=True)
 class Stage:
     """A demo stage: ``run`` is called with the named ``needs`` (from the demo's inputs or earlier stages' products);
@@ -255,6 +285,7 @@ STAGES = (
     Stage("pasd", pasd, ("seed",)),
     Stage("adaround", adaround, ("seed", "out_dir")),
     Stage("export", export, ("seed", "out_dir")),
+    Stage("pipeline", pipeline, ("seed", "out_dir")),
 )
 
 
@@ -275,7 +306,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
 # Every name the stages write into the output folder: a rerun into the same folder replaces them as one set.
 OUTPUTS = ("state_dict_mha.safetensors", "state_dict_sha.safetensors", "state_dict_mha_roundtrip.safetensors",
            "parameters_mha.encodings", "parameters_sha.encodings", "parameters_sha_aimet.encodings", "adaround",
-           *(f"export_{name}" for name, _ in EXPORT_NETWORKS), "report.json")
+           *(f"export_{name}" for name, _ in EXPORT_NETWORKS), "pipeline", "report.json")
 
 
 def _run_stages(out_dir: Path, seed: int, progress: bool, stages: Sequence[Stage]) -> dict[str, Any]:

@@ -153,9 +153,11 @@ def _steps_figure(report: dict[str, Any], path: Path) -> None:
 
 def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, preset: str | None = None,
                    sd_dir: str | None = None, pasd_dir: str | None = None, image: str | None = None,
+                   photo: tuple[Any, str] | None = None,
                    progress: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Check PASD's pipeline with ``config.backends`` against fp32 and write everything into ``out_dir``; returns
-    the report (also ``report.json``)."""
+    the report (also ``report.json``). The photo is the file ``image``, or ``photo`` (a PIL image and where it came
+    from), or scikit-image's astronaut."""
     say = progress or (lambda message: None)
     if (preset is None) == (sd_dir is None or pasd_dir is None) or (preset is not None and (sd_dir or pasd_dir)):
         raise PipelineInputError("give either --preset or both --sd-dir and --pasd-dir")
@@ -163,7 +165,7 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
     from .networks import check_exports, parse_backends
 
     backends = parse_backends([f"{n}={b}" for n, b in config.backends])
-    photo, photo_source = load_photo(image)
+    photo, photo_source = photo or load_photo(image)
     photo = preprocess(photo, upscale=config.upscale, process_size=config.process_size)
     tensor = to_tensor(photo)
     say(f"photo {photo_source} at working size {photo.width} x {photo.height}")
