@@ -21,6 +21,14 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
     # every network exported and run on the HTP through PASD's loop, judged by the picture against fp32's
     assert pipeline["picture_psnr_db"] >= 20 and pipeline["picture_ssim"] >= 0.8
     assert (tmp_path / pipeline["comparison"]).is_file()
+    check = json.loads((tmp_path / "pipeline" / "report.json").read_text())
+    assert all(e["passed"] for e in check["exports"].values())
+    if pipeline["backend"] == "htp":  # one HTP child per network served every call of every run
+        sessions = check["graph_sessions"]
+        assert sorted(sessions) == sorted(f"{n}=htp" for n in check["backends"])
+        # both guidance halves of each step in the candidate run, teacher forcing and the UNet's attribution run
+        assert sessions["unet=htp"]["calls"] == 3 * 2 * pipeline["steps"]
+        assert (tmp_path / "pipeline" / "exports" / "unet" / "model_ctx_qnn.bin").is_file()
     printed = capsys.readouterr()
     assert "PASSED" in printed.out
     # our table and progress only: the tracer and AIMET warnings went to the log and are counted

@@ -181,7 +181,7 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
     started = time.perf_counter()
     with staged_outputs(out_dir, OUTPUTS) as staging:
         export_dir = Path(config.export_dir) if config.export_dir else None
-        exports = {}
+        exports, exports_seconds = {}, 0.0
         graph_networks = [n for n in NETWORKS if backends[n] in ("qdq", "htp")]
         if graph_networks and export_dir is None:
             from .exports import export_networks
@@ -189,10 +189,12 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
             say("fp32 run for calibration")
             reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), tensor, noise, settings)
             export_dir = staging / "exports"
+            exports_started = time.perf_counter()
             reports = export_networks(graph_networks, components, reference, tensor,
                                       (settings.negative_prompt, settings.prompt), export_dir, seed=config.seed,
                                       progress=say)
             exports = {n: {"passed": r["passed"], "folder": f"exports/{n}"} for n, r in reports.items()}
+            exports_seconds = time.perf_counter() - exports_started
         result = check_pipeline(components, tensor, noise, settings, backends, thresholds=config.thresholds,
                                 export_dir=export_dir, jobs_dir=staging / "steps", progress=say)
         for figures in result.report["graph_sessions"].values():  # where the graph will be once the outputs land
@@ -204,6 +206,7 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
                              "export_dir": config.export_dir},
                   "config": {**asdict(config), "thresholds": None},
                   "working_size": [photo.width, photo.height], "start": noise.start, "exports": exports,
+                  "exports_seconds": exports_seconds,
                   **result.report, "seconds": time.perf_counter() - started}
         pictures = {"fp32": result.reference.picture}
         if result.candidate is not None:
