@@ -106,3 +106,29 @@ def test_a_planted_grid_passes_the_exports_cpu_against_htp_check(setup, tmp_path
     assert cpu["image"].min() >= -1e-6, "the plant did not clamp"
     assert sqnr_db(cpu["image"], htp.outputs["image"]) >= HTP_SQNR_DB
 
+
+
+def test_an_htp_divergence_is_named_and_handed_to_the_exports_localization(setup, tmp_path):
+    """The HTP's GroupNorm -> SiLU -> Conv divergence (README: export), left in by exporting the VAE encoder without
+    the silu-as-division rewrite: the export's own CPU-against-HTP check catches it too; the pipeline check names
+    the VAE encoder by its encoded latent (the start latent, noised to 7% of the photo's amplitude, hides it) and
+    hands its captured input to the block and op localization."""
+    components, image, noise, _, _ = setup
+    exports = tmp_path / "exports"
+    reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, SETTINGS)
+    reports = export_networks(["vae_encoder"], components, reference, image, (SETTINGS.negative_prompt,
+                                                                              SETTINGS.prompt), exports,
+                              rewrites={"vae_encoder": ()})
+    assert not reports["vae_encoder"]["passed"], "the export's own check no longer sees the divergence"
+    backends = {**dict.fromkeys(NETWORKS, "fp32"), "vae_encoder": "htp"}
+    report = check_pipeline(components, image, noise, SETTINGS, backends, export_dir=exports,
+                            jobs_dir=tmp_path / "steps", localize_dir=tmp_path / "localized").report
+    assert not report["passed"]
+    assert report["culprit"]["network"] == "vae_encoder" and report["culprit"]["figure"] == "encoded_latent_sqnr_db"
+    localized = report["localized"]
+    assert localized["verdict"] == "the HTP miscomputes the graph", localized
+    divergence = localized["divergence"]
+    # the convolution a resnet runs on GroupNorm -> SiLU: where the HTP's divergence shows (README: export)
+    assert divergence["block"].startswith("encoder.down_blocks."), divergence
+    assert ".resnets." in divergence["module"] and divergence["op_pattern"][-1] == "Conv", divergence
+    assert (tmp_path / "localized" / divergence["reproducer"]).is_file()

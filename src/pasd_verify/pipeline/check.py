@@ -167,8 +167,12 @@ def teacher_forced(network: str, pipe: PASDPipeline, reference: PASDOutput, imag
             embeddings = pipe.encode_prompt(settings.prompt, settings.negative_prompt)
             return {"embeddings_sqnr_db": sqnr_db(_np(reference.trace.embeddings), _np(embeddings))}
         if network == "vae_encoder":
+            if reference.noise.posterior is None:
+                return {"unused": "a pure-noise start does not encode the photo"}
+            encoded = pipe.encode_photo(image, reference.noise.posterior)
             start = pipe.prepare_latents(image, reference.noise, settings.steps)
-            return {"start_latent_sqnr_db": sqnr_db(_np(reference.trace.start_latent), _np(start))}
+            return {"encoded_latent_sqnr_db": sqnr_db(_np(reference.trace.encoded_latent), _np(encoded)),
+                    "start_latent_sqnr_db": sqnr_db(_np(reference.trace.start_latent), _np(start))}
         if network == "vae_decoder":
             decoded = pipe.vae.decode(reference.latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
             return picture_figures(reference.picture, (decoded / 2 + 0.5).clamp(0, 1))
@@ -185,8 +189,8 @@ def network_faults(network: str, figures: dict[str, Any], thresholds: Thresholds
 
     if "embeddings_sqnr_db" in figures:
         below("embeddings_sqnr_db", figures["embeddings_sqnr_db"], thresholds.network_sqnr_db)
-    if "start_latent_sqnr_db" in figures:
-        below("start_latent_sqnr_db", figures["start_latent_sqnr_db"], thresholds.network_sqnr_db)
+    if "encoded_latent_sqnr_db" in figures:  # the encoder's own output; the start latent is mostly noise
+        below("encoded_latent_sqnr_db", figures["encoded_latent_sqnr_db"], thresholds.network_sqnr_db)
     if "psnr_db" in figures:
         below("psnr_db", figures["psnr_db"], thresholds.picture_psnr_db)
         below("ssim", figures["ssim"], thresholds.picture_ssim)
@@ -200,6 +204,53 @@ def network_faults(network: str, figures: dict[str, Any], thresholds: Thresholds
             faults.append({"network": network, "step": i, "figure": "guidance_std_ratio", "value": ratio,
                            "threshold": [low, high]})
     return faults
+
+
+# --- handing the culprit to the export's localization -----------------------------------------------------------
+
+def localize_culprit(culprit: dict[str, Any], pipe: PASDPipeline, runner: GraphRunner, reference: PASDOutput,
+                     image: torch.Tensor, settings: RunSettings, jobs: list[Path], folder: Path) -> dict[str, Any]:
+    """The culprit network's graph inputs at its first faulty step (captured from its teacher-forced call on fp32's
+    inputs), run through its QDQ graph on the CPU and on the HTP: when they disagree the HTP miscomputes the graph,
+    and the export's block and op localization (:func:`pasd_verify.export.localize.localize`) finds where, with a
+    reproducer in ``folder/divergences``; when they agree the error is the quantization's own."""
+    from ..export.agreement import HTP_SQNR_DB, worst
+    from ..export.htp import run_on_htp
+    from ..export.localize import localize
+    from ..export.onnx_io import run_onnx
+
+    network, step = culprit["network"], culprit["step"]
+    runner.captured = []
+    try:
+        if step is None:
+            teacher_forced(network, pipe, reference, image, settings, [])
+        else:
+            teacher_forced_step(jobs[step], pipe)
+    finally:
+        captured, runner.captured = runner.captured, None
+    feeds = captured[0]  # the first call: the unconditional half, or the one input a text or VAE call has
+    graph = runner.path.parent / "model.qdq.onnx"
+    cpu = run_onnx(graph, feeds)
+    htp = run_on_htp(graph, feeds)
+    found: dict[str, Any] = {"network": network, "step": step, "htp": htp.status}
+    if htp.status != "passed":
+        found["error"] = htp.error
+    else:
+        per_output = {name: sqnr_db(cpu[name], htp.outputs[name]) for name in cpu}
+        found["cpu_vs_htp_sqnr_db"] = per_output
+        if min(per_output.values()) >= HTP_SQNR_DB:
+            found["verdict"] = ("the QDQ graph gives the same on the CPU: the error is the quantization's, not the "
+                                "HTP's")
+            return found
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{network}_inputs.npz", **feeds)
+    per_output = found.get("cpu_vs_htp_sqnr_db")
+    divergence = localize(graph, feeds, folder, output=worst(per_output) if per_output else runner.outputs[0],
+                          threshold_db=HTP_SQNR_DB)
+    found["verdict"] = "the HTP miscomputes the graph"
+    found["divergence"] = divergence.as_dict() if divergence else None
+    found["inputs"] = f"{network}_inputs.npz"
+    return found
 
 
 # --- the whole check ------------------------------------------------------------------------------------------
@@ -226,10 +277,11 @@ def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
 
 def check_pipeline(components: Components, image: torch.Tensor, noise: StartNoise, settings: RunSettings,
                    backends: dict[str, str], *, thresholds: Thresholds = Thresholds(),
-                   export_dir: str | Path | None = None, jobs_dir: Path,
+                   export_dir: str | Path | None = None, jobs_dir: Path, localize_dir: Path | None = None,
                    progress: Callable[[str], Any] | None = None) -> CheckResult:
     """The fp32 run, the run with ``backends``, each chosen network alone (attribution and teacher forcing), every
-    figure against ``thresholds``. ``export_dir`` holds one export folder per network on a graph backend."""
+    figure against ``thresholds``. ``export_dir`` holds one export folder per network on a graph backend. With
+    ``localize_dir``, a culprit on the HTP is handed to the export's localization (:func:`localize_culprit`)."""
     say = progress or (lambda message: None)
     chosen = [n for n in NETWORKS if backends[n] != "fp32"]
     runners: dict[str, GraphRunner] = {}
@@ -258,6 +310,18 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
                 "picture_alone": picture_figures(reference.picture, whole.picture) if whole is not None else None,
                 "faults": (network_faults(network, forced, thresholds) if forced else
                            [{"network": network, "step": None, "figure": "error", "value": error, "threshold": None}])}
+        faults = [f for n in chosen for f in networks[n]["faults"]]
+        localized = None
+        if faults and localize_dir is not None and backends[faults[0]["network"]] == "htp" \
+                and networks[faults[0]["network"]]["error"] is None:
+            culprit = faults[0]
+            say(f"{culprit['network']}: handing its step-{culprit['step']} inputs to the export's localization")
+            alone = {**dict.fromkeys(NETWORKS, "fp32"), culprit["network"]: "htp"}
+            pipe = build_pipeline(components, alone, export_dir=export_dir, runners=runners)
+            runner = runners[f"{culprit['network']}=htp"]
+            localized, error = _attempt(lambda: localize_culprit(culprit, pipe, runner, reference, image, settings,
+                                                                 jobs, localize_dir))
+            localized = localized or {"network": culprit["network"], "error": error}
         sessions = {key: runner.figures() for key, runner in runners.items()}
     finally:
         for runner in runners.values():
@@ -270,7 +334,6 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
                   "guidance_std_ratio": all(low <= s["guidance_std_ratio"] <= high for s in steps)}
     else:
         picture, steps, checks = None, [], {"candidate_ran": False}
-    faults = [f for n in chosen for f in networks[n]["faults"]]
     # a network whose own error crosses its threshold fails the check even where this photo's picture hides it
     checks["networks_teacher_forced"] = not faults
     report = {
@@ -287,5 +350,6 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
         "culprit": faults[0] if faults else None,
         "teacher_forced_faults": faults,
         "graph_sessions": sessions,
+        "localized": localized,
     }
     return CheckResult(report, reference, candidate, attribution)

@@ -22,7 +22,7 @@ from .pasd import (PROCESS_SIZE, PipelineInputError, StartNoise, pasd_prompt, pr
                    to_tensor)
 
 OUTPUTS = ("picture_fp32.png", "picture_candidate.png", "comparison.png", "steps.png", "noise.npz", "report.json",
-           "steps", "exports", *(f"picture_{n}_alone.png" for n in NETWORKS))
+           "steps", "exports", "localized", *(f"picture_{n}_alone.png" for n in NETWORKS))
 DEFAULT_PHOTO = "astronaut"  # skimage.data's
 
 
@@ -196,7 +196,8 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
             exports = {n: {"passed": r["passed"], "folder": f"exports/{n}"} for n, r in reports.items()}
             exports_seconds = time.perf_counter() - exports_started
         result = check_pipeline(components, tensor, noise, settings, backends, thresholds=config.thresholds,
-                                export_dir=export_dir, jobs_dir=staging / "steps", progress=say)
+                                export_dir=export_dir, jobs_dir=staging / "steps",
+                                localize_dir=staging / "localized", progress=say)
         for figures in result.report["graph_sessions"].values():  # where the graph will be once the outputs land
             graph = Path(figures["graph"])
             if graph.is_relative_to(staging):

@@ -151,6 +151,7 @@ class GraphRunner:
         self.inputs = {i.name: tuple(i.shape) for i in self._session.get_inputs()}
         self.outputs = [o.name for o in self._session.get_outputs()]
         self.calls, self.seconds = 0, 0.0
+        self.captured: list[dict[str, np.ndarray]] | None = None  # a list: every call's feeds are kept in it
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, shape in self.inputs.items():
@@ -158,8 +159,11 @@ class GraphRunner:
                 raise BackendError(f"{self.network} on {self.backend}: {self.path} was compiled for {name} of shape "
                                    f"{list(shape)}, this run feeds {list(feeds[name].shape)} (graphs run at one "
                                    "size; export at this photo's working size)")
+        feeds = {k: feeds[k] for k in self.inputs}
+        if self.captured is not None:
+            self.captured.append(feeds)
         started = time.perf_counter()
-        outputs = self._session.run(self.outputs, {k: feeds[k] for k in self.inputs})
+        outputs = self._session.run(self.outputs, feeds)
         self.calls += 1
         self.seconds += time.perf_counter() - started
         return dict(zip(self.outputs, outputs))

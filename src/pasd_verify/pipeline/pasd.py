@@ -198,7 +198,9 @@ class StartNoise:
 class Trace:
     """Every step's tensors: the latent the step starts from, the scheduler-scaled latent the networks take (the
     teacher-forcing input), the two guidance halves' noise predictions and the latent after the step;
-    ``embeddings`` is the text encoder's [uncond, cond] output, ``start_latent`` the loop's first latent."""
+    ``embeddings`` is the text encoder's [uncond, cond] output, ``encoded_latent`` the photo's scaled posterior
+    sample (a photo start only), ``start_latent`` the loop's first latent (noised: at the first timestep the photo
+    keeps 7% of its amplitude, so the start hides most of an encoder's error, not the picture)."""
 
     timesteps: list[int] = field(default_factory=list)
     latents_in: list[torch.Tensor] = field(default_factory=list)
@@ -207,6 +209,7 @@ class Trace:
     noise_cond: list[torch.Tensor] = field(default_factory=list)
     latents_out: list[torch.Tensor] = field(default_factory=list)
     embeddings: torch.Tensor | None = None
+    encoded_latent: torch.Tensor | None = None
     start_latent: torch.Tensor | None = None
 
 
@@ -248,15 +251,23 @@ class PASDPipeline(DiffusionPipeline):
         height, width = image.shape[-2:]
         return (1, self.unet.config.in_channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
 
-    def prepare_latents(self, image: torch.Tensor, noise: StartNoise, num_inference_steps: int) -> torch.Tensor:
-        """PASD's ``prepare_latents``. From a photo: the VAE posterior sampled with ``noise.posterior``, scaled,
-        noised at the first timestep, then noised again "at ``added_noise_level`` 900", which UniPC's ``add_noise``
-        looks up in the inference timesteps, does not find, and takes at the schedule's LAST timestep; that is what
-        PASD's released pictures use, so it is reproduced, not fixed."""
+    def encode_photo(self, image: torch.Tensor, posterior: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior of the photo (as ``2 * image - 1``) sampled with ``posterior`` as diffusers'
+        ``DiagonalGaussianDistribution.sample`` does, times the scaling factor."""
+        distribution = self.vae.encode(image * 2.0 - 1.0).latent_dist
+        return (distribution.mean + distribution.std * posterior) * self.vae.config.scaling_factor
+
+    def prepare_latents(self, image: torch.Tensor, noise: StartNoise, num_inference_steps: int,
+                        trace: Trace | None = None) -> torch.Tensor:
+        """PASD's ``prepare_latents``. From a photo: :meth:`encode_photo`, noised at the first timestep, then noised
+        again "at ``added_noise_level`` 900", which UniPC's ``add_noise`` looks up in the inference timesteps, does
+        not find, and takes at the schedule's LAST timestep; that is what PASD's released pictures use, so it is
+        reproduced, not fixed."""
         if noise.posterior is None:
             return noise.first * self.scheduler.init_noise_sigma
-        distribution = self.vae.encode(image * 2.0 - 1.0).latent_dist
-        latents = (distribution.mean + distribution.std * noise.posterior) * self.vae.config.scaling_factor
+        latents = self.encode_photo(image, noise.posterior)
+        if trace is not None:
+            trace.encoded_latent = latents
         self.scheduler.set_timesteps(num_inference_steps)
         latents = self.scheduler.add_noise(latents, noise.first, self.scheduler.timesteps[:1])
         latents = self.scheduler.add_noise(latents, noise.added, torch.tensor([ADDED_NOISE_LEVEL]))
@@ -292,7 +303,7 @@ class PASDPipeline(DiffusionPipeline):
         if noise is None:
             noise = StartNoise.draw(start, shape, generator or torch.Generator().manual_seed(0))
         trace = Trace(embeddings=self.encode_prompt(prompt, negative_prompt))
-        latents = self.prepare_latents(image, noise, num_inference_steps)
+        latents = self.prepare_latents(image, noise, num_inference_steps, trace)
         trace.start_latent = latents
         self.scheduler.set_timesteps(num_inference_steps)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
