@@ -70,7 +70,8 @@ class RunSettings:
 
 
 def build_pipeline(components: Components, backends: dict[str, str], *, export_dir: str | Path | None = None,
-                   runners: dict[str, GraphRunner] | None = None, scheduler_config: dict | None = None) -> PASDPipeline:
+                   runners: dict[str, GraphRunner] | None = None, scheduler_config: dict | None = None,
+                   label: str | None = None) -> PASDPipeline:
     """A pipeline of ``components`` with each network on its backend and UniPC built from the components' scheduler
     config, as PASD builds it."""
     from diffusers import UniPCMultistepScheduler
@@ -78,7 +79,8 @@ def build_pipeline(components: Components, backends: dict[str, str], *, export_d
     scheduler = UniPCMultistepScheduler.from_config(scheduler_config or components.scheduler_config)
     pipe = PASDPipeline(tokenizer=components.tokenizer, scheduler=scheduler,
                         **pipeline_components(backends, components, export_dir=export_dir, runners=runners))
-    pipe.set_progress_bar_config(disable=True)
+    # with a label, diffusers' own progress bar over the steps (on stderr), gone when the run ends
+    pipe.set_progress_bar_config(disable=label is None, desc=label, leave=False)
     return pipe
 
 
@@ -176,7 +178,11 @@ def teacher_forced(network: str, pipe: PASDPipeline, reference: PASDOutput, imag
         if network == "vae_decoder":
             decoded = pipe.vae.decode(reference.latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
             return picture_figures(reference.picture, (decoded / 2 + 0.5).clamp(0, 1))
-    return {"steps": [teacher_forced_step(job, pipe) for job in jobs]}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(jobs, desc=f"{network} teacher-forced", unit="step", leave=False,
+               disable=pipe._progress_bar_config.get("disable", True))
+    return {"steps": [teacher_forced_step(job, pipe) for job in bar]}
 
 
 def network_faults(network: str, figures: dict[str, Any], thresholds: Thresholds) -> list[dict[str, Any]]:
@@ -283,20 +289,27 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
     figure against ``thresholds``. ``export_dir`` holds one export folder per network on a graph backend. With
     ``localize_dir``, a culprit on the HTP is handed to the export's localization (:func:`localize_culprit`)."""
     say = progress or (lambda message: None)
+
+    def label(run_name: str) -> str | None:
+        return run_name if progress else None
+
     chosen = [n for n in NETWORKS if backends[n] != "fp32"]
     runners: dict[str, GraphRunner] = {}
     try:
         say("fp32 reference run")
-        reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, settings)
+        reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32"), label=label("fp32")), image,
+                        noise, settings)
         jobs = save_step_jobs(reference, image, settings, jobs_dir)
         say(f"candidate run ({', '.join(f'{n}={backends[n]}' for n in chosen) or 'all fp32'})")
         candidate, candidate_error = _attempt(lambda: run(
-            build_pipeline(components, backends, export_dir=export_dir, runners=runners), image, noise, settings))
+            build_pipeline(components, backends, export_dir=export_dir, runners=runners, label=label("candidate")),
+            image, noise, settings))
         attribution, networks = {}, {}
         for network in chosen:
             alone = {**dict.fromkeys(NETWORKS, "fp32"), network: backends[network]}
             say(f"{network} alone on {backends[network]}: teacher-forced")
-            pipe, error = _attempt(lambda: build_pipeline(components, alone, export_dir=export_dir, runners=runners))
+            pipe, error = _attempt(lambda: build_pipeline(components, alone, export_dir=export_dir, runners=runners,
+                                                          label=label(f"{network} alone")))
             forced, error = (None, error) if error else _attempt(
                 lambda: teacher_forced(network, pipe, reference, image, settings, jobs))
             whole = candidate
