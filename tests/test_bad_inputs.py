@@ -298,18 +298,29 @@ def _bad_value(draw, flag: str) -> str:
                "--seed": st.just("x"), "--cache-budget": st.integers(-10**12, -1)}
     if flag in numbers:
         return str(draw(numbers[flag]))
-    if flag == "--htp-threshold-db":
+    if flag in ("--htp-threshold-db", "--guidance", "--conditioning-scale", "--psnr-db"):
         return draw(st.sampled_from(["nan", "inf", "-inf", "x", ""]))
+    pipeline_numbers = {"--steps": st.integers(-10**6, 0), "--upscale": st.integers(-10**6, 0),
+                        "--process-size": st.one_of(st.integers(-10**6, 7), st.integers(9, 10**4).filter(
+                            lambda n: n % 8)),
+                        "--ssim": st.one_of(st.floats(max_value=0.0, allow_nan=False), st.floats(min_value=1.0001),
+                                            st.just(float("nan")))}
+    if flag in pipeline_numbers:
+        return str(draw(pipeline_numbers[flag]))
+    if flag == "--backend":
+        return draw(st.one_of(st.text(max_size=12).filter(lambda s: "=" not in s),
+                              st.sampled_from(["unet=gpu", "vae=qdq", "all=", "=htp", "unet=htp=1"])))
     if flag == "--soc-model":
         return draw(st.one_of(st.text(max_size=4).filter(lambda s: not (s.isdigit() and s.isascii() and int(s) > 0)),
                               st.just("-1"), st.just("0")))
     if flag == "--device":
         return draw(st.sampled_from(["banana", "meta", "cuda:x", "", "mps", "cuda" if not torch.cuda.is_available() else "x"]))
     choices = {"--weights", "--encodings-version", "--cache-dtype", "--form", "--kind", "--preset", "--model-class",
-               "--rewrite", "--no-rewrite"}
+               "--rewrite", "--no-rewrite", "--start"}
     assert flag in choices, flag
     return draw(st.text(min_size=1, max_size=8).filter(lambda s: s not in ("per_channel", "per_tensor", "float32",
-                                                                            "float16", "sha", "mha", "tiny")))
+                                                                            "float16", "sha", "mha", "tiny",
+                                                                            "photo", "noise")))
 
 
 _LATENT = st.lists(st.integers(-5, 0), min_size=2, max_size=2)
@@ -320,6 +331,8 @@ FLAGS = {
     "export": ["--samples", "--param-bw", "--act-bw", "--soc-model", "--htp-threshold-db", "--weights", "--form",
                "--kind", "--preset", "--seed", "--rewrite", "--no-rewrite", "--latent"],
     "demo": ["--seed"],
+    "pipeline": ["--steps", "--guidance", "--conditioning-scale", "--upscale", "--process-size", "--seed", "--start",
+                 "--backend", "--psnr-db", "--ssim", "--preset"],
 }
 
 
@@ -335,7 +348,8 @@ def test_every_subcommand_refuses_a_bad_flag_value_before_any_work(good, tmp_pat
     base = {"convert": ["--model-config", str(good["config"]), "--state-dict", str(good["safetensors"])],
             "adaround": ["--preset", "tiny", "--samples", "1", "--iterations", "1", "--only", "conv_in"],
             "export": ["--preset", "tiny", "--kind", "unet", "--samples", "1"],
-            "demo": []}[command]
+            "demo": [],
+            "pipeline": ["--preset", "tiny", "--process-size", "64", "--steps", "1"]}[command]
     folder = tmp_path_factory.mktemp(command)
     _check([command, *base, flag, *values], folder / "out", list(good.values()), [flag, flag.lstrip("-"), flag.lstrip("-").replace("-", "_")],
            may_succeed=False)

@@ -123,7 +123,7 @@ class ExportConfig:
             raise ExportError(f"param_bw must be one of {PARAM_BWS}, got {self.param_bw}")
         if self.act_bw not in ACT_BWS:
             raise ExportError(f"act_bw must be one of {ACT_BWS}, got {self.act_bw}")
-        if not (self.soc_model.isdigit() and int(self.soc_model) > 0):
+        if not (self.soc_model.isascii() and self.soc_model.isdigit() and int(self.soc_model) > 0):
             raise ExportError(f"soc_model must be a positive QNN SoC model number (e.g. {DEFAULT_SOC_MODEL}), "
                               f"got {self.soc_model!r}")
         if not math.isfinite(self.htp_threshold_db):

@@ -46,6 +46,8 @@ class PipelineCheckConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise PipelineInputError(f"--steps must be at least 1, got {self.steps}")
+        if self.upscale < 1:
+            raise PipelineInputError(f"--upscale must be a whole factor of at least 1, got {self.upscale}")
         if self.process_size < 8 or self.process_size % 8:
             raise PipelineInputError(f"--process-size must be a positive multiple of 8, got {self.process_size}")
         for name in ("guidance", "conditioning_scale"):
