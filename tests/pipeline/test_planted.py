@@ -132,3 +132,29 @@ def test_an_htp_divergence_is_named_and_handed_to_the_exports_localization(setup
     assert divergence["block"].startswith("encoder.down_blocks."), divergence
     assert ".resnets." in divergence["module"] and divergence["op_pattern"][-1] == "Conv", divergence
     assert (tmp_path / "localized" / divergence["reproducer"]).is_file()
+
+
+def test_an_htp_child_that_dies_is_a_reported_result(setup, tmp_path, monkeypatch):
+    """The HTP backend can kill its process; the pipeline check reports the run as not done, naming the graph and
+    the signal, and goes on with the networks it can still judge."""
+    import os
+    import signal
+
+    from pasd_verify.export.htp import HtpSession
+
+    *_, exports, _ = setup
+    started = HtpSession.__init__
+
+    def dies_after_loading(self, *args, **kwargs):  # as a backend crash would end it: SIGKILL
+        started(self, *args, **kwargs)
+        os.kill(self._child.pid, signal.SIGKILL)
+
+    monkeypatch.setattr(HtpSession, "__init__", dies_after_loading)
+    components, image, noise, _, _ = setup
+    backends = {**dict.fromkeys(NETWORKS, "fp32"), "text_encoder": "htp"}
+    report = check_pipeline(components, image, noise, SETTINGS, backends, export_dir=exports,
+                            jobs_dir=tmp_path / "steps").report
+    assert not report["passed"] and report["checks"] == {"candidate_ran": False, "networks_teacher_forced": False}
+    assert "the HTP child died (SIGKILL) while running call 1 of" in report["candidate_error"]
+    assert "text_encoder/model_ctx.onnx" in report["candidate_error"]
+    assert report["culprit"]["network"] == "text_encoder" and report["culprit"]["figure"] == "error"

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..models.vae import split_vae
-from .networks import Components, sha_copy
+from .networks import KIND_OF, Components, sha_copy
 from .pasd import PASDOutput
 
 
@@ -34,11 +34,16 @@ def calibration_samples(network: str, components: Components, reference: PASDOut
 
 
 def _sha_network(network: str, components: Components) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """``network`` in SHA form and, where its kind is calibrated on a partner's outputs (the registry says: the PASD
+    UNet on its ControlNet's residuals), the partner in SHA form too."""
+    from ..kinds import get_kind
+
     if network in ("vae_encoder", "vae_decoder"):
         return split_vae(sha_copy(components.vae))[0 if network == "vae_encoder" else 1], None
-    if network == "unet":
-        return sha_copy(components.unet), sha_copy(components.controlnet)
-    return sha_copy(getattr(components, network)), None
+    partner = get_kind(KIND_OF[network]).partner
+    network_of = {kind: name for name, kind in KIND_OF.items()}
+    return (sha_copy(getattr(components, network)),
+            sha_copy(getattr(components, network_of[partner])) if partner else None)
 
 
 def export_networks(networks: list[str], components: Components, reference: PASDOutput, image: torch.Tensor,
