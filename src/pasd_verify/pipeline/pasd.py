@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -331,6 +330,3 @@ def save_picture(picture: torch.Tensor, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         to_pil(picture).save(tmp, format="PNG")
 
-
-def picture_path(out_dir: str | os.PathLike, name: str) -> Path:
-    return Path(out_dir) / f"{name}.png"
