@@ -46,6 +46,8 @@ def test_sha_pipeline_writes_every_output_and_passes(tmp_path, photo, capsys):
                  "steps.png", "noise.npz", "steps/step_00.npz", "steps/step_01.npz"):
         assert (out / name).is_file(), name
     assert Image.open(out / "picture_candidate.png").size == (80, 64)
+    # PASD's saved picture: colour-fixed with the photo; the photo was not resized up, so at the working size
+    assert Image.open(out / "pasd_candidate.png").size == (80, 64)
     # the noise written is the noise used: a second run on it gives the same fp32 picture
     again = tmp_path / "again"
     assert main(["pipeline", *SMALL, "--image", str(photo), "--noise", str(out / "noise.npz"), "--out",
@@ -142,6 +144,17 @@ def test_local_folders_give_the_presets_picture(tmp_path, photo):
     assert main([*common, "--sd-dir", str(sd), "--pasd-dir", str(pasd), "--out", str(tmp_path / "folders")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "preset" / "picture_fp32.png")),
                           np.asarray(Image.open(tmp_path / "folders" / "picture_fp32.png")))
+
+
+def test_pasds_saved_picture_goes_back_to_the_photos_size(tmp_path, capsys):
+    """A photo below process_size is resized up to it; PASD's saved picture goes back to the photo's size."""
+    from skimage import data
+
+    path = tmp_path / "small.png"
+    Image.fromarray(data.chelsea()).resize((50, 40), Image.BICUBIC).save(path)
+    assert main(["pipeline", *SMALL, "--image", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "picture_fp32.png").size == (80, 64)  # 64 / 40 * 50, floored to 8s
+    assert Image.open(tmp_path / "out" / "pasd_fp32.png").size == (50, 40)
 
 
 def test_a_folder_missing_a_part_is_named(tmp_path, photo, capsys):

@@ -19,10 +19,11 @@ from ..io import refuse_overwriting_inputs, staged_outputs, write_json
 from .check import RunSettings, Thresholds, build_pipeline, check_pipeline, run
 from .networks import NETWORKS, Components, preset_components
 from .pasd import (PROCESS_SIZE, PipelineInputError, StartNoise, pasd_prompt, preprocess, save_picture, to_pil,
-                   to_tensor)
+                   to_tensor, wavelet_color_fix)
 
 OUTPUTS = ("picture_fp32.png", "picture_candidate.png", "comparison.png", "steps.png", "noise.npz", "report.json",
-           "steps", "exports", "localized", *(f"picture_{n}_alone.png" for n in NETWORKS))
+           "steps", "exports", "localized", *(f"picture_{n}_alone.png" for n in NETWORKS),
+           "pasd_fp32.png", "pasd_candidate.png", *(f"pasd_{n}_alone.png" for n in NETWORKS))
 DEFAULT_PHOTO = "astronaut"  # skimage.data's
 
 
@@ -151,6 +152,19 @@ def _steps_figure(report: dict[str, Any], path: Path) -> None:
     figure.savefig(path, format="png", dpi=80)
 
 
+def _save_as_pasd(picture: torch.Tensor, photo, size: tuple[int, int], path: Path) -> None:
+    """The picture as PASD's ``test_pasd.py`` saves it: colour-fixed with the photo (wavelet), at ``size``."""
+    from PIL import Image
+
+    from ..io import atomic_path
+
+    fixed = wavelet_color_fix(to_pil(picture), photo)
+    if fixed.size != size:
+        fixed = fixed.resize(size, Image.BICUBIC)
+    with atomic_path(path) as tmp:
+        fixed.save(tmp, format="PNG")
+
+
 # --- the command ----------------------------------------------------------------------------------------------
 
 def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, preset: str | None = None,
@@ -168,7 +182,11 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
 
     backends = parse_backends([f"{n}={b}" for n, b in config.backends])
     photo, photo_source = photo or load_photo(image)
+    # test_pasd.py resizes its picture back to the upscaled photo's size when it had resized the photo up to
+    # process_size (its resize_flag); otherwise it saves the working size
+    upscaled = (photo.width * config.upscale, photo.height * config.upscale)
     photo = preprocess(photo, upscale=config.upscale, process_size=config.process_size)
+    saved_size = upscaled if min(upscaled) < config.process_size else photo.size
     tensor = to_tensor(photo)
     say(f"photo {photo_source} at working size {photo.width} x {photo.height}")
     components = preset_components(preset) if preset else load_components(sd_dir, pasd_dir)
@@ -217,6 +235,7 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
         pictures.update({f"{n}_alone": r.picture for n, r in result.attribution.items()})
         for name, picture in pictures.items():
             save_picture(picture, staging / f"picture_{name}.png")
+            _save_as_pasd(picture, photo, saved_size, staging / f"pasd_{name}.png")
         noise.save(staging / "noise.npz")
         _comparison_figure(photo, pictures, result.reference.picture, staging / "comparison.png")
         _steps_figure(result.report, staging / "steps.png")
