@@ -70,13 +70,12 @@ class RunSettings:
 
 
 def build_pipeline(components: Components, backends: dict[str, str], *, export_dir: str | Path | None = None,
-                   runners: dict[str, GraphRunner] | None = None, scheduler_config: dict | None = None,
-                   label: str | None = None) -> PASDPipeline:
+                   runners: dict[str, GraphRunner] | None = None, label: str | None = None) -> PASDPipeline:
     """A pipeline of ``components`` with each network on its backend and UniPC built from the components' scheduler
     config, as PASD builds it."""
     from diffusers import UniPCMultistepScheduler
 
-    scheduler = UniPCMultistepScheduler.from_config(scheduler_config or components.scheduler_config)
+    scheduler = UniPCMultistepScheduler.from_config(components.scheduler_config)
     pipe = PASDPipeline(tokenizer=components.tokenizer, scheduler=scheduler,
                         **pipeline_components(backends, components, export_dir=export_dir, runners=runners))
     # with a label, diffusers' own progress bar over the steps (on stderr), gone when the run ends

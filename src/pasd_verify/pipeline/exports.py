@@ -13,7 +13,7 @@ import torch
 
 from ..models.vae import split_vae
 from .networks import KIND_OF, Components, sha_copy
-from .pasd import PASDOutput
+from .pasd import PASDOutput, tokenize
 
 
 def calibration_samples(network: str, components: Components, reference: PASDOutput, image: torch.Tensor,
@@ -21,9 +21,7 @@ def calibration_samples(network: str, components: Components, reference: PASDOut
     """``network``'s inputs in the fp32 run, one batch-1 sample per call (:mod:`pasd_verify.quant.calibration`)."""
     trace = reference.trace
     if network == "text_encoder":
-        tokenizer = components.tokenizer
-        return [{"input_ids": tokenizer(p, padding="max_length", max_length=tokenizer.model_max_length,
-                                        truncation=True, return_tensors="pt").input_ids} for p in prompts]
+        return [{"input_ids": tokenize(components.tokenizer, p)} for p in prompts]
     if network == "vae_encoder":
         return [{"image": image * 2 - 1}]
     if network == "vae_decoder":

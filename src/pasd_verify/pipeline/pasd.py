@@ -50,6 +50,12 @@ def sd15_scheduler() -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG)
 
 
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """``text``'s token ids as SD pipelines make them: padded to the tokenizer's length (77), truncated."""
+    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def pasd_prompt(prompt: str) -> str:
     """``test_pasd.py`` joins the user's prompt and the added prompt with ", "."""
     return f"{prompt}, {ADDED_PROMPT}"
@@ -242,9 +248,8 @@ class PASDPipeline(DiffusionPipeline):
     def encode_prompt(self, prompt: str, negative_prompt: str) -> torch.Tensor:
         """``[uncond, cond]`` embeddings, as PASD's ``_encode_prompt``: both padded to the tokenizer's length, no
         attention mask (CLIP's config asks for none)."""
-        ids = [self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids for text in (negative_prompt, prompt)]
-        return torch.cat([self.text_encoder(i)[0] for i in ids]).float()
+        return torch.cat([self.text_encoder(tokenize(self.tokenizer, text))[0]
+                          for text in (negative_prompt, prompt)]).float()
 
     def latent_shape(self, image: torch.Tensor) -> tuple[int, ...]:
         height, width = image.shape[-2:]
