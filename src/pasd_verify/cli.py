@@ -247,6 +247,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .port.command import check_files
+    from .port.laws import PortArtifacts
+    from .port.report import table
+
+    _begin_work(*_MODELS, "onnx")
+    artifacts = PortArtifacts.of(model=args.model, kind=args.kind, mha=args.mha, sha=args.sha,
+                                 mha_encodings=args.mha_encodings, sha_encodings=args.sha_encodings, names=args.names,
+                                 partner=args.partner, onnx=args.onnx, onnx_encodings=args.onnx_encodings)
+    if not artifacts.given() - {"kind"}:
+        raise PasdVerifyError("no artifact given: name at least one of --model, --sha, --mha-encodings, "
+                              "--sha-encodings, --onnx")
+    with _stage_lines("pasd_verify.port"):
+        results, report = check_files(args.out, artifacts, laws=args.law, seed=args.seed,
+                                      progress=lambda law: _say(f"checking {law}"))
+    print(table(results))
+    verdict = report["verdict"]
+    print(f"{verdict['passed']} law(s) passed, {verdict['failed']} failed, {verdict['unchecked']} not checked; "
+          f"wrote report.json and junit.xml into {args.out}")
+    return 0 if verdict["failed"] == 0 else 1
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from .pipeline.check import Thresholds
     from .pipeline.command import PipelineCheckConfig, pipeline_files
@@ -386,6 +408,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     exp.add_argument("--out", required=True, help="output folder")
     exp.set_defaults(func=_export)
+
+    chk = sub.add_parser("check", parents=[verbose],
+                         help="check the laws of an MHA -> SHA port made by any tool, on whatever of its files you have")
+    arts = chk.add_argument_group("the port's files (any subset: each law needs some; the report says which)")
+    arts.add_argument("--model", help="the model folder (config.json and its MHA weights) or its config.json")
+    arts.add_argument("--kind", choices=KIND_NAMES, metavar="KIND",
+                      help="the network of a folder that holds two (a VAE: vae-encoder or vae-decoder)")
+    arts.add_argument("--mha", help="the MHA checkpoint (default: the weights in the model folder)")
+    arts.add_argument("--sha", help="the SHA checkpoint the port wrote")
+    arts.add_argument("--mha-encodings", help="AIMET encodings of the MHA model")
+    arts.add_argument("--sha-encodings", help="AIMET encodings of the SHA model the port wrote")
+    arts.add_argument("--names", help="JSON: MHA parameter name -> the port's head names, where they cannot be "
+                                      "inferred")
+    arts.add_argument("--partner", help="the ControlNet folder whose outputs a PASD UNet takes")
+    arts.add_argument("--onnx", help="an ONNX export of the model (float graph)")
+    arts.add_argument("--onnx-encodings", help="the encodings exported with --onnx")
+    chk.add_argument("--law", action="append", metavar="LAW", help="check only this law (repeatable)")
+    chk.add_argument("--seed", type=int, default=0, help="seed of the inputs the models are compared on")
+    chk.add_argument("--out", required=True, help="output folder: report.json and junit.xml")
+    chk.set_defaults(func=_check)
 
     pipe = sub.add_parser("pipeline", parents=[verbose],
                           help="run PASD's whole super-resolution with networks on chosen backends, judged against fp32")

@@ -1,0 +1,562 @@
+"""The laws of an MHA -> SHA port, checked on another tool's artifacts.
+
+A :class:`Port` reads whatever a user has (:class:`PortArtifacts`: a model folder, its MHA checkpoint, an SHA
+checkpoint, MHA and SHA encodings, an ONNX export and its encodings, a QDQ graph) up front, so that an unreadable
+file is an error before any law runs. Each :class:`Law` names the artifacts it needs; :func:`check_port` runs every
+law whose artifacts are there and says, for the others, which artifact is missing. A failed law lists each key at
+fault (:class:`Failure`), in the port's own names.
+
+The laws read the port through :class:`~pasd_verify.port.names.HeadNames` (their head keys -> ours) and then hold it
+to what this project's own rewrite computes from the MHA artifacts (:mod:`pasd_verify.checkpoint`,
+:mod:`pasd_verify.encodings`): the split is exact (rows, not numbers close to them), so "what the MHA file implies"
+is one answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import checkpoint_shapes, load_state_dict_file
+from ..encodings import _channels, _entries, _is_per_tensor, convert_version, detect_prefix, load_encodings, mha_to_sha
+from ..encodings_check import check_encodings
+from ..errors import PasdVerifyError
+from ..kinds import get_kind, kind_of
+from ..loading import build_model, choose_model, find_weights, load_config, load_model, parameter_shapes
+from ..models import split_vae
+from ..sha import convert_to_sha
+from .names import HeadNames, infer_head_names, load_head_names
+
+# max |SHA - MHA| over max |MHA| on the same inputs: the SHA model computes the same function, in fp32 with another
+# summation order (about 1e-7 of the output, measured on the tiny and SD1.5-size models), in fp64 to ulps.
+FP32_TOLERANCE = 1e-5
+FP64_TOLERANCE = 1e-12
+# An encoding's numbers go through JSON: a tool writing them from float32 keeps 7 digits.
+_FLOAT_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class PortArtifacts:
+    """The files of a port, any subset. ``model``: a model folder (``config.json``, and its weights unless ``mha``
+    names them) or a ``config.json``; ``kind``: which network of a folder that holds two (a VAE); ``names``: a names
+    file (our MHA name -> the port's head names); ``partner``: the ControlNet folder whose outputs a PASD UNet takes."""
+
+    model: Path | None = None
+    kind: str | None = None
+    mha: Path | None = None
+    sha: Path | None = None
+    mha_encodings: Path | None = None
+    sha_encodings: Path | None = None
+    names: Path | None = None
+    partner: Path | None = None
+    onnx: Path | None = None
+    onnx_encodings: Path | None = None
+
+    @classmethod
+    def of(cls, **values: Any) -> PortArtifacts:
+        """From strings or paths (None and empty strings are absent)."""
+        paths = {f.name for f in fields(cls)} - {"kind"}
+        unknown = set(values) - paths - {"kind"}
+        if unknown:
+            raise PasdVerifyError(f"unknown port artifact(s) {sorted(unknown)}; known: {sorted(paths | {'kind'})}")
+        return cls(**{k: (Path(v) if k in paths else v) for k, v in values.items() if v not in (None, "")})
+
+    def given(self) -> set[str]:
+        return {f.name for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One way a law does not hold: the key (the port's name for it) and what is wrong."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class Unchecked(Exception):
+    """Raised by a law that cannot be checked on this port, saying why."""
+
+
+@dataclass
+class LawResult:
+    """One law on one port: ``status`` is passed, failed or unchecked (``reason`` says why)."""
+
+    law: str
+    says: str
+    artifacts: list[str]
+    status: str
+    failures: list[Failure] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"law": self.law, "says": self.says, "artifacts": self.artifacts, "status": self.status,
+                "failures": [{"key": f.key, "message": f.message} for f in self.failures],
+                "figures": self.figures, "reason": self.reason, "seconds": round(self.seconds, 3)}
+
+
+def _file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise PasdVerifyError(f"{path}: no such {what}")
+    return path
+
+
+class Port:
+    """A port's artifacts, read and checked for readability (raising :class:`PasdVerifyError` naming the file), and
+    what the laws derive from them, each computed once when a law first needs it."""
+
+    def __init__(self, artifacts: PortArtifacts, *, seed: int = 0, samples: int = 2):
+        self.artifacts, self.seed, self.samples = artifacts, seed, samples
+        a = artifacts
+        if a.kind is not None:
+            get_kind(a.kind)
+        self.mha_path = a.mha
+        if self.mha_path is None and a.model is not None and Path(a.model).is_dir():
+            try:
+                self.mha_path = find_weights(a.model)
+            except PasdVerifyError:
+                pass
+        self.mha_shapes_file = checkpoint_shapes(_file(self.mha_path, "checkpoint")) if self.mha_path else None
+        self.sha_shapes_file = checkpoint_shapes(_file(a.sha, "checkpoint")) if a.sha else None
+        self.mha_encodings = load_encodings(_file(a.mha_encodings, "encodings file")) if a.mha_encodings else None
+        self.sha_encodings = load_encodings(_file(a.sha_encodings, "encodings file")) if a.sha_encodings else None
+        self.onnx_encodings = load_encodings(_file(a.onnx_encodings, "encodings file")) if a.onnx_encodings else None
+        self.onnx_graph = _load_onnx(a.onnx) if a.onnx else None
+        if a.model is not None:
+            load_config(_file(a.model, "model folder or config"))
+            self.choice = choose_model(a.model, self.mha_shapes_file)
+            meta = build_model(a.model, self.choice, device="meta")
+            self.mha_model_shapes = self.choice.file_shapes(parameter_shapes(meta))
+            self.name_map = convert_to_sha(meta).prefixed(self.choice.key_prefix)
+            self.sha_model_shapes = self.choice.file_shapes(parameter_shapes(meta))
+            self.heads = self._head_names()
+
+    @property
+    def available(self) -> set[str]:
+        """The artifacts at hand, the MHA checkpoint found in the model folder included."""
+        return self.artifacts.given() | ({"mha"} if self.mha_path is not None else set())
+
+    def _head_names(self) -> HeadNames:
+        if self.artifacts.names is not None:
+            return load_head_names(self.artifacts.names, self.name_map)
+        keys: dict[str, tuple[int, ...]] = dict(self.sha_shapes_file or {})
+        if self.sha_encodings is not None:
+            names = [n for n, _ in _entries(self.sha_encodings, "param_encodings", str(self.artifacts.sha_encodings))]
+            prefix = detect_prefix(names, list(self.sha_model_shapes) + list(keys))
+            for name in names:
+                keys.setdefault(name[len(prefix):] if name.startswith(prefix) else name, ())
+        return infer_head_names(keys, self.name_map, self.mha_model_shapes, self.mha_model_shapes)
+
+    # --- state, loaded when a law needs it ---
+
+    @cached_property
+    def mha_state(self) -> dict[str, torch.Tensor]:
+        return load_state_dict_file(self.mha_path)
+
+    @cached_property
+    def sha_state(self) -> dict[str, torch.Tensor]:
+        return load_state_dict_file(self.artifacts.sha)
+
+    @cached_property
+    def mha_model(self) -> nn.Module:
+        return load_model(self.artifacts.model, weights=self.mha_path)
+
+    def sha_model(self) -> nn.Module:
+        """The SHA model holding the port's SHA checkpoint, under our names (strictly: every key, nothing more)."""
+        model = build_model(self.artifacts.model, self.choice, device="cpu" if self.choice.name == "CLIPTextModel"
+                            else "meta")
+        convert_to_sha(model)
+        renamed = {self.heads.renames.get(k, k): v for k, v in self.sha_state.items()}
+        model.load_state_dict(self.choice.model_state(renamed), strict=True, assign=True)
+        return model.eval()
+
+    def partner_model(self) -> nn.Module | None:
+        return load_model(self.artifacts.partner) if self.artifacts.partner is not None else None
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    _file(path, "ONNX graph")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ValueError, ... for a file that is not a model
+        raise PasdVerifyError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
+
+
+# --- the laws --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Law:
+    """A law: its name (``group.law``), what it says, the artifacts it needs and the function that checks it (the
+    port -> its failures and figures; raising :class:`Unchecked` where this port cannot say)."""
+
+    name: str
+    says: str
+    needs: tuple[str, ...]
+    check: Callable[[Port], tuple[list[Failure], dict[str, Any]]]
+
+
+def _mha_fits(port: Port):
+    expected, found = port.mha_model_shapes, port.mha_shapes_file
+    failures = [Failure(k, "is missing from the MHA checkpoint") for k in sorted(expected.keys() - found.keys())]
+    failures += [Failure(k, "is not a parameter of the model") for k in sorted(found.keys() - expected.keys())]
+    failures += [Failure(k, f"has shape {found[k]}, the model {expected[k]}")
+                 for k in sorted(expected.keys() & found.keys()) if tuple(found[k]) != tuple(expected[k])]
+    return failures, {"keys": len(found)}
+
+
+def _names_matched(port: Port):
+    failures = [Failure(k, why) for k, why in sorted(port.heads.unmatched.items())]
+    return failures, {"scheme": port.heads.scheme, "patterns": port.heads.templates(),
+                      "heads_matched": sum(len(v) for v in port.heads.heads.values())}
+
+
+def _no_mha_keys(port: Port):
+    kept = sorted(k for k in port.sha_shapes_file if k in port.name_map)
+    return [Failure(k, "is an MHA projection key, still in the SHA checkpoint") for k in kept], {"mha_keys_kept": len(kept)}
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A head's parameter as the Linear rows it comes from: a 1x1 Conv2d weight (dh, C, 1, 1) -> (dh, C)."""
+    return tensor.reshape(tensor.shape[0], -1) if tensor.dim() == 4 and tensor.shape[2:] == (1, 1) else tensor
+
+
+def _split_failures(mha: str, whole: torch.Tensor, keys: list[str], heads: int, state: dict) -> list[Failure]:
+    if len(keys) != heads:
+        return [Failure(keys[0], f"{mha} is split into {len(keys)} heads; the model's attention has {heads}")]
+    rows = whole.shape[0] // heads
+    failures = []
+    for i, key in enumerate(keys):
+        if key not in state:
+            failures.append(Failure(key, f"head {i} of {mha} is missing"))
+            continue
+        head = _rows(state[key])
+        expected = whole[i * rows:(i + 1) * rows]
+        if head.shape != expected.shape:
+            failures.append(Failure(key, f"has shape {tuple(state[key].shape)}; head {i} of {mha} "
+                                         f"{tuple(whole.shape)} is rows {i * rows}:{(i + 1) * rows}"))
+        elif head.dtype != expected.dtype or not torch.equal(head, expected):
+            found = [j for j in range(heads) if torch.equal(head.to(whole.dtype), whole[j * rows:(j + 1) * rows])]
+            where = f"; it holds head {found[0]}'s rows" if found else ""
+            failures.append(Failure(key, f"is not rows {i * rows}:{(i + 1) * rows} of {mha}, bit for bit{where}"))
+    return failures
+
+
+def _head_split(port: Port):
+    failures, split = [], 0
+    heads_of = port.name_map.modules
+    for mha in port.name_map:
+        if mha not in port.mha_state:
+            continue
+        keys = port.heads.heads.get(mha)
+        if not keys:
+            failures.append(Failure(mha, "has no heads in the SHA checkpoint"))
+            continue
+        module = mha.rsplit(".", 2)[0].removeprefix(port.choice.key_prefix)
+        failures += _split_failures(mha, port.mha_state[mha], keys, heads_of[module], port.sha_state)
+        split += 1
+    return failures, {"projections_split": split, "heads": sum(len(v) for v in port.heads.heads.values())}
+
+
+def _rest_unchanged(port: Port):
+    failures, same = [], 0
+    for key, tensor in port.mha_state.items():
+        if key in port.name_map:
+            continue
+        if key not in port.sha_state:
+            failures.append(Failure(key, "is in the MHA checkpoint but not in the SHA one"))
+        elif port.sha_state[key].dtype != tensor.dtype or not torch.equal(port.sha_state[key], tensor):
+            failures.append(Failure(key, "differs from the MHA checkpoint's (not a q/k/v projection: it must be kept)"))
+        else:
+            same += 1
+    return failures, {"kept_identical": same}
+
+
+def _loads_strict(port: Port):
+    expected = port.sha_model_shapes
+    found = {port.heads.renames.get(k, k): (k, tuple(s)) for k, s in port.sha_shapes_file.items()}
+    failures = [Failure(k, "the SHA model needs it; the checkpoint has nothing that maps to it")
+                for k in sorted(expected.keys() - found.keys())]
+    failures += [Failure(found[k][0], "is not a parameter of the SHA model (unexpected in a strict load)")
+                 for k in sorted(found.keys() - expected.keys())]
+    failures += [Failure(found[k][0], f"has shape {found[k][1]}; the SHA model's {k} is {tuple(expected[k])}")
+                 for k in sorted(expected.keys() & found.keys()) if found[k][1] != tuple(expected[k])]
+    if not failures:
+        port.sha_model()  # the load itself: strict, every tensor assigned
+    return failures, {"keys": len(found)}
+
+
+def _networks(port: Port, model: nn.Module) -> list[nn.Module]:
+    """The networks of a loaded model: a VAE's two halves (or the one ``kind`` names), else the model."""
+    from diffusers import AutoencoderKL
+
+    if not isinstance(model, AutoencoderKL):
+        return [model]
+    halves = split_vae(model)
+    return [halves[("vae-encoder", "vae-decoder").index(port.artifacts.kind)]] if port.artifacts.kind else list(halves)
+
+
+def _relative(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    scale = reference.abs().max().item()
+    error = (candidate - reference).abs().max().item()
+    return error / scale if scale else error
+
+
+def _equals_mha(port: Port):
+    partner = port.partner_model()
+    mha_nets, sha_nets = _networks(port, port.mha_model), _networks(port, port.sha_model())
+    figures: dict[str, Any] = {"samples": port.samples}
+    failures = []
+    for mha_net, sha_net in zip(mha_nets, sha_nets):
+        kind = kind_of(mha_net)
+        if kind.partner is not None and partner is None:
+            raise Unchecked(f"a {kind.name}'s inputs come from its {kind.partner}: give its folder as the partner")
+        for precision, dtype, tolerance in (("fp32", torch.float32, FP32_TOLERANCE),
+                                            ("fp64", torch.float64, FP64_TOLERANCE)):
+            # nn.Module's own to(): diffusers' logs a warning for every cast of a model it could keep in float32
+            a, b = nn.Module.to(copy.deepcopy(mha_net), dtype), nn.Module.to(copy.deepcopy(sha_net), dtype)
+            feeding = nn.Module.to(copy.deepcopy(partner), dtype) if partner is not None else None
+            worst = 0.0
+            for sample in kind.seeded_samples(mha_net, port.samples, seed=port.seed):
+                sample = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sample.items()}
+                graph_a, graph_b = kind.graph(a), kind.graph(b)
+                feeds = graph_a.feeds(sample, feeding)
+                out_a, out_b = graph_a(feeds), graph_b(feeds)
+                worst = max(worst, *(_relative(out_a[k], out_b[k]) for k in out_a))
+            figures[f"{kind.name}_{precision}_relative_error"] = worst
+            figures[f"{kind.name}_{precision}_tolerance"] = tolerance
+            if not worst <= tolerance:
+                failures.append(Failure(kind.name, f"SHA and MHA outputs differ by {worst:.3g} of the output's "
+                                                   f"largest value in {precision}; the same function allows "
+                                                   f"{tolerance:g}"))
+    return failures, figures
+
+
+def _encodings_consistent(form: str):
+    def check(port: Port):
+        encodings = port.mha_encodings if form == "mha" else _renamed_encodings(port)
+        shapes = port.mha_model_shapes if form == "mha" else port.sha_model_shapes
+        source = str(port.artifacts.mha_encodings if form == "mha" else port.artifacts.sha_encodings)
+        problems = check_encodings(encodings, shapes, source=source)
+        return [Failure(_problem_key(p, source), p.removeprefix(source + ": ")) for p in problems], {
+            "param_encodings": len(list(_entries(encodings, "param_encodings", source))),
+            "activation_encodings": len(list(_entries(encodings, "activation_encodings", source)))}
+    return check
+
+
+def _problem_key(problem: str, source: str) -> str:
+    rest = problem.removeprefix(source + ": ").removeprefix("activation ")
+    return rest.split(":", 1)[0].split("[", 1)[0].strip()
+
+
+def _our_names(port: Port, encodings: dict) -> tuple[dict[str, str], dict[str, str], str]:
+    """Renames of the port's parameter and activation encoding names into ours, and the prefix AIMET put."""
+    source = str(port.artifacts.sha_encodings)
+    names = [n for n, _ in _entries(encodings, "param_encodings", source)]
+    prefix = detect_prefix(names, list(port.sha_model_shapes) + list(port.heads.renames))
+    params = {prefix + theirs: prefix + ours for theirs, ours in port.heads.renames.items()}
+    return params, port.heads.activation_renames(prefix), prefix
+
+
+def _renamed_encodings(port: Port) -> dict[str, Any]:
+    """The port's SHA encodings under our names (its head names replaced, everything else as it is)."""
+    encodings = port.sha_encodings
+    params, acts, _ = _our_names(port, encodings)
+    out = copy.deepcopy(encodings)
+    for section, renames in (("param_encodings", params), ("activation_encodings", acts)):
+        body = out[section]
+        if isinstance(body, dict):
+            out[section] = {renames.get(k, k): v for k, v in body.items()}
+        else:
+            for entry in body:
+                entry["name"] = renames.get(entry["name"], entry["name"])
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=_FLOAT_RTOL,
+                                                                                            abs_tol=1e-30)
+    return a == b
+
+
+def _strip_name(entry: Any) -> Any:
+    return {k: v for k, v in entry.items() if k != "name"} if isinstance(entry, dict) else entry
+
+
+def _implied(port: Port):
+    source = str(port.artifacts.mha_encodings)
+    implied, report = mha_to_sha(port.mha_encodings, port.name_map, source=source)
+    theirs_raw = port.sha_encodings
+    theirs = convert_version(_renamed_encodings(port), implied["version"], source=str(port.artifacts.sha_encodings))
+    params, acts, prefix = _our_names(port, theirs_raw)
+    back = {ours: t for t, ours in {**params, **acts}.items()}  # our name -> theirs, for messages
+    scopes = port.name_map.attention_scopes(report.prefix)
+    failures, compared = [], 0
+    for section in ("param_encodings", "activation_encodings"):
+        want = dict(_entries(implied, section, source))
+        have = dict(_entries(theirs, section, str(port.artifacts.sha_encodings)))
+        for name, entry in want.items():
+            label = back.get(name, name)
+            if name not in have:
+                failures.append(Failure(label, f"{section}: the MHA encodings imply an entry; the SHA file has none"))
+                continue
+            compared += 1
+            if not _same(_strip_name(entry), _strip_name(have[name])):
+                failures.append(Failure(label, f"{section}: {_difference(want[name], have[name], implied['version'])}"))
+        for name in sorted(have.keys() - want.keys()):
+            bare = name[len(prefix):] if name.startswith(prefix) else name
+            if section == "param_encodings" and bare in port.name_map:
+                failures.append(Failure(back.get(name, name), "param_encodings: an MHA projection's entry, still in "
+                                                              "the SHA file"))
+            elif section == "param_encodings" or not any(name.startswith(s + "/") or name.startswith(s + ".")
+                                                         for s in scopes):
+                failures.append(Failure(back.get(name, name), f"{section}: not implied by the MHA encodings"))
+    return failures, {"entries_compared": compared, **report.as_dict()}
+
+
+def _difference(want: Any, have: Any, version: str) -> str:
+    channels_want, channels_have = _channels(want, version), _channels(have, version)
+    if channels_want != channels_have:
+        return (f"{channels_have} channel encodings where the MHA file implies {channels_want} "
+                f"({'per-tensor, copied' if _is_per_tensor(want, version) else 'its head of a per-channel one'})")
+    return "differs from the entry the MHA encodings imply (the head's channels, in order)"
+
+
+def _onnx_names(port: Port):
+    from ..export.quantize import check_encoding_names
+
+    source = str(port.artifacts.onnx_encodings)
+    encodings = convert_version(port.onnx_encodings, "1.0.0", source=source)
+    problems = check_encoding_names(encodings, port.onnx_graph)
+    return [Failure(p.split("'")[1] if "'" in p else source, p) for p in problems], {
+        "initializers": len(port.onnx_graph.graph.initializer), "nodes": len(port.onnx_graph.graph.node)}
+
+
+def _onnx_equals(port: Port):
+    from ..export.agreement import float_agrees
+    from ..export.agreement import relative_error as np_relative
+    from ..export.onnx_io import run_onnx
+
+    partner = port.partner_model()
+    nets = _networks(port, port.mha_model)
+    if len(nets) != 1:
+        raise Unchecked("the model folder holds two networks (a VAE): give the kind the ONNX graph is")
+    net = nets[0]
+    kind = kind_of(net)
+    if kind.partner is not None and partner is None:
+        raise Unchecked(f"a {kind.name}'s inputs come from its {kind.partner}: give its folder as the partner")
+    graph = kind.graph(net)
+    inputs = [i.name for i in port.onnx_graph.graph.input]
+    missing = [n for n in graph.input_names if n not in inputs]
+    if missing:
+        return [Failure(n, f"the {kind.name}'s input is not an input of the ONNX graph (it has {inputs})")
+                for n in missing], {}
+    failures, errors = [], {}
+    for sample in kind.seeded_samples(net, 1, seed=port.seed):
+        feeds = graph.feeds(sample, partner)
+        reference = {k: v.numpy() for k, v in graph(feeds).items()}
+        outputs = run_onnx(port.artifacts.onnx, {k: v.numpy() for k, v in feeds.items()})
+        for name, ref in reference.items():
+            if name not in outputs:
+                failures.append(Failure(name, "the model's output is not an output of the ONNX graph"))
+                continue
+            errors[name] = np_relative(ref, outputs[name])
+            if not float_agrees([errors[name]]):
+                failures.append(Failure(name, f"the ONNX graph's output differs from torch's by {errors[name]:.3g} "
+                                              "of its largest value"))
+    return failures, {"relative_error": max(errors.values(), default=0.0), "per_output": errors}
+
+
+LAWS: tuple[Law, ...] = (
+    Law("mha-checkpoint.fits-model", "the MHA checkpoint holds every parameter of the model, in its shape, and nothing "
+        "else", ("model", "mha"), _mha_fits),
+    Law("sha-checkpoint.names-matched", "every key of the SHA checkpoint is a parameter of the model or a head of "
+        "one of its attentions", ("model", "sha"), _names_matched),
+    Law("sha-checkpoint.no-mha-keys", "no MHA q/k/v key is left in the SHA checkpoint", ("model", "sha"), _no_mha_keys),
+    Law("sha-checkpoint.heads-split", "each head is its rows of the MHA projection, bit for bit, in head order, as "
+        "many heads as the attention has", ("model", "mha", "sha"), _head_split),
+    Law("sha-checkpoint.rest-unchanged", "every other parameter is the MHA checkpoint's, bit for bit",
+        ("model", "mha", "sha"), _rest_unchanged),
+    Law("sha-checkpoint.loads-strict", "the SHA checkpoint loads strictly into the SHA model", ("model", "sha"),
+        _loads_strict),
+    Law("sha-model.equals-mha", "the SHA model's outputs are the MHA model's, in fp32 and fp64, on seeded inputs",
+        ("model", "mha", "sha"), _equals_mha),
+    Law("mha-encodings.consistent", "the MHA encodings name the model's parameters, with one encoding per output "
+        "channel where per-channel, each self-consistent", ("model", "mha_encodings"), _encodings_consistent("mha")),
+    Law("sha-encodings.implied", "the SHA encodings are what the MHA encodings imply: per-channel entries split per "
+        "head, per-tensor ones copied, activations derived", ("model", "mha_encodings", "sha_encodings"), _implied),
+    Law("sha-encodings.consistent", "the SHA encodings are consistent with the SHA model",
+        ("model", "sha_encodings"), _encodings_consistent("sha")),
+    Law("onnx.encodings-names", "every encoding of the export names a tensor of its graph, in the right section",
+        ("onnx", "onnx_encodings"), _onnx_names),
+    Law("onnx.equals-torch", "the float ONNX graph's outputs are the torch model's on a seeded input",
+        ("model", "mha", "onnx"), _onnx_equals),
+)
+# A law whose input another law found broken says nothing of its own: it waits for that one.
+_AFTER = {"sha-checkpoint.heads-split": ("mha-checkpoint.fits-model",),
+          "sha-checkpoint.rest-unchanged": ("mha-checkpoint.fits-model",),
+          "sha-model.equals-mha": ("mha-checkpoint.fits-model", "sha-checkpoint.loads-strict"),
+          "onnx.equals-torch": ("mha-checkpoint.fits-model",),
+          "sha-encodings.implied": ("mha-encodings.consistent", "sha-checkpoint.names-matched")}
+_ARTIFACT_FLAGS = {"model": "--model", "mha": "--mha (or weights in the model folder)", "sha": "--sha",
+                   "mha_encodings": "--mha-encodings", "sha_encodings": "--sha-encodings", "onnx": "--onnx",
+                   "onnx_encodings": "--onnx-encodings"}
+
+
+def check_port(port: Port, laws: tuple[Law, ...] = LAWS, *, progress: Callable[[str], None] | None = None
+               ) -> list[LawResult]:
+    """Every law of ``laws`` on ``port``: checked where its artifacts are there, else unchecked naming them."""
+    results: dict[str, LawResult] = {}
+    for law in laws:
+        result = LawResult(law.name, law.says, list(law.needs), "unchecked")
+        missing = [a for a in law.needs if a not in port.available]
+        broken = [name for name in _AFTER.get(law.name, ()) if name in results and results[name].status == "failed"]
+        if missing:
+            result.reason = "needs " + ", ".join(_ARTIFACT_FLAGS[a] for a in missing)
+        elif broken:
+            result.reason = f"{', '.join(broken)} failed: its input is not what this law reads"
+        else:
+            if progress is not None:
+                progress(law.name)
+            started = time.perf_counter()
+            try:
+                failures, figures = law.check(port)
+                result.status, result.failures, result.figures = ("failed" if failures else "passed"), failures, figures
+            except Unchecked as e:
+                result.reason = str(e)
+            result.seconds = time.perf_counter() - started
+        results[law.name] = result
+    return list(results.values())
+
+
+def law_names() -> list[str]:
+    return [law.name for law in LAWS]
+
+
+def select_laws(names: list[str] | None) -> tuple[Law, ...]:
+    if not names:
+        return LAWS
+    unknown = [n for n in names if n not in law_names()]
+    if unknown:
+        raise PasdVerifyError(f"unknown law(s) {unknown}; the laws are {law_names()}")
+    return tuple(law for law in LAWS if law.name in names)
+
