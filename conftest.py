@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
+
+from pasd_verify.port.plugin import PROFILES
 
 pytest_plugins = ("pytester",)
 
@@ -19,16 +21,9 @@ pytest_plugins = ("pytester",)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(max(1, 2 // _WORKERS)))))
 
-_SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large]
-# ci is derandomized: a merge gate must give the same verdict on the same code; dev and thorough explore anew.
-settings.register_profile("ci", max_examples=50, deadline=None, suppress_health_check=_SLOW_DATA, print_blob=True,
-                          derandomize=True)
-settings.register_profile("dev", max_examples=8, deadline=None, suppress_health_check=_SLOW_DATA)
-settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=_SLOW_DATA, print_blob=True)
-# mutation is derandomized with fewer examples: each mutant reruns the tests that reach it, and a mutant's verdict
-# must not depend on the draw (tests/mutation_gate.py).
-settings.register_profile("mutation", max_examples=20, deadline=None, suppress_health_check=_SLOW_DATA,
-                          derandomize=True)
+# The profiles are the plugin's (pasd-ci, ...: users run their own tests on them); here also under their short names.
+for name, values in PROFILES.items():
+    settings.register_profile(name, **values)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

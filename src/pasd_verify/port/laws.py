@@ -120,6 +120,7 @@ class Port:
 
     def __init__(self, artifacts: PortArtifacts, *, seed: int = 0, samples: int = 2):
         self.artifacts, self.seed, self.samples = artifacts, seed, samples
+        self._latents: dict[str, tuple[int, int] | None] = {}
         a = artifacts
         if a.kind is not None:
             get_kind(a.kind)
@@ -182,6 +183,16 @@ class Port:
         renamed = {self.heads.renames.get(k, k): v for k, v in self.sha_state.items()}
         model.load_state_dict(self.choice.model_state(renamed), strict=True, assign=True)
         return model.eval()
+
+    def samples_for(self, net: nn.Module, count: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+        """Seeded inputs of ``net``'s kind, at its config's latent size, or 8 x 8 (64 px) where the config names none
+        (a ControlNet's): the laws compare two models on the same inputs, at any size both take."""
+        kind = kind_of(net)
+        try:
+            samples = kind.seeded_samples(net, count, seed=self.seed)
+        except PasdVerifyError:
+            samples = kind.seeded_samples(net, count, seed=self.seed, latent=(8, 8))
+        return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in s.items()} for s in samples]
 
     def partner_model(self) -> nn.Module | None:
         return load_model(self.artifacts.partner) if self.artifacts.partner is not None else None
@@ -300,7 +311,7 @@ def _loads_strict(port: Port):
     return failures, {"keys": len(found)}
 
 
-def _networks(port: Port, model: nn.Module) -> list[nn.Module]:
+def networks(port: Port, model: nn.Module) -> list[nn.Module]:
     """The networks of a loaded model: a VAE's two halves (or the one ``kind`` names), else the model."""
     from diffusers import AutoencoderKL
 
@@ -318,7 +329,7 @@ def _relative(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 def _equals_mha(port: Port):
     partner = port.partner_model()
-    mha_nets, sha_nets = _networks(port, port.mha_model), _networks(port, port.sha_model())
+    mha_nets, sha_nets = networks(port, port.mha_model), networks(port, port.sha_model())
     figures: dict[str, Any] = {"samples": port.samples}
     failures = []
     for mha_net, sha_net in zip(mha_nets, sha_nets):
@@ -331,8 +342,7 @@ def _equals_mha(port: Port):
             a, b = nn.Module.to(copy.deepcopy(mha_net), dtype), nn.Module.to(copy.deepcopy(sha_net), dtype)
             feeding = nn.Module.to(copy.deepcopy(partner), dtype) if partner is not None else None
             worst = 0.0
-            for sample in kind.seeded_samples(mha_net, port.samples, seed=port.seed):
-                sample = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sample.items()}
+            for sample in port.samples_for(mha_net, port.samples, dtype):
                 graph_a, graph_b = kind.graph(a), kind.graph(b)
                 feeds = graph_a.feeds(sample, feeding)
                 out_a, out_b = graph_a(feeds), graph_b(feeds)
@@ -457,7 +467,7 @@ def _onnx_equals(port: Port):
     from ..export.onnx_io import run_onnx
 
     partner = port.partner_model()
-    nets = _networks(port, port.mha_model)
+    nets = networks(port, port.mha_model)
     if len(nets) != 1:
         raise Unchecked("the model folder holds two networks (a VAE): give the kind the ONNX graph is")
     net = nets[0]
@@ -471,7 +481,7 @@ def _onnx_equals(port: Port):
         return [Failure(n, f"the {kind.name}'s input is not an input of the ONNX graph (it has {inputs})")
                 for n in missing], {}
     failures, errors = [], {}
-    for sample in kind.seeded_samples(net, 1, seed=port.seed):
+    for sample in port.samples_for(net, 1):
         feeds = graph.feeds(sample, partner)
         reference = {k: v.numpy() for k, v in graph(feeds).items()}
         outputs = run_onnx(port.artifacts.onnx, {k: v.numpy() for k, v in feeds.items()})
@@ -522,29 +532,37 @@ _ARTIFACT_FLAGS = {"model": "--model", "mha": "--mha (or weights in the model fo
                    "onnx_encodings": "--onnx-encodings"}
 
 
+def run_law(port: Port, law: Law, results: dict[str, LawResult], *,
+            progress: Callable[[str], None] | None = None) -> LawResult:
+    """``law`` on ``port``, checked where its artifacts are there (else unchecked, naming them) and where none of the
+    laws it follows failed in ``results`` (the laws checked before it); the result is added to ``results``."""
+    result = LawResult(law.name, law.says, list(law.needs), "unchecked")
+    missing = [a for a in law.needs if a not in port.available]
+    broken = [name for name in _AFTER.get(law.name, ()) if name in results and results[name].status == "failed"]
+    if missing:
+        result.reason = "needs " + ", ".join(_ARTIFACT_FLAGS[a] for a in missing)
+    elif broken:
+        result.reason = f"{', '.join(broken)} failed: its input is not what this law reads"
+    else:
+        if progress is not None:
+            progress(law.name)
+        started = time.perf_counter()
+        try:
+            failures, figures = law.check(port)
+            result.status, result.failures, result.figures = ("failed" if failures else "passed"), failures, figures
+        except Unchecked as e:
+            result.reason = str(e)
+        result.seconds = time.perf_counter() - started
+    results[law.name] = result
+    return result
+
+
 def check_port(port: Port, laws: tuple[Law, ...] = LAWS, *, progress: Callable[[str], None] | None = None
                ) -> list[LawResult]:
-    """Every law of ``laws`` on ``port``: checked where its artifacts are there, else unchecked naming them."""
+    """Every law of ``laws`` on ``port``, in order."""
     results: dict[str, LawResult] = {}
     for law in laws:
-        result = LawResult(law.name, law.says, list(law.needs), "unchecked")
-        missing = [a for a in law.needs if a not in port.available]
-        broken = [name for name in _AFTER.get(law.name, ()) if name in results and results[name].status == "failed"]
-        if missing:
-            result.reason = "needs " + ", ".join(_ARTIFACT_FLAGS[a] for a in missing)
-        elif broken:
-            result.reason = f"{', '.join(broken)} failed: its input is not what this law reads"
-        else:
-            if progress is not None:
-                progress(law.name)
-            started = time.perf_counter()
-            try:
-                failures, figures = law.check(port)
-                result.status, result.failures, result.figures = ("failed" if failures else "passed"), failures, figures
-            except Unchecked as e:
-                result.reason = str(e)
-            result.seconds = time.perf_counter() - started
-        results[law.name] = result
+        run_law(port, law, results, progress=progress)
     return list(results.values())
 
 

@@ -1,0 +1,238 @@
+"""``pasd-verify check`` on ports made by other tools' conventions (tests/other_tools.py writes them from their
+documented behaviour) and by our own conversion: a correct port passes whatever it is named, each defect of
+Qualcomm's reference note is reported by law and key, and any one-key corruption of a correct port is named."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from other_tools import (ai_hub_checkpoint, ai_hub_name, attention_heads, reference_note_checkpoint, sha_encodings,
+                         weight_encodings)
+from pasd_verify.checkpoint import save_state_dict_file
+from pasd_verify.cli import main
+from pasd_verify.convert import convert_files
+from pasd_verify.encodings import save_encodings
+from pasd_verify.loading import MODEL_CLASSES, resolve_class
+from pasd_verify.port import LAWS, Port, PortArtifacts, check_port
+from pasd_verify.port.laws import select_laws
+from pasd_verify.presets import build_unet
+from strategies import small_model_configs
+
+CHECKPOINT_LAWS = ("sha-checkpoint.names-matched", "sha-checkpoint.no-mha-keys", "sha-checkpoint.heads-split",
+                   "sha-checkpoint.rest-unchanged", "sha-checkpoint.loads-strict", "sha-model.equals-mha")
+ENCODINGS_LAWS = ("mha-encodings.consistent", "sha-encodings.implied", "sha-encodings.consistent")
+
+
+def our_heads(module: str, proj: str, head: int) -> str:
+    return f"{module}.{proj}_convs.{head}"
+
+
+def _folder(tmp_path, model):
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+def _port_files(tmp_path, model, checkpoint: dict, encodings: dict | None = None, mha_encodings: dict | None = None):
+    """The model folder, the port's SHA checkpoint and (given) its SHA encodings and the MHA ones, on disk."""
+    files = {"model": _folder(tmp_path, model), "sha": tmp_path / "sha.safetensors"}
+    save_state_dict_file(checkpoint, files["sha"])
+    if encodings is not None:
+        files["sha_encodings"] = tmp_path / "sha.encodings"
+        files["mha_encodings"] = tmp_path / "mha.encodings"
+        save_encodings(encodings, files["sha_encodings"])
+        save_encodings(mha_encodings, files["mha_encodings"])
+    return files
+
+
+def _results(files, laws=LAWS, **extra):
+    return {r.law: r for r in check_port(Port(PortArtifacts.of(**files, **extra)), laws)}
+
+
+def _failed_keys(result) -> set[str]:
+    return {f.key for f in result.failures}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_unet("tiny", seed=0)
+
+
+def test_our_conversion_passes_every_law_its_files_allow(tmp_path, unet):
+    folder = _folder(tmp_path, unet)
+    mha_encodings = tmp_path / "mha.encodings"
+    save_encodings(weight_encodings(unet.state_dict()), mha_encodings)
+    out = convert_files(folder, folder / "diffusion_pytorch_model.safetensors", tmp_path / "sha", encodings=mha_encodings)
+    results = _results({"model": folder, "sha": out["outputs"]["state_dict"], "mha_encodings": mha_encodings,
+                        "sha_encodings": out["outputs"]["encodings"]})
+    for law in ("mha-checkpoint.fits-model", *CHECKPOINT_LAWS, *ENCODINGS_LAWS):
+        assert results[law].status == "passed", (law, results[law].failures[:3])
+    assert results["onnx.equals-torch"].status == "unchecked" and "--onnx" in results["onnx.equals-torch"].reason
+    assert results["sha-model.equals-mha"].figures["unet_fp64_relative_error"] <= 1e-12
+
+
+def test_ai_hub_models_naming_passes_when_its_port_is_right(tmp_path, unet):
+    """ai-hub-models names heads q_proj_sha.{i}: matched by the heads' names under each attention, every law holds."""
+    heads = attention_heads(unet)
+    state = unet.state_dict()
+    mha_encodings = weight_encodings(state)
+    files = _port_files(tmp_path, unet, ai_hub_checkpoint(state, heads),
+                        sha_encodings(mha_encodings, heads, ai_hub_name), mha_encodings)
+    results = _results(files)
+    for law in (*CHECKPOINT_LAWS, *ENCODINGS_LAWS):
+        assert results[law].status == "passed", (law, results[law].failures[:3])
+    assert results["sha-checkpoint.names-matched"].figures["patterns"] == [
+        "k_proj_sha.{}.weight", "q_proj_sha.{}.weight", "v_proj_sha.{}.weight"]
+
+
+def test_each_defect_of_the_reference_note_is_reported_by_law_and_key(tmp_path, unet):
+    """The reference note keeps every MHA key in the SHA checkpoint and encodings, and copies a per-channel
+    encoding whole to every head."""
+    heads = attention_heads(unet)
+    state = unet.state_dict()
+    mha_encodings = weight_encodings(state)
+    files = _port_files(tmp_path, unet, reference_note_checkpoint(state, heads),
+                        sha_encodings(mha_encodings, heads, our_heads, split=False, keep_mha=True), mha_encodings)
+    results = _results(files)
+    module = next(iter(heads))
+    kept, head0 = f"{module}.to_q.weight", f"{module}.to_q_convs.0.weight"
+    assert kept in _failed_keys(results["sha-checkpoint.no-mha-keys"])
+    assert kept in _failed_keys(results["sha-checkpoint.loads-strict"])
+    implied = {f.key: f.message for f in results["sha-encodings.implied"].failures}
+    assert "channel encodings where the MHA file implies" in implied[head0]
+    assert "still in the SHA file" in implied[kept]
+    assert any(head0 in f.message for f in results["sha-encodings.consistent"].failures)
+    # what the note does right is not blamed: its heads are the right rows, the rest is unchanged
+    assert results["sha-checkpoint.heads-split"].status == "passed"
+    assert results["sha-checkpoint.rest-unchanged"].status == "passed"
+    # a model it cannot load is not compared: the law says which one failed first
+    assert results["sha-model.equals-mha"].status == "unchecked"
+    assert "sha-checkpoint.loads-strict" in results["sha-model.equals-mha"].reason
+
+
+def test_a_hard_coded_eight_heads_on_a_five_head_model_is_named(tmp_path):
+    unet = build_unet("tiny", seed=0, block_out_channels=(40, 40), attention_head_dim=5, norm_num_groups=8)
+    heads = attention_heads(unet)
+    assert set(heads.values()) == {5}
+    state = unet.state_dict()
+    checkpoint = {k: v for k, v in reference_note_checkpoint(state, heads, assumed_heads=8).items()
+                  if k not in {f"{m}.{p}.weight" for m in heads for p in ("to_q", "to_k", "to_v")}}
+    results = _results(_port_files(tmp_path, unet, checkpoint))
+    module = next(iter(heads))
+    split = {f.key: f.message for f in results["sha-checkpoint.heads-split"].failures}
+    assert "split into 8 heads; the model's attention has 5" in split[f"{module}.to_q_convs.0.weight"]
+    assert f"{module}.to_q_convs.5.weight" in _failed_keys(results["sha-checkpoint.loads-strict"])
+
+
+# --- any one-key corruption of a correct port is named ------------------------------------------------------
+
+def _build(config: dict, seed: int) -> torch.nn.Module:
+    cls = resolve_class(config["_class_name"]) if config["_class_name"] in MODEL_CLASSES else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls.from_config({k: v for k, v in config.items() if k != "_class_name"}).eval()
+    for p in model.parameters():  # zero-initialised layers would make row swaps invisible
+        torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+@settings(max_examples=min(settings().max_examples, 20), suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                                  HealthCheck.too_slow])
+@given(config=small_model_configs(), seed=st.integers(0, 2**16), naming=st.sampled_from(["ours", "ai-hub"]),
+       corruption=st.sampled_from(["swap heads", "rows off by one", "channel moved"]), data=st.data())
+def test_any_one_key_corruption_of_a_correct_port_is_named(tmp_path_factory, config, seed, naming, corruption, data):
+    model = _build(config, seed)
+    heads = attention_heads(model)
+    assume(heads)
+    state = {k: v for k, v in model.state_dict().items()}
+    head_name = our_heads if naming == "ours" else ai_hub_name
+    if naming == "ours":
+        checkpoint = {k: v for k, v in reference_note_checkpoint(state, heads).items()
+                      if k not in {f"{m}.{p}.weight" for m in heads for p in ("to_q", "to_k", "to_v")}}
+    else:
+        checkpoint = ai_hub_checkpoint(state, heads)
+    mha_encodings = weight_encodings(state)
+    encodings = sha_encodings(mha_encodings, heads, head_name)
+    module = data.draw(st.sampled_from(sorted(heads)), label="module")
+    proj = data.draw(st.sampled_from(["to_q", "to_k", "to_v"]), label="projection")
+    count = heads[module]
+    head = data.draw(st.integers(0, count - 1), label="head")
+    key = f"{head_name(module, proj, head)}.weight"
+    if corruption == "swap heads":
+        assume(count >= 2)
+        other = f"{head_name(module, proj, (head + 1) % count)}.weight"
+        checkpoint[key], checkpoint[other] = checkpoint[other], checkpoint[key]
+    elif corruption == "rows off by one":
+        whole = state[f"{module}.{proj}.weight"]
+        rows = whole.shape[0] // count
+        shifted = torch.roll(whole, -1, dims=0)[head * rows:(head + 1) * rows]
+        checkpoint[key] = shifted[:, :, None, None].clone()
+    else:
+        entry = next(e for e in encodings["param_encodings"] if e["name"] == key)
+        assume(len(set(entry["scale"])) > 1)
+        entry["scale"] = entry["scale"][1:] + entry["scale"][:1]
+    files = _port_files(tmp_path_factory.mktemp("port"), model, checkpoint, encodings, mha_encodings)
+    # every law but the model comparison (a corrupted head changes the outputs, but which key did it says only the
+    # laws that read the files key by key)
+    results = _results(files, select_laws([law.name for law in LAWS if law.name != "sha-model.equals-mha"]))
+    named = {f.key for r in results.values() if r.status == "failed" for f in r.failures}
+    assert key in named, (corruption, key, {law: r.status for law, r in results.items()})
+
+
+# --- the command: exit codes, report.json, junit.xml, unreadable input --------------------------------------
+
+def test_command_exit_codes_and_reports(tmp_path, unet, capsys):
+    heads = attention_heads(unet)
+    state = unet.state_dict()
+    good = _port_files(tmp_path / "good", unet, ai_hub_checkpoint(state, heads))
+    assert main(["check", "--model", str(good["model"]), "--sha", str(good["sha"]), "--out", str(tmp_path / "ok")]) == 0
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert report["verdict"]["failed"] == 0 and report["verdict"]["passed"] >= 6
+    assert report["head_names"]["patterns"] == ["k_proj_sha.{}.weight", "q_proj_sha.{}.weight", "v_proj_sha.{}.weight"]
+
+    bad = _port_files(tmp_path / "bad", unet, reference_note_checkpoint(state, heads))
+    assert main(["check", "--model", str(bad["model"]), "--sha", str(bad["sha"]), "--out", str(tmp_path / "ko")]) == 1
+    suite = ET.parse(tmp_path / "ko" / "junit.xml").getroot().find("testsuite")
+    failed = {case.get("name"): case.find("failure").text for case in suite.iter("testcase")
+              if case.find("failure") is not None}
+    module = next(iter(heads))
+    assert f"{module}.to_q.weight" in failed["sha-checkpoint.no-mha-keys"]
+    skipped = {case.get("name") for case in suite.iter("testcase") if case.find("skipped") is not None}
+    assert "sha-encodings.implied" in skipped
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "sha-checkpoint.no-mha-keys" in out
+
+
+@pytest.mark.parametrize("damage", ["truncated checkpoint", "names not JSON", "unknown law", "nothing given",
+                                    "names a key the model lacks"])
+def test_unreadable_input_exits_2_naming_it_and_writes_nothing(tmp_path, unet, capsys, damage):
+    heads = attention_heads(unet)
+    files = _port_files(tmp_path, unet, ai_hub_checkpoint(unet.state_dict(), heads))
+    args = ["check", "--model", str(files["model"]), "--sha", str(files["sha"]), "--out", str(tmp_path / "out")]
+    named = str(files["sha"])
+    if damage == "truncated checkpoint":
+        data = files["sha"].read_bytes()
+        files["sha"].write_bytes(data[: len(data) // 2])
+    elif damage == "names not JSON":
+        (tmp_path / "names.json").write_text("{not json")
+        args += ["--names", str(tmp_path / "names.json")]
+        named = "names.json"
+    elif damage == "names a key the model lacks":
+        (tmp_path / "names.json").write_text(json.dumps({"no.such.to_q.weight": ["a", "b"]}))
+        args += ["--names", str(tmp_path / "names.json")]
+        named = "no.such.to_q.weight"
+    elif damage == "unknown law":
+        args += ["--law", "no-such-law"]
+        named = "no-such-law"
+    else:
+        args = ["check", "--out", str(tmp_path / "out")]
+        named = "--model"
+    assert main(args) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
