@@ -236,3 +236,35 @@ def test_unreadable_input_exits_2_naming_it_and_writes_nothing(tmp_path, unet, c
     assert main(args) == 2
     assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- an ONNX export and its encodings ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported_port(tmp_path_factory):
+    from write_port import write_port
+
+    folder = tmp_path_factory.mktemp("exported")
+    write_port(folder)
+    return folder
+
+
+def test_an_exported_port_passes_every_law(exported_port, tmp_path):
+    f = exported_port
+    args = ["check", "--model", str(f / "model"), "--sha", str(f / "sha.safetensors"), "--mha-encodings",
+            str(f / "mha.encodings"), "--sha-encodings", str(f / "sha.encodings"), "--onnx", str(f / "model.onnx"),
+            "--onnx-encodings", str(f / "model.encodings"), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["verdict"] == {"holds": True, "passed": len(LAWS), "failed": 0, "unchecked": 0}
+    names = next(law for law in report["laws"] if law["law"] == "onnx.encodings-names")
+    assert names["figures"]["param_encodings"] > 0
+
+
+def test_an_encoding_in_the_wrong_section_of_the_export_is_named(exported_port, tmp_path):
+    encodings = json.loads((exported_port / "model.encodings").read_text())
+    moved = encodings["param_encodings"].pop(0)
+    encodings["activation_encodings"].append(moved)
+    (tmp_path / "moved.encodings").write_text(json.dumps(encodings))
+    results = _results({"onnx": exported_port / "model.onnx", "onnx_encodings": tmp_path / "moved.encodings"})
+    assert moved["name"] in _failed_keys(results["onnx.encodings-names"])

@@ -362,15 +362,17 @@ def _encodings_consistent(form: str):
         shapes = port.mha_model_shapes if form == "mha" else port.sha_model_shapes
         source = str(port.artifacts.mha_encodings if form == "mha" else port.artifacts.sha_encodings)
         problems = check_encodings(encodings, shapes, source=source)
-        return [Failure(_problem_key(p, source), p.removeprefix(source + ": ")) for p in problems], {
+        return [_problem(p, source) for p in problems], {
             "param_encodings": len(list(_entries(encodings, "param_encodings", source))),
             "activation_encodings": len(list(_entries(encodings, "activation_encodings", source)))}
     return check
 
 
-def _problem_key(problem: str, source: str) -> str:
-    rest = problem.removeprefix(source + ": ").removeprefix("activation ")
-    return rest.split(":", 1)[0].split("[", 1)[0].strip()
+def _problem(problem: str, source: str) -> Failure:
+    """A problem of :func:`check_encodings` (``<file>: <name>: <what>``) as the failure of its entry."""
+    rest = problem.removeprefix(source + ": ")
+    key, sep, what = rest.removeprefix("activation ").partition(": ")
+    return Failure(key.split("[", 1)[0].strip(), what) if sep else Failure(source, rest)
 
 
 def _our_names(port: Port, encodings: dict) -> tuple[dict[str, str], dict[str, str], str]:
@@ -458,6 +460,7 @@ def _onnx_names(port: Port):
     encodings = convert_version(port.onnx_encodings, "1.0.0", source=source)
     problems = check_encoding_names(encodings, port.onnx_graph)
     return [Failure(p.split("'")[1] if "'" in p else source, p) for p in problems], {
+        "param_encodings": len(encodings["param_encodings"]), "activation_encodings": len(encodings["activation_encodings"]),
         "initializers": len(port.onnx_graph.graph.initializer), "nodes": len(port.onnx_graph.graph.node)}
 
 
@@ -475,7 +478,10 @@ def _onnx_equals(port: Port):
     if kind.partner is not None and partner is None:
         raise Unchecked(f"a {kind.name}'s inputs come from its {kind.partner}: give its folder as the partner")
     graph = kind.graph(net)
+    from onnx.helper import tensor_dtype_to_np_dtype
+
     inputs = [i.name for i in port.onnx_graph.graph.input]
+    dtypes = {i.name: tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in port.onnx_graph.graph.input}
     missing = [n for n in graph.input_names if n not in inputs]
     if missing:
         return [Failure(n, f"the {kind.name}'s input is not an input of the ONNX graph (it has {inputs})")
@@ -484,7 +490,9 @@ def _onnx_equals(port: Port):
     for sample in port.samples_for(net, 1):
         feeds = graph.feeds(sample, partner)
         reference = {k: v.numpy() for k, v in graph(feeds).items()}
-        outputs = run_onnx(port.artifacts.onnx, {k: v.numpy() for k, v in feeds.items()})
+        # each input in the dtype the export declares (a timestep traced as an int64 or as a float)
+        outputs = run_onnx(port.artifacts.onnx, {k: v.numpy().astype(dtypes.get(k, v.numpy().dtype))
+                                                 for k, v in feeds.items()})
         for name, ref in reference.items():
             if name not in outputs:
                 failures.append(Failure(name, "the model's output is not an output of the ONNX graph"))

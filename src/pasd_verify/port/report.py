@@ -39,7 +39,8 @@ def table(results: list[LawResult]) -> str:
 
 def verdict(results: list[LawResult]) -> dict[str, Any]:
     counts = {status: sum(r.status == status for r in results) for status in ("passed", "failed", "unchecked")}
-    return {"passed": counts["failed"] == 0 and counts["passed"] > 0, **counts}
+    # holds: no checked law failed, and at least one was checked
+    return {"holds": counts["failed"] == 0 and counts["passed"] > 0, **counts}
 
 
 def report(results: list[LawResult], artifacts: PortArtifacts, extra: dict[str, Any] | None = None) -> dict[str, Any]:
