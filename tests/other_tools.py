@@ -47,19 +47,25 @@ def reference_note_checkpoint(state: dict[str, torch.Tensor], heads: dict[str, i
     return out
 
 
-def ai_hub_checkpoint(state: dict[str, torch.Tensor], heads: dict[str, int]) -> dict[str, torch.Tensor]:
-    """ai-hub-models' SHA checkpoint: ``q_proj_sha.{i}`` per head, the Linear projections deleted."""
+def _heads_replacing_projections(state: dict[str, torch.Tensor], heads: dict[str, int], name) -> dict[str, torch.Tensor]:
+    """``state`` with each q/k/v projection replaced by its heads, head i of ``module``'s projection ``p`` (0, 1, 2
+    for q, k, v) named ``name(module, p, i)`` + ``.weight`` / ``.bias``; weights as 1x1 Conv2d ones."""
     out = dict(state)
     for module, count in heads.items():
-        for proj, theirs in zip(PROJECTIONS, ("q_proj_sha", "k_proj_sha", "v_proj_sha")):
+        for p, proj in enumerate(PROJECTIONS):
             for kind in ("weight", "bias"):
                 key = f"{module}.{proj}.{kind}"
                 if key not in state:
                     continue
                 del out[key]
                 for i, rows in enumerate(_split_rows(state[key], count)):
-                    out[f"{module}.{theirs}.{i}.{kind}"] = _as_conv(rows) if kind == "weight" else rows
+                    out[f"{name(module, p, i)}.{kind}"] = _as_conv(rows) if kind == "weight" else rows
     return out
+
+
+def ai_hub_checkpoint(state: dict[str, torch.Tensor], heads: dict[str, int]) -> dict[str, torch.Tensor]:
+    """ai-hub-models' SHA checkpoint: ``q_proj_sha.{i}`` per head, the Linear projections deleted."""
+    return _heads_replacing_projections(state, heads, lambda module, p, i: ai_hub_name(module, PROJECTIONS[p], i))
 
 
 def ai_hub_name(module: str, proj: str, head: int) -> str:
@@ -113,3 +119,13 @@ def sha_encodings(encodings: dict[str, Any], heads: dict[str, int], head_name, *
             params.append(copy.deepcopy(entry))
     out["param_encodings"] = params
     return out
+
+
+def mha2sha_checkpoint(state: dict[str, torch.Tensor], heads: dict[str, int], order: list[str]
+                       ) -> dict[str, torch.Tensor]:
+    """The QNN SDK's ``mha2sha`` names: attentions numbered in ``order`` (its pattern order, not module paths),
+    ``attn_{n}_head_{i}_query.weight`` (and ``_key``, ``_value``), weights ``(head_dim, in, 1, 1)``, the MHA
+    projections removed."""
+    number = {module: n for n, module in enumerate(order)}
+    words = ("query", "key", "value")
+    return _heads_replacing_projections(state, heads, lambda module, p, i: f"attn_{number[module]}_head_{i}_{words[p]}")

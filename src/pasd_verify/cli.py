@@ -255,10 +255,11 @@ def _check(args: argparse.Namespace) -> int:
     _begin_work(*_MODELS, "onnx")
     artifacts = PortArtifacts.of(model=args.model, kind=args.kind, mha=args.mha, sha=args.sha,
                                  mha_encodings=args.mha_encodings, sha_encodings=args.sha_encodings, names=args.names,
-                                 partner=args.partner, onnx=args.onnx, onnx_encodings=args.onnx_encodings)
+                                 partner=args.partner, onnx=args.onnx, onnx_encodings=args.onnx_encodings,
+                                 qdq=args.qdq, context=args.context)
     if not artifacts.given() - {"kind"}:
         raise PasdVerifyError("no artifact given: name at least one of --model, --sha, --mha-encodings, "
-                              "--sha-encodings, --onnx")
+                              "--sha-encodings, --onnx, --qdq")
     with _stage_lines("pasd_verify.port"):
         results, report = check_files(args.out, artifacts, laws=args.law, seed=args.seed,
                                       progress=lambda law: _say(f"checking {law}"))
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     arts.add_argument("--partner", help="the ControlNet folder whose outputs a PASD UNet takes")
     arts.add_argument("--onnx", help="an ONNX export of the model (float graph)")
     arts.add_argument("--onnx-encodings", help="the encodings exported with --onnx")
+    arts.add_argument("--qdq", help="the quantized graph (QDQ ONNX): run on the HTP against the CPU")
+    arts.add_argument("--context", help="the compiled HTP context model of --qdq (_ctx.onnx beside its .bin): run as "
+                                        "it is instead of compiling --qdq")
     chk.add_argument("--law", action="append", metavar="LAW", help="check only this law (repeatable)")
     chk.add_argument("--seed", type=int, default=0, help="seed of the inputs the models are compared on")
     chk.add_argument("--out", required=True, help="output folder: report.json and junit.xml")

@@ -48,7 +48,9 @@ _FLOAT_RTOL = 1e-6
 class PortArtifacts:
     """The files of a port, any subset. ``model``: a model folder (``config.json``, and its weights unless ``mha``
     names them) or a ``config.json``; ``kind``: which network of a folder that holds two (a VAE); ``names``: a names
-    file (our MHA name -> the port's head names); ``partner``: the ControlNet folder whose outputs a PASD UNet takes."""
+    file (our MHA name -> the port's head names); ``partner``: the ControlNet folder whose outputs a PASD UNet takes;
+    ``qdq``: the quantized graph (QDQ ONNX) of the model; ``context``: its compiled HTP context model (``_ctx.onnx``,
+    beside its ``.bin``)."""
 
     model: Path | None = None
     kind: str | None = None
@@ -60,6 +62,8 @@ class PortArtifacts:
     partner: Path | None = None
     onnx: Path | None = None
     onnx_encodings: Path | None = None
+    qdq: Path | None = None
+    context: Path | None = None
 
     @classmethod
     def of(cls, **values: Any) -> PortArtifacts:
@@ -136,6 +140,9 @@ class Port:
         self.sha_encodings = load_encodings(_file(a.sha_encodings, "encodings file")) if a.sha_encodings else None
         self.onnx_encodings = load_encodings(_file(a.onnx_encodings, "encodings file")) if a.onnx_encodings else None
         self.onnx_graph = _load_onnx(a.onnx) if a.onnx else None
+        for path in (a.qdq, a.context):
+            if path is not None:
+                _load_onnx(path)
         if a.model is not None:
             load_config(_file(a.model, "model folder or config"))
             self.choice = choose_model(a.model, self.mha_shapes_file)
@@ -504,6 +511,40 @@ def _onnx_equals(port: Port):
     return failures, {"relative_error": max(errors.values(), default=0.0), "per_output": errors}
 
 
+def _on_htp(port: Port):
+    """The QDQ graph on the HTP (its context model when given, loaded as it is; else compiled here) against the same
+    graph on onnxruntime's CPU, on a seeded input: what ``pasd-verify export``'s HTP step measures."""
+    from ..export.agreement import HTP_SQNR_DB, htp_agrees, sqnr_db
+    from ..export.htp import run_on_htp
+    from ..export.onnx_io import run_onnx
+
+    nets = networks(port, port.mha_model)
+    if len(nets) != 1:
+        raise Unchecked("the model folder holds two networks (a VAE): give the kind the QDQ graph is")
+    kind = kind_of(nets[0])
+    partner = port.partner_model()
+    if kind.partner is not None and partner is None:
+        raise Unchecked(f"a {kind.name}'s inputs come from its {kind.partner}: give its folder as the partner")
+    graph = kind.graph(nets[0])
+    feeds = {k: v.numpy() for k, v in graph.feeds(port.samples_for(nets[0], 1)[0], partner).items()}
+    cpu = run_onnx(port.artifacts.qdq, feeds)
+    on_htp = port.artifacts.context or port.artifacts.qdq
+    htp = run_on_htp(on_htp, feeds)
+    figures: dict[str, Any] = {"graph": str(on_htp), "htp": htp.as_dict(), "threshold_db": HTP_SQNR_DB}
+    if htp.status == "skipped":
+        raise Unchecked(f"no HTP backend here: {htp.error}")
+    if htp.status != "passed":
+        return [Failure(str(on_htp), f"the HTP run {htp.status}: {htp.error}")], figures
+    per_output = {name: sqnr_db(cpu[name], htp.outputs[name]) for name in cpu if name in htp.outputs}
+    figures.update(cpu_vs_htp_sqnr_db=min(per_output.values()), per_output=per_output)
+    failures = [Failure(name, f"the HTP's output is {value:.1f} dB from the CPU's on the same QDQ graph; "
+                              f"agreement is at least {HTP_SQNR_DB:g} dB")
+                for name, value in per_output.items() if not htp_agrees(value, HTP_SQNR_DB)]
+    failures += [Failure(name, "an output of the QDQ graph that the HTP run did not give") for name in cpu
+                 if name not in htp.outputs]
+    return failures, figures
+
+
 LAWS: tuple[Law, ...] = (
     Law("mha-checkpoint.fits-model", "the MHA checkpoint holds every parameter of the model, in its shape, and nothing "
         "else", ("model", "mha"), _mha_fits),
@@ -528,6 +569,8 @@ LAWS: tuple[Law, ...] = (
         ("onnx", "onnx_encodings"), _onnx_names),
     Law("onnx.equals-torch", "the float ONNX graph's outputs are the torch model's on a seeded input",
         ("model", "mha", "onnx"), _onnx_equals),
+    Law("htp.agrees-with-cpu", "the QDQ graph (or its context binary) on the HTP agrees with the same graph on the CPU, "
+        "as pasd-verify export measures it", ("model", "mha", "qdq"), _on_htp),
 )
 # A law whose input another law found broken says nothing of its own: it waits for that one.
 _AFTER = {"sha-checkpoint.heads-split": ("mha-checkpoint.fits-model",),
@@ -537,7 +580,7 @@ _AFTER = {"sha-checkpoint.heads-split": ("mha-checkpoint.fits-model",),
           "sha-encodings.implied": ("mha-encodings.consistent", "sha-checkpoint.names-matched")}
 _ARTIFACT_FLAGS = {"model": "--model", "mha": "--mha (or weights in the model folder)", "sha": "--sha",
                    "mha_encodings": "--mha-encodings", "sha_encodings": "--sha-encodings", "onnx": "--onnx",
-                   "onnx_encodings": "--onnx-encodings"}
+                   "onnx_encodings": "--onnx-encodings", "qdq": "--qdq"}
 
 
 def run_law(port: Port, law: Law, results: dict[str, LawResult], *,

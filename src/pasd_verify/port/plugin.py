@@ -48,7 +48,9 @@ ARTIFACTS = {"model": "the model folder (config.json and its MHA weights) or its
              "names": "JSON: MHA parameter name -> the port's head names, where they cannot be inferred",
              "partner": "the ControlNet folder whose outputs a PASD UNet takes",
              "onnx": "an ONNX export of the model (float graph)",
-             "onnx_encodings": "the encodings exported with the ONNX graph"}
+             "onnx_encodings": "the encodings exported with the ONNX graph",
+             "qdq": "the quantized graph (QDQ ONNX): run on the HTP against the CPU",
+             "context": "the compiled HTP context model of the QDQ graph (_ctx.onnx), run as it is"}
 MARKER = "pasd_port"
 
 
