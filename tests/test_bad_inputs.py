@@ -381,3 +381,29 @@ def test_export_with_a_corrupted_artifact(good, tmp_path_factory, data):
     args = ["export", "--model-config", str(files["config"]), "--state-dict", str(files["state_dict"]),
             "--calibration", str(files["calibration"])]
     _check(args, folder / "out", [*good.values(), path], [path.name, path.parent.name], may_succeed=False)
+
+
+@given(data=st.data())
+@_settings(0.25)
+def test_check_with_a_corrupted_artifact(good, tmp_path_factory, data):
+    """``check`` reads every file before any law: an unreadable one exits 2 naming it and writes nothing; one that
+    still reads (a valid config with other values) is judged by the laws: exit 0 or 1, with both reports."""
+    folder = tmp_path_factory.mktemp("check")
+    which = data.draw(st.sampled_from(["config", "safetensors", "pth", "encodings_1.0.0", "encodings_0.6.1"]))
+    path, given_path = _corrupted(data.draw, good, which, folder)
+    files = {"config": good["config"], "mha": good["safetensors"], "encodings": good["encodings_1.0.0"]}
+    files[{"config": "config", "safetensors": "mha", "pth": "mha"}.get(which, "encodings")] = given_path
+    inputs = [*good.values(), path]
+    before = _digests(inputs)
+    out = folder / "out"
+    code, err, _ = _run(["check", "--model", str(files["config"]), "--mha", str(files["mha"]), "--mha-encodings",
+                         str(files["encodings"]), "--law", "mha-checkpoint.fits-model", "--law",
+                         "mha-encodings.consistent", "--out", str(out)])
+    assert _digests(inputs) == before, "an input changed"
+    assert "Traceback" not in err, err[-2000:]
+    if code in (0, 1):
+        assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "report.json"]
+    else:
+        assert code == 2, f"exit {code}: {err[-2000:]}"
+        assert path.name in err, err[-2000:]
+        assert not out.exists()
