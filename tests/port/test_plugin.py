@@ -78,3 +78,21 @@ def test_without_a_port_the_plugin_adds_nothing(pytester):
     pytester.makepyfile(test_plain="def test_one():\n    pass\n")
     result = pytester.runpytest()
     result.assert_outcomes(passed=1)
+
+
+def test_our_own_conversion_passes_through_the_plugin(pytester, unet):
+    """pasd-verify convert's files, named in [tool.pasd-verify]: every law they allow is an item that passes."""
+    from other_tools import weight_encodings
+    from pasd_verify.convert import convert_files
+    from pasd_verify.encodings import save_encodings
+
+    unet.save_pretrained(pytester.path / "model")
+    save_encodings(weight_encodings(unet.state_dict()), pytester.path / "mha.encodings")
+    convert_files(pytester.path / "model", pytester.path / "model" / "diffusion_pytorch_model.safetensors",
+                  pytester.path / "sha", encodings=pytester.path / "mha.encodings")
+    pytester.makepyprojecttoml('[tool.pasd-verify]\nmodel = "model"\nsha = "sha/state_dict_sha.safetensors"\n'
+                               'mha-encodings = "mha.encodings"\nsha-encodings = "sha/parameters_sha.encodings"\n')
+    result = pytester.runpytest("-m", "pasd_port")
+    needs_more = [law for law in LAWS if not set(law.needs) <= {"model", "mha", "sha", "mha_encodings",
+                                                                 "sha_encodings"}]
+    result.assert_outcomes(passed=len(LAWS) - len(needs_more), skipped=len(needs_more))
