@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import PasdVerifyError
 from .io import Interrupted, clear_stop_request, interrupt, stop_requested
+from .port import ARTIFACTS
 
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
 # pasd_verify.loading.MODEL_CLASSES).
@@ -253,10 +254,7 @@ def _check(args: argparse.Namespace) -> int:
     from .port.report import table
 
     _begin_work(*_MODELS, "onnx")
-    artifacts = PortArtifacts.of(model=args.model, kind=args.kind, mha=args.mha, sha=args.sha,
-                                 mha_encodings=args.mha_encodings, sha_encodings=args.sha_encodings, names=args.names,
-                                 partner=args.partner, onnx=args.onnx, onnx_encodings=args.onnx_encodings,
-                                 qdq=args.qdq, context=args.context)
+    artifacts = PortArtifacts.of(**{name: getattr(args, name) for name in ARTIFACTS})
     if not artifacts.given() - {"kind"}:
         raise PasdVerifyError("no artifact given: name at least one of --model, --sha, --mha-encodings, "
                               "--sha-encodings, --onnx, --qdq")
@@ -413,21 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", parents=[verbose],
                          help="check the laws of an MHA -> SHA port made by any tool, on whatever of its files you have")
     arts = chk.add_argument_group("the port's files (any subset: each law needs some; the report says which)")
-    arts.add_argument("--model", help="the model folder (config.json and its MHA weights) or its config.json")
-    arts.add_argument("--kind", choices=KIND_NAMES, metavar="KIND",
-                      help="the network of a folder that holds two (a VAE: vae-encoder or vae-decoder)")
-    arts.add_argument("--mha", help="the MHA checkpoint (default: the weights in the model folder)")
-    arts.add_argument("--sha", help="the SHA checkpoint the port wrote")
-    arts.add_argument("--mha-encodings", help="AIMET encodings of the MHA model")
-    arts.add_argument("--sha-encodings", help="AIMET encodings of the SHA model the port wrote")
-    arts.add_argument("--names", help="JSON: MHA parameter name -> the port's head names, where they cannot be "
-                                      "inferred")
-    arts.add_argument("--partner", help="the ControlNet folder whose outputs a PASD UNet takes")
-    arts.add_argument("--onnx", help="an ONNX export of the model (float graph)")
-    arts.add_argument("--onnx-encodings", help="the encodings exported with --onnx")
-    arts.add_argument("--qdq", help="the quantized graph (QDQ ONNX): run on the HTP against the CPU")
-    arts.add_argument("--context", help="the compiled HTP context model of --qdq (_ctx.onnx beside its .bin): run as "
-                                        "it is instead of compiling --qdq")
+    for name, help in ARTIFACTS.items():
+        arts.add_argument(f"--{name.replace('_', '-')}", help=help,
+                          **({"choices": KIND_NAMES, "metavar": "KIND"} if name == "kind" else {}))
     chk.add_argument("--law", action="append", metavar="LAW", help="check only this law (repeatable)")
     chk.add_argument("--seed", type=int, default=0, help="seed of the inputs the models are compared on")
     chk.add_argument("--out", required=True, help="output folder: report.json and junit.xml")

@@ -16,6 +16,22 @@ _WHERE = {"LAWS": "laws", "Failure": "laws", "Law": "laws", "LawResult": "laws",
 
 __all__ = sorted(_WHERE)
 
+# A port's files, as PortArtifacts names them, with what each is: ``pasd-verify check --<name>`` and the plugin's
+# ``--pasd-<name>`` (dashes for underscores) read this one list.
+ARTIFACTS = {"model": "the model folder (config.json and its MHA weights) or its config.json",
+             "kind": "the network of a folder that holds two (a VAE: vae-encoder or vae-decoder)",
+             "mha": "the MHA checkpoint (default: the weights in the model folder)",
+             "sha": "the SHA checkpoint the port wrote",
+             "mha_encodings": "AIMET encodings of the MHA model",
+             "sha_encodings": "AIMET encodings of the SHA model the port wrote",
+             "names": "JSON: MHA parameter name -> the port's head names, where they cannot be inferred",
+             "partner": "the ControlNet folder whose outputs a PASD UNet takes",
+             "onnx": "an ONNX export of the model (float graph)",
+             "onnx_encodings": "the encodings exported with the ONNX graph",
+             "qdq": "the quantized graph (QDQ ONNX): run on the HTP against the CPU",
+             "context": "the compiled HTP context model of the QDQ graph (_ctx.onnx beside its .bin), run as it is "
+                        "instead of compiling the QDQ graph"}
+
 
 def __getattr__(name: str):
     if name in _WHERE:

@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from . import ARTIFACTS as _ARTIFACTS
+
 _SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large]
 # ci is derandomized: a merge gate must give the same verdict on the same code; dev and thorough explore anew;
 # mutation is derandomized with fewer examples (each mutant reruns the tests that reach it, and its verdict must not
@@ -37,20 +39,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 for _name, _values in PROFILES.items():
     settings.register_profile(f"pasd-{_name}", **_values)
 
-# The port's files, as PortArtifacts names them; each is --pasd-<name> (dashes), pasd_<name> in an ini file, and
-# <name> (dashes or underscores) in [tool.pasd-verify].
-ARTIFACTS = {"model": "the model folder (config.json and its MHA weights) or its config.json",
-             "kind": "the network of a folder that holds two (a VAE: vae-encoder or vae-decoder)",
-             "mha": "the MHA checkpoint (default: the weights in the model folder)",
-             "sha": "the SHA checkpoint the port wrote",
-             "mha_encodings": "AIMET encodings of the MHA model",
-             "sha_encodings": "AIMET encodings of the SHA model the port wrote",
-             "names": "JSON: MHA parameter name -> the port's head names, where they cannot be inferred",
-             "partner": "the ControlNet folder whose outputs a PASD UNet takes",
-             "onnx": "an ONNX export of the model (float graph)",
-             "onnx_encodings": "the encodings exported with the ONNX graph",
-             "qdq": "the quantized graph (QDQ ONNX): run on the HTP against the CPU",
-             "context": "the compiled HTP context model of the QDQ graph (_ctx.onnx), run as it is"}
+# The port's files: each is --pasd-<name> (dashes), pasd_<name> in an ini file, and <name> (dashes or underscores)
+# in [tool.pasd-verify].
+ARTIFACTS = _ARTIFACTS
 MARKER = "pasd_port"
 
 
