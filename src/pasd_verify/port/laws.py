@@ -29,17 +29,15 @@ from torch import nn
 from ..checkpoint import checkpoint_shapes, load_state_dict_file
 from ..encodings import _channels, _entries, _is_per_tensor, convert_version, detect_prefix, load_encodings, mha_to_sha
 from ..encodings_check import check_encodings
+from ..demo import FP32_TOLERANCE, FP64_TOLERANCE  # max |SHA - MHA| / max |MHA|: the same function, reordered
 from ..errors import PasdVerifyError
+from ..export.agreement import relative_error
 from ..kinds import get_kind, kind_of
 from ..loading import build_model, choose_model, find_weights, load_config, load_model, parameter_shapes
 from ..models import split_vae
 from ..sha import convert_to_sha
 from .names import HeadNames, infer_head_names, load_head_names
 
-# max |SHA - MHA| over max |MHA| on the same inputs: the SHA model computes the same function, in fp32 with another
-# summation order (about 1e-7 of the output, measured on the tiny and SD1.5-size models), in fp64 to ulps.
-FP32_TOLERANCE = 1e-5
-FP64_TOLERANCE = 1e-12
 # An encoding's numbers go through JSON: a tool writing them from float32 keeps 7 digits.
 _FLOAT_RTOL = 1e-6
 
@@ -328,10 +326,17 @@ def networks(port: Port, model: nn.Module) -> list[nn.Module]:
     return [halves[("vae-encoder", "vae-decoder").index(port.artifacts.kind)]] if port.artifacts.kind else list(halves)
 
 
-def _relative(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    scale = reference.abs().max().item()
-    error = (candidate - reference).abs().max().item()
-    return error / scale if scale else error
+def _one_network(port: Port, what: str):
+    """The model's one network (of ``kind`` in a VAE folder), its graph and the partner that feeds it: what a law on
+    an exported graph runs on the same seeded input."""
+    nets = networks(port, port.mha_model)
+    if len(nets) != 1:
+        raise Unchecked(f"the model folder holds two networks (a VAE): give the kind the {what} is")
+    kind = kind_of(nets[0])
+    partner = port.partner_model()
+    if kind.partner is not None and partner is None:
+        raise Unchecked(f"a {kind.name}'s inputs come from its {kind.partner}: give its folder as the partner")
+    return nets[0], kind.graph(nets[0]), partner
 
 
 def _equals_mha(port: Port):
@@ -349,11 +354,11 @@ def _equals_mha(port: Port):
             a, b = nn.Module.to(copy.deepcopy(mha_net), dtype), nn.Module.to(copy.deepcopy(sha_net), dtype)
             feeding = nn.Module.to(copy.deepcopy(partner), dtype) if partner is not None else None
             worst = 0.0
+            graph_a, graph_b = kind.graph(a), kind.graph(b)
             for sample in port.samples_for(mha_net, port.samples, dtype):
-                graph_a, graph_b = kind.graph(a), kind.graph(b)
                 feeds = graph_a.feeds(sample, feeding)
                 out_a, out_b = graph_a(feeds), graph_b(feeds)
-                worst = max(worst, *(_relative(out_a[k], out_b[k]) for k in out_a))
+                worst = max(worst, *(relative_error(out_a[k].numpy(), out_b[k].numpy()) for k in out_a))
             figures[f"{kind.name}_{precision}_relative_error"] = worst
             figures[f"{kind.name}_{precision}_tolerance"] = tolerance
             if not worst <= tolerance:
@@ -472,26 +477,18 @@ def _onnx_names(port: Port):
 
 
 def _onnx_equals(port: Port):
+    from onnx.helper import tensor_dtype_to_np_dtype
+
     from ..export.agreement import float_agrees
-    from ..export.agreement import relative_error as np_relative
     from ..export.onnx_io import run_onnx
 
-    partner = port.partner_model()
-    nets = networks(port, port.mha_model)
-    if len(nets) != 1:
-        raise Unchecked("the model folder holds two networks (a VAE): give the kind the ONNX graph is")
-    net = nets[0]
-    kind = kind_of(net)
-    if kind.partner is not None and partner is None:
-        raise Unchecked(f"a {kind.name}'s inputs come from its {kind.partner}: give its folder as the partner")
-    graph = kind.graph(net)
-    from onnx.helper import tensor_dtype_to_np_dtype
+    net, graph, partner = _one_network(port, "ONNX graph")
 
     inputs = [i.name for i in port.onnx_graph.graph.input]
     dtypes = {i.name: tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in port.onnx_graph.graph.input}
     missing = [n for n in graph.input_names if n not in inputs]
     if missing:
-        return [Failure(n, f"the {kind.name}'s input is not an input of the ONNX graph (it has {inputs})")
+        return [Failure(n, f"the {graph.kind.name}'s input is not an input of the ONNX graph (it has {inputs})")
                 for n in missing], {}
     failures, errors = [], {}
     for sample in port.samples_for(net, 1):
@@ -504,7 +501,7 @@ def _onnx_equals(port: Port):
             if name not in outputs:
                 failures.append(Failure(name, "the model's output is not an output of the ONNX graph"))
                 continue
-            errors[name] = np_relative(ref, outputs[name])
+            errors[name] = relative_error(ref, outputs[name])
             if not float_agrees([errors[name]]):
                 failures.append(Failure(name, f"the ONNX graph's output differs from torch's by {errors[name]:.3g} "
                                               "of its largest value"))
@@ -518,15 +515,8 @@ def _on_htp(port: Port):
     from ..export.htp import run_on_htp
     from ..export.onnx_io import run_onnx
 
-    nets = networks(port, port.mha_model)
-    if len(nets) != 1:
-        raise Unchecked("the model folder holds two networks (a VAE): give the kind the QDQ graph is")
-    kind = kind_of(nets[0])
-    partner = port.partner_model()
-    if kind.partner is not None and partner is None:
-        raise Unchecked(f"a {kind.name}'s inputs come from its {kind.partner}: give its folder as the partner")
-    graph = kind.graph(nets[0])
-    feeds = {k: v.numpy() for k, v in graph.feeds(port.samples_for(nets[0], 1)[0], partner).items()}
+    net, graph, partner = _one_network(port, "QDQ graph")
+    feeds = {k: v.numpy() for k, v in graph.feeds(port.samples_for(net, 1)[0], partner).items()}
     cpu = run_onnx(port.artifacts.qdq, feeds)
     on_htp = port.artifacts.context or port.artifacts.qdq
     htp = run_on_htp(on_htp, feeds)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PasdVerifyError
-from ..name_map import NameMap, flat_scope, onnx_scope, projections_named
+from ..name_map import NameMap, flat_scope, onnx_scope
 
 # The word that says which projection a head belongs to, in the schemes tools use.
 _PROJECTION_WORDS = {"q": 0, "query": 0, "k": 1, "key": 1, "v": 2, "value": 2}
@@ -201,8 +201,3 @@ def load_head_names(path: str | os.PathLike, name_map: NameMap) -> HeadNames:
             raise NamesError(f"{path}: {mha!r} must map to a list of head names")
     return _with_renames({k: list(v) for k, v in mapping.items()}, name_map, {}, f"file {path}")
 
-
-def projection_word(key: str) -> str | None:
-    """``to_q``-style name of ``key``'s projection, for messages (None if it names none)."""
-    parts = key.split(".")
-    return next((p for p in parts if projections_named(p)), None)
