@@ -24,9 +24,10 @@ from torch import nn
 from helpers import assert_same_state_dict
 from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
                          split_state_dict)
-from pasd_verify.checkpoint import (_SafetensorsReader, _sha_plan, _write_safetensors, check_checkpoint_matches,
-                                    check_tensor_values,
-                                    checkpoint_shapes, load_model_weights, load_state_dict_file, save_state_dict_file)
+from pasd_verify.checkpoint import _sha_plan
+from pasd_verify.checkpoint_files import (_SafetensorsReader, _write_safetensors, check_checkpoint_matches,
+                                          check_tensor_values, checkpoint_shapes, load_model_weights,
+                                          load_state_dict_file, save_state_dict_file)
 from pasd_verify.loading import name_map_from_config
 from pasd_verify.presets import build_unet, unet_inputs
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_checkpoint_matches, checkpoint_format,
-                         checkpoint_shapes, convert_checkpoint_file)
+from .checkpoint import convert_checkpoint_file
+from .checkpoint_files import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_checkpoint_matches, checkpoint_format,
+                               checkpoint_shapes)
 from .encodings import EncodingsError, convert_version, load_encodings, mha_to_sha, save_encodings
 from .encodings_check import check_encodings, required_sha_encodings
 from .io import refuse_overwriting_inputs, staged_outputs

@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import convert_checkpoint_file, load_state_dict_file, save_state_dict_file
+from .checkpoint import convert_checkpoint_file
+from .checkpoint_files import load_state_dict_file, save_state_dict_file
 from .io import raise_if_interrupted, refuse_overwriting_inputs, staged_outputs, write_json
 from .logs import library_warnings
 from .name_map import NameMap

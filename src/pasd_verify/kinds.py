@@ -40,7 +40,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from .checkpoint import checkpoint_shapes
+from .checkpoint_files import checkpoint_shapes
 from .errors import ImageInputError, LatentInputError, PasdVerifyError, TokenInputError
 from .loading import load_model
 from .models import PASDControlNetModel, PASDUNet2DConditionModel, VAEDecoder, VAEEncoder, split_vae

@@ -33,7 +33,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from .checkpoint import check_checkpoint_matches, checkpoint_shapes, load_model_weights
+from .checkpoint_files import check_checkpoint_matches, checkpoint_shapes, load_model_weights
 from .errors import PasdVerifyError
 from .models import PASDControlNetModel, PASDUNet2DConditionModel
 from .name_map import NameMap

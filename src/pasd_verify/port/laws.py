@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint_shapes, load_state_dict_file
+from ..checkpoint_files import checkpoint_shapes, load_state_dict_file
 from ..encodings import _channels, _entries, _is_per_tensor, convert_version, detect_prefix, load_encodings, mha_to_sha
 from ..encodings_check import check_encodings
 from ..demo import FP32_TOLERANCE, FP64_TOLERANCE  # max |SHA - MHA| / max |MHA|: the same function, reordered

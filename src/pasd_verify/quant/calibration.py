@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import load_state_dict_file, save_state_dict_file
+from ..checkpoint_files import load_state_dict_file, save_state_dict_file
 from ..kinds import CONTROL_KEY, CalibrationError, Sample, kind_of
 
 __all__ = ["CONTROL_KEY", "CalibrationError", "Sample", "calibration_samples", "load_samples", "model_calls",

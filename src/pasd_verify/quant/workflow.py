@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import save_state_dict_file
+from ..checkpoint_files import save_state_dict_file
 from ..encodings import SUPPORTED_VERSIONS, convert_version, save_encodings
 from ..errors import PasdVerifyError
 from ..io import refuse_overwriting_inputs, staged_outputs, write_json
