@@ -28,7 +28,7 @@ from pasd_verify.checkpoint import _sha_plan
 from pasd_verify.checkpoint_files import (_SafetensorsReader, _write_safetensors, check_checkpoint_matches,
                                           check_tensor_values, checkpoint_shapes, load_model_weights,
                                           load_state_dict_file, save_state_dict_file)
-from pasd_verify.loading import name_map_from_config
+from pasd_verify.kinds.loading import name_map_from_config
 from pasd_verify.presets import build_unet, unet_inputs
 
 FORMATS = ["safetensors", "pth"]
@@ -318,7 +318,7 @@ def test_projections_the_name_map_does_not_rewrite_are_refused_naming_the_form_a
     form = "MHA" if to == "sha" else "SHA"
     assert message.startswith(f"{label}: 1 {form} q/k/v key(s) the name map does not rewrite, e.g. {stray!r}")
     hint = "; pass allow_unconverted=True for modules deliberately left MHA" if to == "sha" else ""
-    assert message.endswith(f"let pasd_verify.loading choose the model from the weights){hint}"), message
+    assert message.endswith(f"let pasd_verify.kinds.loading choose the model from the weights){hint}"), message
     if to == "sha":  # allowed, the MHA key is kept as it is and the mapped ones split
         if where == "memory":
             kept = split_state_dict(source, name_map, allow_unconverted=True)

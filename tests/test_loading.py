@@ -19,7 +19,7 @@ from pasd_verify import CheckpointError, PasdVerifyError, convert_checkpoint_fil
 from pasd_verify.checkpoint import load_state_dict_file, save_state_dict_file
 from pasd_verify.cli import MODEL_CLASS_NAMES, main
 from pasd_verify.convert import convert_checkpoint, convert_files
-from pasd_verify.loading import (
+from pasd_verify.kinds.loading import (
     MODEL_CLASSES,
     choose_model,
     load_model,

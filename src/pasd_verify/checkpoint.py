@@ -97,7 +97,7 @@ def _refuse_stray(stray: list[str], form: str, source: str, hint: str) -> None:
     if stray:
         raise CheckpointError(
             f"{source}: {len(stray)} {form} q/k/v key(s) the name map does not rewrite, e.g. {stray[0]!r}; the name "
-            f"map comes from another model than this checkpoint (for PASD's folders, let pasd_verify.loading choose "
+            f"map comes from another model than this checkpoint (for PASD's folders, let pasd_verify.kinds.loading choose "
             f"the model from the weights){hint}"
         )
 

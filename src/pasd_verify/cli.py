@@ -19,7 +19,7 @@ from .io import Interrupted, clear_stop_request, interrupt, stop_requested
 from .port import ARTIFACTS
 
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
-# pasd_verify.loading.MODEL_CLASSES).
+# pasd_verify.kinds.loading.MODEL_CLASSES).
 MODEL_CLASS_NAMES = ("UNet2DConditionModel", "ControlNetModel", "PASDUNet2DConditionModel", "PASDControlNetModel",
                      "AutoencoderKL", "CLIPTextModel")
 

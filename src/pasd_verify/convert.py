@@ -18,7 +18,7 @@ from .checkpoint_files import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_check
 from .encodings import EncodingsError, convert_version, load_encodings, mha_to_sha, save_encodings
 from .encodings_check import check_encodings, required_sha_encodings
 from .io import refuse_overwriting_inputs, staged_outputs
-from .loading import ModelChoice, build_model, choose_model, parameter_shapes
+from .kinds.loading import ModelChoice, build_model, choose_model, parameter_shapes
 from .name_map import NameMap
 from .sha import convert_to_sha
 
@@ -62,7 +62,7 @@ def convert_checkpoint(config: str | os.PathLike | dict, src: str | os.PathLike,
                        to: str = "sha", *, model_class: str | None = None) -> dict[str, Any]:
     """Rewrite checkpoint ``src`` into ``dst`` (to ``"sha"`` or back to ``"mha"``) for the model a diffusers config
     describes, with every check of ``pasd-verify convert``: the model is chosen from the config and the
-    checkpoint's keys (PASD's folders included, see :func:`pasd_verify.loading.choose_model`; ``model_class``
+    checkpoint's keys (PASD's folders included, see :func:`pasd_verify.kinds.loading.choose_model`; ``model_class``
     overrides), ``src`` must match it exactly, and the written file is read back and checked against the
     converted model before it appears at ``dst``. On any error nothing is written. Returns counts and the class."""
     src, dst = Path(src), Path(dst)

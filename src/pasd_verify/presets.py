@@ -1,4 +1,4 @@
-"""Seeded model presets (no hub, no network); models from a user's local folders are in :mod:`pasd_verify.loading`.
+"""Seeded model presets (no hub, no network); models from a user's local folders are in :mod:`pasd_verify.kinds.loading`.
 
 ``tiny`` runs a whole UNet forward in milliseconds on a CPU; ``sd15`` has Stable Diffusion 1.5's real
 dimensions (320/640/1280/1280 channels, 8 heads, text 77 x 768) with random weights. The same two presets exist for

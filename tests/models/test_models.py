@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from helpers import assert_same_state_dict
 from pasd_verify import PasdVerifyError, convert_to_sha
 from pasd_verify.models import pasd_forward
-from pasd_verify.loading import model_from_config
+from pasd_verify.kinds.loading import model_from_config
 from pasd_verify.presets import UNET_PRESETS, build_pasd, pasd_inputs
 from strategies import latent_shapes, pasd_shapes
 

@@ -18,7 +18,7 @@ from pasd_verify.checkpoint import save_state_dict_file
 from pasd_verify.cli import main
 from pasd_verify.convert import convert_files
 from pasd_verify.encodings import save_encodings
-from pasd_verify.loading import MODEL_CLASSES, resolve_class
+from pasd_verify.kinds.loading import MODEL_CLASSES, resolve_class
 from pasd_verify.port import LAWS, Port, PortArtifacts, check_port
 from pasd_verify.port.laws import select_laws
 from pasd_verify.presets import build_unet

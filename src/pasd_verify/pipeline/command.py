@@ -77,7 +77,7 @@ def load_components(sd_dir: str | os.PathLike, pasd_dir: str | os.PathLike) -> C
     folder (``unet/``, ``controlnet/``), each model loaded strictly from its local weights."""
     from transformers import CLIPTokenizer
 
-    from ..loading import load_model
+    from ..kinds.loading import load_model
 
     sd, pasd = Path(sd_dir), Path(pasd_dir)
     for folder, parts in ((sd, ("text_encoder", "tokenizer", "vae", "scheduler")), (pasd, ("unet", "controlnet"))):

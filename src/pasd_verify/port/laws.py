@@ -32,9 +32,8 @@ from ..encodings_check import check_encodings
 from ..demo import FP32_TOLERANCE, FP64_TOLERANCE  # max |SHA - MHA| / max |MHA|: the same function, reordered
 from ..errors import PasdVerifyError
 from ..export.agreement import relative_error
-from ..kinds import get_kind, kind_of
-from ..loading import build_model, choose_model, find_weights, load_config, load_model, parameter_shapes
-from ..models import split_vae
+from ..kinds import get_kind, kind_of, networks_of
+from ..kinds.loading import build_model, choose_model, find_weights, load_config, load_model, parameter_shapes
 from ..sha import convert_to_sha
 from .names import HeadNames, infer_head_names, load_head_names
 
@@ -182,8 +181,7 @@ class Port:
 
     def sha_model(self) -> nn.Module:
         """The SHA model holding the port's SHA checkpoint, under our names (strictly: every key, nothing more)."""
-        model = build_model(self.artifacts.model, self.choice, device="cpu" if self.choice.name == "CLIPTextModel"
-                            else "meta")
+        model = build_model(self.artifacts.model, self.choice, device=self.choice.load_device)
         convert_to_sha(model)
         renamed = {self.heads.renames.get(k, k): v for k, v in self.sha_state.items()}
         model.load_state_dict(self.choice.model_state(renamed), strict=True, assign=True)
@@ -318,12 +316,9 @@ def _loads_strict(port: Port):
 
 def networks(port: Port, model: nn.Module) -> list[nn.Module]:
     """The networks of a loaded model: a VAE's two halves (or the one ``kind`` names), else the model."""
-    from diffusers import AutoencoderKL
-
-    if not isinstance(model, AutoencoderKL):
-        return [model]
-    halves = split_vae(model)
-    return [halves[("vae-encoder", "vae-decoder").index(port.artifacts.kind)]] if port.artifacts.kind else list(halves)
+    found = networks_of(model)
+    kind = port.artifacts.kind
+    return [found[kind]] if len(found) > 1 and kind in found else list(found.values())
 
 
 def _one_network(port: Port, what: str):

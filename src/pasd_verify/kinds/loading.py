@@ -33,11 +33,11 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from .checkpoint_files import check_checkpoint_matches, checkpoint_shapes, load_model_weights
-from .errors import PasdVerifyError
-from .models import PASDControlNetModel, PASDUNet2DConditionModel
-from .name_map import NameMap
-from .sha import convert_to_sha
+from ..checkpoint_files import check_checkpoint_matches, checkpoint_shapes, load_model_weights
+from ..errors import PasdVerifyError
+from ..models import PASDControlNetModel, PASDUNet2DConditionModel
+from ..name_map import NameMap
+from ..sha import convert_to_sha
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,12 @@ class ModelChoice:
     @property
     def name(self) -> str:
         return self.cls.__name__
+
+    @property
+    def load_device(self) -> str:
+        """Where a model about to be given a checkpoint's tensors is built: on ``meta`` (no memory, no random init),
+        except a class whose buffers its checkpoints do not hold, which must make them itself."""
+        return "cpu" if self.name in _UNSAVED_BUFFERS else "meta"
 
     def describe(self) -> str:
         return f"{self.name} ({self.reason})"
@@ -315,7 +321,7 @@ def load_model(folder: str | os.PathLike, *, model_class: str | None = None,
     # Built on meta and given the file's tensors: no random init, no second copy of the weights. The text encoder
     # keeps a buffer its checkpoints do not hold (position_ids, non-persistent), which only a real init makes; it
     # is small enough (0.5 GB at SD1.5 size) to build on the CPU.
-    model = build_model(folder, choice, device="cpu" if choice.name in _UNSAVED_BUFFERS else "meta")
+    model = build_model(folder, choice, device=choice.load_device)
     if sha:
         convert_to_sha(model)
     check_checkpoint_matches(shapes, choice.file_shapes(parameter_shapes(model)),
