@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 
 import torch
+
+from pasd_verify.cli import build_parser
 
 
 def assert_same_state_dict(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *,
@@ -18,3 +21,11 @@ def assert_same_state_dict(actual: Mapping[str, torch.Tensor], expected: Mapping
     for key, tensor in expected.items():
         torch.testing.assert_close(actual[key], tensor, rtol=0, atol=0, equal_nan=False, check_dtype=True,
                                    check_device=True, msg=lambda message, key=key: f"{key}: {message}")
+
+
+def option_choices(command: str, flag: str) -> list[str]:
+    """The choices ``pasd-verify COMMAND`` offers for ``FLAG``, read from the command line's own parser."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in commands.choices[command]._actions if flag in a.option_strings)
+    return list(action.choices)

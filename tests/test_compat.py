@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pasd_verify.compat import rrdb_class
+from pasd_verify.presets import build_pasd
 
 
 def test_rrdb_is_basicsrs_own_class():
@@ -21,9 +22,11 @@ def test_rrdb_is_basicsrs_own_class():
 
 
 def test_rrdb_is_shape_preserving_and_residual():
+    # the RRDB blocks our PASD ControlNet builds (use_rrdb), as its conditioning embedding runs them
+    block = build_pasd("tiny", use_rrdb=True)[1].controlnet_cond_embedding.preprocesser[0]
+    assert type(block) is rrdb_class()
     torch.manual_seed(0)
-    block = rrdb_class()(num_feat=8, num_grow_ch=4).eval()
-    x = torch.randn(2, 8, 12, 20)
+    x = torch.randn(2, block.rdb1.conv1.in_channels, 12, 20)
     with torch.no_grad():
         out = block(x)
         # RRDB's documented form, from its three dense blocks called by hand: 0.2 * rdb3(rdb2(rdb1(x))) + x.

@@ -70,8 +70,9 @@ def test_each_verdict_holds_at_its_threshold_and_not_beyond():
 def test_the_thresholds_lie_between_what_a_sound_and_a_broken_graph_give():
     """REFERENCE section 8: 16-bit activations agree at 61.8-61.9 dB on an SD1.5-width transformer, a broken
     GroupNorm -> SiLU -> Conv at about 0 dB; the float graph agrees to fp32 rounding."""
-    assert 0 < HTP_SQNR_DB < QDQ_SQNR_DB < 61.8
-    assert 1e-7 < FLOAT_TOLERANCE <= 1e-3
+    assert qdq_agrees(61.8) and not qdq_agrees(0.0)
+    assert htp_agrees(61.8, HTP_SQNR_DB) and not htp_agrees(0.0, HTP_SQNR_DB) and not htp_agrees(None, HTP_SQNR_DB)
+    assert float_agrees([1e-7]) and not float_agrees([2e-3])
 
 
 def test_the_worst_output_is_the_least_agreeing_one_first_of_equals():

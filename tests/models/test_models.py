@@ -101,21 +101,29 @@ def test_shape_invariants_at_any_resolution(tiny_pasd, shape):
     assert [tuple(r.shape) for r in rgbs] == [(b, 3, 8 * h // 2**k, 8 * w // 2**k) for k in (1, 2, 3)]
 
 
-def test_time_embedding_reaches_every_pixel_as_a_per_channel_offset():
-    torch.manual_seed(0)
-    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4).eval()
-    x = torch.randn(2, 8, 5, 7)
-    temb_a, temb_b = torch.randn(2, 12), torch.randn(2, 12)
-    seen = []
-    hook = block.norm2.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    with torch.no_grad():
-        block(x, temb_a)
-        block(x, temb_b)
-        # by hand: temb -> SiLU -> time_emb_proj -> (B, C, 1, 1), added to every pixel of conv1's output
-        offset = block.time_emb_proj(torch.nn.functional.silu(temb_a)) - block.time_emb_proj(torch.nn.functional.silu(temb_b))
-    hook.remove()
-    difference = seen[0] - seen[1]
-    torch.testing.assert_close(difference, offset[:, :, None, None].expand_as(difference), rtol=1e-5, atol=1e-5)
+def test_every_resnet_of_the_pasd_unet_gets_the_steps_time_embedding():
+    """Our PASD UNet's forward (its pixel-aware up blocks included) hands every resnet the time embedding of the
+    step, as diffusers' UNet does: the embedding of each step is computed here by hand from the UNet's own
+    sinusoidal projection and time MLP, and each resnet's ``temb`` is caught on its way in."""
+    unet, controlnet = build_pasd("tiny")
+    inputs = pasd_inputs(unet)
+    resnets = {name: m for name, m in unet.named_modules() if isinstance(m, ResnetBlock2D)}
+    assert any(name.startswith("up_blocks.") for name in resnets) and any(".pixel_attentions." in n for n, _ in
+                                                                        unet.named_modules())
+    for step in (1, 900):
+        timestep = torch.tensor([step])
+        seen = {}
+        hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[1]}))
+                 for name, m in resnets.items()]
+        with torch.no_grad():
+            pasd_forward(unet, controlnet, inputs["sample"], timestep, inputs["encoder_hidden_states"],
+                         inputs["controlnet_cond"])
+            expected = unet.time_embedding(unet.time_proj(timestep).to(inputs["sample"].dtype))
+        for hook in hooks:
+            hook.remove()
+        assert sorted(seen) == sorted(resnets)
+        for name, temb in seen.items():
+            torch.testing.assert_close(temb, expected, rtol=0, atol=0, msg=f"{name} at step {step}")
 
 
 def test_pixel_attention_wiring_matches_pasd_at_sd15_size():
