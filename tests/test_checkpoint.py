@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import weakref
@@ -25,7 +26,8 @@ from helpers import assert_same_state_dict
 from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
                          split_state_dict)
 from pasd_verify.checkpoint import _sha_plan
-from pasd_verify.checkpoint_files import (_SafetensorsReader, _write_safetensors, check_checkpoint_matches,
+from pasd_verify.checkpoint_files import (_SafetensorsReader, _tensor_at_fault, _unpickling_reason, _write_safetensors,
+                                          check_checkpoint_matches,
                                           check_tensor_values, checkpoint_shapes, load_model_weights,
                                           load_state_dict_file, save_state_dict_file)
 from pasd_verify.kinds.loading import name_map_from_config
@@ -663,3 +665,58 @@ def test_finite_float16_weights_whose_sum_overflows_pass():
     tensor = torch.full((4,), 60000.0, dtype=torch.float16)
     assert not math.isfinite(float(tensor.sum()))
     assert check_tensor_values("a.weight", tensor, "m.safetensors") is tensor
+
+
+def _raw_safetensors(path: Path, header, *, declared: int | None = None) -> Path:
+    """A file of a safetensors header, unpadded, under a declared length (its own by default), and no data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if declared is None else declared) + raw)
+    return path
+
+
+_F99 = {"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}
+
+
+@pytest.mark.parametrize("header, declared, words", [
+    # the header exactly fills the file: it is read
+    (_F99, None, "; tensor 'a': dtype 'F99' is not a safetensors dtype"),
+    # a length 4 bytes past the file, or one with the top bit set (not a negative number), is not read
+    (_F99, len(json.dumps(_F99)) + 4, ""),
+    (_F99, 2**63 + len(json.dumps(_F99)), ""),
+    # nothing to name: not JSON, not an object, or every entry sound
+    (b"{not json", None, ""),
+    ([1, 2], None, ""),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ""),
+    # the metadata is no tensor: skipped, and the entries after it still read
+    ({"__metadata__": {"format": "pt"}, **_F99}, None, "; tensor 'a': dtype 'F99' is not a safetensors dtype"),
+    # an empty tensor is sound; a dtype safetensors defines but pasd-verify does not read has no size to check
+    ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, None, ""),
+    ({"a": {"dtype": "U16", "shape": [3], "data_offsets": [0, 2]}}, None, ""),
+    # the bytes an entry holds are its end minus its begin
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 36]}}, None,
+     "; tensor 'a': shape [4] of F32 needs 16 bytes, its data_offsets [16, 36] hold 20"),
+])
+def test_the_tensor_at_fault_is_read_from_the_header_alone(tmp_path, header, declared, words):
+    assert _tensor_at_fault(_raw_safetensors(tmp_path / "m.safetensors", header, declared=declared)) == words
+
+
+@pytest.mark.parametrize("message, reason", [
+    # torch 2.4+ (this stack's)
+    ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but "
+     "it can result in arbitrary code execution.\n WeightsUnpickler error: Unsupported global: GLOBAL m.Payload was "
+     "not an allowed global by default. Please use `torch.serialization.add_safe_globals([Payload])` to allowlist.",
+     "Unsupported global: GLOBAL m.Payload was not an allowed global by default"),
+    # torch 2.0-2.3
+    ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed.\n"
+     "Trying to load unsupported GLOBAL m.Payload whose module m is blocked.",
+     "Trying to load unsupported GLOBAL m.Payload whose module m is blocked"),
+    ("Weights only load failed.\nWeightsUnpickler error: Unsupported operand 149", "Unsupported operand 149"),
+    # one sentence: only its full stop goes
+    ("WeightsUnpickler error: Unsupported global: GLOBAL m.X.", "Unsupported global: GLOBAL m.X"),
+])
+def test_a_weights_only_refusal_keeps_the_sentence_that_says_what_the_file_holds(message, reason):
+    assert _unpickling_reason(pickle.UnpicklingError(message)) == reason
+
+
+def test_a_refusal_in_other_words_is_named_by_its_type():
+    assert _unpickling_reason(pickle.UnpicklingError("invalid load key, 'x'.")) == "UnpicklingError"
