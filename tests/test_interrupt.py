@@ -245,9 +245,9 @@ def _swallowing_command(args) -> int:
     handles as a library failure and goes on from, as a demo stage does."""
     from aimet_torch.meta.connectedgraph_utils import get_ops_with_missing_modules
 
-    from pasd_verify import cli
+    from pasd_verify.signals import begin_work
 
-    cli._begin_work()  # as every command does once its libraries are imported: signals raise from here on
+    begin_work()  # as every command does once its libraries are imported: signals raise from here on
     with staged_outputs(args.out, ["result.txt"]) as staging:
         (staging / "result.txt").write_text("written after the signal")
         try:

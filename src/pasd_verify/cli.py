@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
-import os
 import signal
 import sys
-import threading
 import unicodedata
 from pathlib import Path
 from typing import Any
 
 from .errors import PasdVerifyError
-from .io import Interrupted, clear_stop_request, interrupt, stop_requested
+from .io import Interrupted, stop_requested
 from .port import ARTIFACTS
+from .signals import begin_work, interrupted_line, signals_as_interrupts
 
 # The classes --model-class accepts, spelled here so that --help needs no torch import (a test checks they match
 # pasd_verify.kinds.loading.MODEL_CLASSES).
@@ -80,7 +78,7 @@ def stage_table(stages: list[dict[str, Any]]) -> str:
     )
 
 
-# What the commands import lazily, loaded before the work (see _begin_work): diffusers' model classes pull in its
+# What the commands import lazily, loaded before the work (see signals.begin_work): diffusers' model classes pull in its
 # schedulers and scipy; export's stages import onnx and aimet-onnx when they start.
 _MODELS = ("diffusers:UNet2DConditionModel", "diffusers:ControlNetModel", "scipy.stats")
 _EXPORT = ("onnx", "onnxruntime", "aimet_onnx.quantsim")
@@ -89,7 +87,7 @@ _EXPORT = ("onnx", "onnxruntime", "aimet_onnx.quantsim")
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # torch and diffusers load here, not for --help
 
-    _begin_work(*_MODELS, *_EXPORT)
+    begin_work(*_MODELS, *_EXPORT)
 
     report = run_demo(args.out, seed=args.seed)
     print(stage_table(report["stages"]))
@@ -103,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_files
 
-    _begin_work(*_MODELS)
+    begin_work(*_MODELS)
 
     summary = convert_files(args.model_config, args.state_dict, args.out, encodings=args.encodings,
                             encodings_version=args.encodings_version, model_class=args.model_class)
@@ -180,7 +178,7 @@ def _adaround(args: argparse.Namespace) -> int:
     from .quant.adaround import AdaroundConfig
     from .quant.workflow import adaround_files, check_output_folder
 
-    _begin_work(*_MODELS, "aimet_torch.meta.connectedgraph_utils", "matplotlib.figure")
+    begin_work(*_MODELS, "aimet_torch.meta.connectedgraph_utils", "matplotlib.figure")
 
     config = AdaroundConfig(param_bw=args.param_bw, iterations=args.iterations, weights=args.weights,
                             cache_dtype=args.cache_dtype, cache_budget=args.cache_budget, device=args.device,
@@ -217,7 +215,7 @@ def _export(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportConfig, check_output_folder, export_files
     from .logs import library_warnings
 
-    _begin_work(*_MODELS, *_EXPORT)
+    begin_work(*_MODELS, *_EXPORT)
 
     _preset_latent(args)
     # one field per flag; release_model: the command needs the memory, and no caller uses the model afterwards
@@ -250,10 +248,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from .port.command import check_files
-    from .port.laws import PortArtifacts
+    from .port.artifacts import PortArtifacts
     from .port.report import table
 
-    _begin_work(*_MODELS, "onnx")
+    begin_work(*_MODELS, "onnx")
     artifacts = PortArtifacts.of(**{name: getattr(args, name) for name in ARTIFACTS})
     if not artifacts.given() - {"kind"}:
         raise PasdVerifyError("no artifact given: name at least one of --model, --sha, --mha-encodings, "
@@ -273,7 +271,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from .pipeline.command import PipelineCheckConfig, pipeline_files
     from .pipeline.networks import parse_backends
 
-    _begin_work(*_MODELS, *_EXPORT, "transformers:CLIPTokenizer", "matplotlib.figure")
+    begin_work(*_MODELS, *_EXPORT, "transformers:CLIPTokenizer", "matplotlib.figure")
     backends = parse_backends(args.backend)
     config = PipelineCheckConfig(
         prompt=args.prompt, steps=args.steps, guidance=args.guidance, conditioning_scale=args.conditioning_scale,
@@ -451,64 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_working = False  # see _begin_work
-
-
-def _interrupted_line(signum: int) -> str:
-    return f"pasd-verify: interrupted by {signal.Signals(signum).name}: stopped; no output was written"
-
-
-def _begin_work(*preload: str) -> None:
-    """Import ``preload`` ("module" or "module:attribute", attributes of lazy modules such as diffusers'), then let
-    signals raise :class:`Interrupted` from here on.
-
-    Before this point a signal ends the process at once (one line, exit 128+signal): nothing is written and no child
-    is started while the libraries import, and an exception raised in the middle of an import leaves numpy, scipy
-    and diffusers half-initialised, so that even the error's own handling fails with a RecursionError."""
-    global _working
-    for name in preload:
-        module, _, attribute = name.partition(":")
-        loaded = importlib.import_module(module)
-        if attribute:
-            getattr(loaded, attribute)
-    _working = True
-
-
-@contextlib.contextmanager
-def _signals_as_interrupts():
-    """While the command runs, SIGINT, SIGTERM and SIGHUP (a closed terminal, a parent shell that ends) stop it: at
-    once while it imports, by :class:`Interrupted` once :func:`_begin_work` was called. After one signal the next
-    ones are ignored, so that the cleanup it started can finish. Outside the main thread (a caller's worker) signals
-    cannot be handled, and nothing changes."""
-    global _working
-    if threading.current_thread() is not threading.main_thread():
-        _working = True
-        yield
-        return
-
-    def on_signal(signum, frame):
-        if not _working:
-            print(_interrupted_line(signum), file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        for ending in _ENDING:
-            signal.signal(ending, signal.SIG_IGN)
-        interrupt(signum)
-
-    previous = {s: signal.getsignal(s) for s in _ENDING}
-    _working = False
-    clear_stop_request()
-    for s in _ENDING:
-        signal.signal(s, on_signal)
-    try:
-        yield
-    finally:
-        _working = False
-        clear_stop_request()  # reported by main(); the process may run more (a caller's script, a test session)
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
 def printable(text: str) -> str:
     """``text`` with control and format characters escaped (a NUL, a right-to-left override, a zero-width space in
     a key of a user's file), so that an error shows what the file holds instead of rearranging the terminal."""
@@ -520,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _signals_as_interrupts():
+        with signals_as_interrupts():
             try:
                 code = args.func(args)
             except Exception as e:
@@ -533,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(_interrupted_line(signum), file=sys.stderr)
+        print(interrupted_line(signum), file=sys.stderr)
         return 128 + signum
     except PasdVerifyError as e:
         print(printable(f"pasd-verify: error: {e}"), file=sys.stderr)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-_WHERE = {"LAWS": "laws", "Failure": "laws", "Law": "laws", "LawResult": "laws", "Port": "laws",
-          "PortArtifacts": "laws", "check_port": "laws", "run_law": "laws",
+_WHERE = {"LAWS": "laws", "Law": "laws", "check_port": "laws", "run_law": "laws",
+          "Failure": "artifacts", "LawResult": "artifacts", "Port": "artifacts", "PortArtifacts": "artifacts",
           "HeadNames": "names", "infer_head_names": "names", "load_head_names": "names"}
 
 __all__ = sorted(_WHERE)

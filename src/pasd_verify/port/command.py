@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..io import refuse_overwriting_inputs, staged_outputs, write_json
-from .laws import LawResult, Port, PortArtifacts, check_port, select_laws
+from .artifacts import LawResult, Port, PortArtifacts
+from .laws import check_port, select_laws
 from .report import junit_xml, report
 
 OUTPUTS = ("report.json", "junit.xml")

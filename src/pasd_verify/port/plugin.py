@@ -10,7 +10,7 @@ paths relative to that file), or by ``pasd_model = ...`` lines in an ini file. T
 is skipped saying which file it needs; its figures go into the item's report and into JUnit XML
 (``--junitxml``, as ``user_properties``).
 
-For tests of one's own: fixtures ``pasd_port`` (the read :class:`~pasd_verify.port.laws.Port`), ``pasd_mha_model``
+For tests of one's own: fixtures ``pasd_port`` (the read :class:`~pasd_verify.port.artifacts.Port`), ``pasd_mha_model``
 and ``pasd_sha_model`` (the MHA model and the SHA model holding the port's checkpoint), ``pasd_inputs`` (seeded
 inputs of the model's graph) and ``pasd_name_map``; and hypothesis profiles ``pasd-ci``, ``pasd-dev``,
 ``pasd-thorough`` and ``pasd-mutation`` (``--hypothesis-profile pasd-ci``), the ones this project's suite runs on.
@@ -108,7 +108,7 @@ class _Session:
     @property
     def port(self):
         if self._port is None:
-            from .laws import Port, PortArtifacts
+            from .artifacts import Port, PortArtifacts
 
             self._port = Port(PortArtifacts.of(**self.values), seed=self.seed)
         return self._port

@@ -7,7 +7,7 @@ import json
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from .laws import LawResult, PortArtifacts
+from .artifacts import LawResult, PortArtifacts
 
 _SHOWN_FAILURES = 5
 
