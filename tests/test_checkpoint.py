@@ -26,7 +26,7 @@ from helpers import assert_same_state_dict
 from pasd_verify import (CheckpointError, NameMap, convert_checkpoint_file, convert_to_sha, merge_state_dict,
                          split_state_dict)
 from pasd_verify.checkpoint import _sha_plan
-from pasd_verify.checkpoint_files import (_SafetensorsReader, _tensor_at_fault, _unpickling_reason, _write_safetensors,
+from pasd_verify.checkpoint_files import (_SafetensorsReader, _sniff, _tensor_at_fault, _unpickling_reason, _write_safetensors,
                                           check_checkpoint_matches,
                                           check_tensor_values, checkpoint_shapes, load_model_weights,
                                           load_state_dict_file, save_state_dict_file)
@@ -473,6 +473,8 @@ def test_a_pth_whose_pickle_would_run_code_is_refused_without_running_it(tmp_pat
     assert str(info.value).startswith(f"{src}: refused: the pickle holds more than tensors (Unsupported global: "
                                       "GLOBAL getattr was not an allowed global by default)")
     assert "weights_only" not in str(info.value) and "safe_globals" not in str(info.value)  # advice to run the code
+    assert str(info.value).endswith("); pasd-verify never runs a checkpoint's code. Save the state dict as "
+                                    ".safetensors where the file is trusted")
 
 
 def test_a_checkpoint_under_the_other_formats_suffix_is_named_for_what_it_is(tmp_path):
@@ -720,3 +722,55 @@ def test_a_weights_only_refusal_keeps_the_sentence_that_says_what_the_file_holds
 
 def test_a_refusal_in_other_words_is_named_by_its_type():
     assert _unpickling_reason(pickle.UnpicklingError("invalid load key, 'x'.")) == "UnpicklingError"
+
+
+def test_a_damaged_torch_checkpoint_is_named_for_what_broke_and_not_called_another_format(tmp_path):
+    torch.save({"a.weight": torch.ones(2)}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (cut := tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])  # a zip archive without its directory
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(cut)
+    assert str(info.value).startswith(f"{cut}: not a readable torch checkpoint (PytorchStreamReader failed reading "
+                                      "zip archive: failed finding central directory")
+    assert str(info.value).endswith(".)")  # torch's own sentence, and no "the file is really a ..." hint
+    (legacy := tmp_path / "legacy.pth").write_bytes(b"\x80\x02")  # a legacy pickle, cut after its protocol
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(legacy)
+    assert str(info.value) == f"{legacy}: not a readable torch checkpoint (EOFError: )"
+
+
+@pytest.mark.parametrize("head, expected", [
+    (struct.pack("<Q", 2) + b"{}", "safetensors"),  # the smallest header, exactly filling the file
+    (struct.pack("<Q", 4) + b"{}  ", "safetensors"),
+    (struct.pack("<Q", 3) + b"{}", None),  # a header longer than the file
+    (struct.pack("<Q", 1) + b"{", None),  # too short to be an object
+    (struct.pack("<Q", 2) + b"[]", None),  # a length that fits, but no object after it
+    (b"PK\x03\x04" + b"\x00" * 8, "torch"),  # a zip archive: torch.save's format
+    (b"\x80\x02" + b"\x00" * 8, "torch"),  # a pickle: torch.save's legacy format
+    (b"\x80", "torch"),
+    (b"{}", None),
+])
+def test_a_checkpoint_is_recognised_by_its_first_bytes(tmp_path, head, expected):
+    (path := tmp_path / "m.bin").write_bytes(head)
+    assert _sniff(path) == expected
+
+
+def test_a_checkpoint_that_cannot_be_opened_is_recognised_as_nothing(tmp_path):
+    assert _sniff(tmp_path / "absent.bin") is None
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_nan_weight_is_refused_naming_the_file_and_key(tmp_path, suffix):
+    path = tmp_path / f"m{suffix}"
+    save_state_dict_file({"a.weight": torch.tensor([1.0, float("nan")])}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(path)
+    assert str(info.value) == f"{path}: a.weight holds 1 NaN or infinite value(s) of 2"
+
+
+def test_an_empty_integer_weight_read_one_tensor_at_a_time_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_state_dict_file({"a.weight": torch.empty(0, dtype=torch.int32)}, path)
+    with _SafetensorsReader(path) as f, pytest.raises(CheckpointError) as info:
+        f.get_tensor("a.weight")
+    assert str(info.value) == f"{path}: a.weight has dtype int32; a weight must be floating point"
