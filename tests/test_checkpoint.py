@@ -685,6 +685,7 @@ _F99 = {"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}
     # a length 4 bytes past the file, or one with the top bit set (not a negative number), is not read
     (_F99, len(json.dumps(_F99)) + 4, ""),
     (_F99, 2**63 + len(json.dumps(_F99)), ""),
+    (_F99, 2**64 - 1, ""),  # read as signed, -1: "read to the end"
     # nothing to name: not JSON, not an object, or every entry sound
     (b"{not json", None, ""),
     ([1, 2], None, ""),
@@ -697,6 +698,7 @@ _F99 = {"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}
     # the bytes an entry holds are its end minus its begin
     ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 36]}}, None,
      "; tensor 'a': shape [4] of F32 needs 16 bytes, its data_offsets [16, 36] hold 20"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}, None, ""),
 ])
 def test_the_tensor_at_fault_is_read_from_the_header_alone(tmp_path, header, declared, words):
     assert _tensor_at_fault(_raw_safetensors(tmp_path / "m.safetensors", header, declared=declared)) == words
