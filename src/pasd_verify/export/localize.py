@@ -241,10 +241,12 @@ def _captured(qdq_path: str | os.PathLike, graph_inputs: list[str], feeds: dict[
 
 
 def judge_blocks(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], work: Path, *, threshold_db: float,
-                 soc_model: str, timeout: float, log=lambda line: None
+                 soc_model: str, timeout: float, log=lambda line: None, run=run_on_htp
                  ) -> tuple[list[dict], tuple[Block, Path, dict[str, np.ndarray], str] | None]:
     """Each block compiled alone on its captured inputs, in order, until the first bad one. Returns what each
-    judged block measured and, for the first bad block, the block, its graph, its inputs and its worst output."""
+    judged block measured and, for the first bad block, the block, its graph, its inputs and its worst output.
+    ``run`` is the device (:func:`~pasd_verify.export.htp.run_on_htp`'s signature and result): an input, so that
+    the search can be checked on the CPU against a device that breaks an op of its choosing."""
     model = onnx.load(str(qdq_path), load_external_data=False)
     blocks = graph_blocks(model)
     values = _captured(qdq_path, [i.name for i in model.graph.input], feeds,
@@ -254,7 +256,7 @@ def judge_blocks(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], work
         path = extract_prefix(qdq_path, block.inputs, block.outputs, work / f"{block.name.replace('.', '_')}.block.qdq.onnx")
         block_feeds = {t: values[t] for t in block.inputs}
         cpu = run_onnx(path, block_feeds, block.outputs)
-        htp = run_on_htp(path, block_feeds, soc_model=soc_model, timeout=timeout)
+        htp = run(path, block_feeds, soc_model=soc_model, timeout=timeout)
         per_output = {t: sqnr_db(cpu[t], htp.outputs[t]) for t in block.outputs} if htp.status == "passed" else {}
         output = worst(per_output) if per_output else block.outputs[0]
         bad = not htp_agrees(per_output.get(output), threshold_db)
@@ -269,23 +271,23 @@ def judge_blocks(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], work
 
 def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir: str | os.PathLike, *,
              output: str, threshold_db: float, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 3600.0,
-             log=lambda line: None) -> Divergence | None:
+             log=lambda line: None, run=run_on_htp) -> Divergence | None:
     """The first diffusers block the HTP gets wrong alone (:func:`judge_blocks`), and in it the first bad op
     (:func:`localize_op` on the block's graph). When every block agrees alone, the error builds up across blocks:
     the prefixes of the whole graph leading to ``output`` are searched instead. The block's graph and the
-    reproducer go to ``out_dir/divergences/``."""
+    reproducer go to ``out_dir/divergences/``. ``run`` is the device, as in :func:`judge_blocks`."""
     work = Path(out_dir) / "divergences"
     work.mkdir(parents=True, exist_ok=True)
     judged, bad = judge_blocks(qdq_path, feeds, work, threshold_db=threshold_db, soc_model=soc_model,
-                               timeout=timeout, log=log)
+                               timeout=timeout, log=log, run=run)
     if bad is None:
         found = localize_op(qdq_path, feeds, out_dir, output=output, threshold_db=threshold_db, soc_model=soc_model,
-                            timeout=timeout, log=log)
+                            timeout=timeout, log=log, run=run)
     else:
         block, path, block_feeds, worst = bad
         np.savez(work / f"{path.name.removesuffix('.qdq.onnx')}.inputs.npz", **block_feeds)
         found = localize_op(path, block_feeds, out_dir, output=worst, threshold_db=threshold_db, soc_model=soc_model,
-                            timeout=timeout, log=log)
+                            timeout=timeout, log=log, run=run)
     if found is not None:
         found.block, found.blocks = (bad[0].name if bad else None), judged
     return found
@@ -295,11 +297,12 @@ def localize(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir:
 
 def localize_op(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_dir: str | os.PathLike, *,
                 output: str, threshold_db: float, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 3600.0,
-                log=lambda line: None) -> Divergence | None:
+                log=lambda line: None, run=run_on_htp) -> Divergence | None:
     """Find the first op on the way to the graph ``output`` whose result the HTP gets wrong.
 
     Returns None when the prefix ending at ``output`` alone is good (the disagreement then needs the rest of the
-    graph, which the caller reports). The reproducer goes to ``out_dir/divergences/``.
+    graph, which the caller reports). The reproducer goes to ``out_dir/divergences/``. ``run`` is the device, as in
+    :func:`judge_blocks`.
     """
     model = onnx.load(str(qdq_path))
     producer, inputs = producers(model), [i.name for i in model.graph.input]
@@ -315,7 +318,7 @@ def localize_op(qdq_path: str | os.PathLike, feeds: dict[str, np.ndarray], out_d
         if tensor not in probes:
             prefix = extract_prefix(qdq_path, inputs, tensor, work / "probe.onnx")
             cpu = run_onnx(prefix, feeds)[tensor]
-            htp = run_on_htp(prefix, _used_feeds(prefix, feeds), soc_model=soc_model, timeout=timeout)
+            htp = run(prefix, _used_feeds(prefix, feeds), soc_model=soc_model, timeout=timeout)
             sqnr = sqnr_db(cpu, htp.outputs[tensor]) if htp.status == "passed" else None
             probes[tensor] = {"tensor": tensor, "htp": htp.status, "sqnr_db": sqnr,
                               "bad": not htp_agrees(sqnr, threshold_db)}
