@@ -1,10 +1,11 @@
 """The laws of an MHA -> SHA port, checked on another tool's artifacts.
 
-A :class:`~pasd_verify.port.artifacts.Port` reads whatever a user has (:class:`~pasd_verify.port.artifacts.PortArtifacts`:
-a model folder, its MHA checkpoint, an SHA checkpoint, MHA and SHA encodings, an ONNX export and its encodings, a QDQ
-graph) up front, so that an unreadable file is an error before any law runs. Each :class:`Law` names the artifacts it needs; :func:`check_port` runs every
-law whose artifacts are there and says, for the others, which artifact is missing. A failed law lists each key at
-fault (:class:`Failure`), in the port's own names.
+A :class:`~pasd_verify.port.artifacts.Port` reads whatever a user has
+(:class:`~pasd_verify.port.artifacts.PortArtifacts`: a model folder, its MHA checkpoint, an SHA checkpoint, MHA and
+SHA encodings, an ONNX export and its encodings, a QDQ graph) up front, so that an unreadable file is an error before
+any law runs. Each :class:`Law` names the artifacts it needs; :func:`check_port` runs every law whose artifacts are
+there and says, for the others, which artifact is missing. A failed law lists each key at fault
+(:class:`~pasd_verify.port.artifacts.Failure`), in the port's own names.
 
 The laws read the port through :class:`~pasd_verify.port.names.HeadNames` (their head keys -> ours) and then hold it
 to what this project's own rewrite computes from the MHA artifacts (:mod:`pasd_verify.checkpoint`,
