@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -56,7 +57,10 @@ def sd15_checkpoints(tmp_path_factory, sd15_unet):
     (folder / "config.json").write_text(json.dumps({**sd15_unet.config, "_class_name": "UNet2DConditionModel"}))
     for suffix in ("safetensors", "pth"):
         save_state_dict_file(sd15_unet.state_dict(), folder / f"state_dict_mha.{suffix}")
-    return folder
+    yield folder
+    # Four 3.3 GiB checkpoints: pytest keeps the last sessions' temporary folders, and 13 GiB left in each would fill
+    # a CI machine's disk (it did: the next run's slow tier failed with ENOSPC)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
