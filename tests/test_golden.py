@@ -1,4 +1,5 @@
-"""aimet tier: golden/generate.py, run again with real AIMET, reproduces the committed golden files."""
+"""golden/generate.py, run again, reproduces the committed golden files by what they mean: the encodings with real
+AIMET (aimet tier), the tiny pipeline's pictures on the HTP backend (htp tier)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from pasd_verify.encodings import load_encodings
 from pasd_verify.encodings_check import compare_encodings
-
-pytestmark = pytest.mark.aimet
+from pasd_verify.export.htp import htp_available
+from pasd_verify.pipeline.check import Thresholds, picture_figures
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 
@@ -23,9 +27,10 @@ def _generator():
     return module
 
 
+@pytest.mark.aimet
 def test_generate_reproduces_the_golden_files(tmp_path):
     written = _generator().generate(tmp_path)
-    committed = sorted(p.name for p in GOLDEN.iterdir() if p.suffix in (".encodings", ".json"))
+    committed = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("unet_tiny_"))
     assert sorted(p.name for p in written) == committed
     for name in committed:
         if name.endswith(".json"):
@@ -37,3 +42,35 @@ def test_generate_reproduces_the_golden_files(tmp_path):
         # at most one step apart (REFERENCE section 9)
         problems = compare_encodings(fresh, golden, source=name)
         assert not problems, "\n".join(problems[:20])
+
+
+def _picture(path: Path) -> torch.Tensor:
+    """A PNG as NCHW in [0, 1], as the pipeline's figures take it."""
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+@pytest.mark.htp
+@pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))
+def test_generate_reproduces_the_pipeline_pictures(tmp_path):
+    generator = _generator()
+    written = generator.generate_pipeline(tmp_path)
+    committed = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("pipeline_tiny_"))
+    assert sorted(p.name for p in written) == committed
+    fresh, golden = (json.loads((d / generator.PIPELINE_NUMBERS).read_text()) for d in (tmp_path, GOLDEN))
+    assert fresh.keys() == golden.keys()
+    for key in ("passed", "backend", "steps", "culprit"):  # the verdict the README states
+        assert fresh[key] == golden[key], key
+    # The fp32 picture is torch on the CPU: another CPU's kernels round differently, which moves a pixel by at most
+    # one 8-bit level, never more
+    fp32 = [np.asarray(Image.open(d / "pipeline_tiny_fp32.png"), dtype=np.int16) for d in (tmp_path, GOLDEN)]
+    assert fp32[0].shape == fp32[1].shape
+    assert np.abs(fp32[0] - fp32[1]).max() <= 1
+    # The HTP's picture and the figures also depend on the calibration, whose grids another CPU may move by a step
+    # (REFERENCE section 9): each must be the golden one by the pipeline's own criterion of the same picture
+    thresholds = Thresholds()
+    for name in ("pipeline_tiny_htp.png", "pipeline_tiny_comparison.png", "pipeline_tiny_steps.png"):
+        a, b = _picture(tmp_path / name), _picture(GOLDEN / name)
+        assert a.shape == b.shape, name  # the same panels in the same layout
+        figures = picture_figures(b, a)
+        assert figures["psnr_db"] >= thresholds.picture_psnr_db and figures["ssim"] >= thresholds.picture_ssim, \
+            (name, figures)
