@@ -9,6 +9,7 @@ Linear weights sliced by hand, or the same computation in float64.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -335,6 +336,24 @@ def test_any_one_unsupported_part_alone_refuses_the_module(part):
     assert unsupported_reasons(attn) == [_UNSUPPORTED_PARTS[part]]
 
 
+@pytest.mark.parametrize("biased", [True, False])
+@pytest.mark.parametrize("projection", range(3))
+def test_q_k_v_that_differ_in_having_a_bias_are_refused_naming_each(biased, projection):
+    """The name map gives q, k and v one bias rule; a module whose three disagree (a bias added to or dropped from one
+    of them) would be renamed wrongly, so it is refused, each projection's bias named."""
+    for attn, names in ((Attention(16, heads=2, dim_head=8, bias=biased), ("to_q", "to_k", "to_v")),
+                        (_clip_attention("sdpa", width=16, heads=2), ("q_proj", "k_proj", "v_proj"))):
+        linear = getattr(attn, names[projection])
+        if linear.bias is not None and not biased:
+            continue  # CLIP's projections are always biased: there, drop one
+        linear.bias = None if linear.bias is not None else nn.Parameter(torch.zeros(linear.out_features))
+        expected = ", ".join(f"{n}: {(getattr(attn, n).bias is not None)}" for n in names)
+        model = nn.ModuleDict({"attn": attn})
+        with pytest.raises(UnsupportedAttentionError, match=re.escape(f"differ in having a bias ({expected})")):
+            convert_to_sha(model)
+        assert model["attn"] is attn
+
+
 def test_an_attention_without_the_fused_projections_flag_is_converted():
     """Older diffusers Attention classes have no ``fused_projections`` attribute: absent means not fused."""
     attn = Attention(16, heads=2, dim_head=8)
@@ -466,9 +485,10 @@ def _clip_attention(implementation: str, width: int = 768, heads: int = 12, seed
 
 
 def _clip_mask(kind: str, batch: int, length: int, dtype: torch.dtype, g: torch.Generator):
-    """What transformers hands CLIPAttention: nothing (sdpa asks for causality with is_causal), an additive causal
+    """What transformers hands CLIPAttention: nothing (sdpa asks for causality with is_causal, or with none falls back
+    on the module's own is_causal), an additive causal
     mask with the dtype's lowest value (eager), or a boolean (B, 1, N, N) mask of causality and padding."""
-    if kind in ("none", "causal_flag"):
+    if kind in ("none", "causal_flag", "module_flag"):
         return None
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     keep = torch.arange(length) < torch.randint(1, length + 1, (batch, 1), generator=g)  # padding after each prompt
@@ -481,7 +501,8 @@ def _clip_mask(kind: str, batch: int, length: int, dtype: torch.dtype, g: torch.
 
 # eager is never given a boolean mask (it would add it): transformers builds eager's masks additive
 @pytest.mark.parametrize("implementation, mask", [(i, m) for i in ("eager", "sdpa")
-                                                  for m in ("none", "causal_flag", "additive_causal", "padded_bool")
+                                                  for m in ("none", "causal_flag", "module_flag", "additive_causal",
+                                                            "padded_bool")
                                                   if (i, m) != ("eager", "padded_bool")])
 @given(batch=st.integers(1, 3), length=st.integers(1, 12), seed=st.integers(0, 2**16))
 def test_clip_attention_at_sd15s_width_equals_the_untouched_module_in_float64(implementation, mask, batch, length,
@@ -491,6 +512,8 @@ def test_clip_attention_at_sd15s_width_equals_the_untouched_module_in_float64(im
     from pasd_verify.sha import SHACLIPAttention
 
     mha = _clip_attention(implementation, seed=seed % 7).double()
+    if mask == "module_flag":  # no mask and no is_causal: sdpa falls back on the module's own flag, eager ignores it
+        mha.is_causal = True
     sha = SHACLIPAttention(copy.deepcopy(mha))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, 768, generator=g, dtype=torch.float64)

@@ -30,6 +30,15 @@ logger = logging.getLogger(__name__)
 _PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 
 
+def _bias_mismatch(attn: nn.Module, projections: tuple[str, ...]) -> list[str]:
+    """A reason when some of the q/k/v projections have a bias and others none: the name map (and undo) give the three
+    one bias rule, so such a module would be renamed wrongly, not rewritten."""
+    biased = {proj: getattr(attn, proj).bias is not None for proj in projections}
+    if len(set(biased.values())) > 1:
+        return [f"its q/k/v projections differ in having a bias ({', '.join(f'{p}: {b}' for p, b in biased.items())})"]
+    return []
+
+
 def unsupported_reasons(attn: Attention) -> list[str]:
     """Why ``attn`` cannot be rewritten to SHA exactly; an empty list means it can."""
     reasons = []
@@ -69,7 +78,7 @@ def unsupported_reasons(attn: Attention) -> list[str]:
     if isinstance(attn.processor, AttnProcessor2_0) and attn.scale != (inner // heads) ** -0.5:
         # AttnProcessor2_0 ignores attn.scale and uses 1/sqrt(dim_head); a copy of attn.scale would differ.
         reasons.append(f"AttnProcessor2_0 ignores its scale {attn.scale}, which is not 1/sqrt(dim_head)")
-    return reasons
+    return reasons + _bias_mismatch(attn, ("to_q", "to_k", "to_v"))
 
 
 class SingleHeads(nn.Module):
@@ -280,7 +289,7 @@ def clip_unsupported_reasons(attn: nn.Module) -> list[str]:
     if attn.embed_dim % attn.num_heads or attn.head_dim * attn.num_heads != attn.q_proj.out_features:
         reasons.append(f"{attn.num_heads} heads of {attn.head_dim} do not make q_proj's {attn.q_proj.out_features} "
                        f"output features")
-    return reasons
+    return reasons + _bias_mismatch(attn, CLIP_PROJECTIONS)
 
 
 class SHACLIPAttention(SingleHeads):
