@@ -581,6 +581,9 @@ def test_a_clip_attention_the_rewrite_cannot_keep_exact_is_refused_by_name_and_r
     (lambda sha, x: sha(x[0]), r"must be \(B, N, C\)"),
     (lambda sha, x: sha(x, torch.zeros(2, 3, 5, 5)), r"not \(B, 1 or heads, Nq, Nk\)"),
     (lambda sha, x: sha(x, torch.zeros(2, 1, 5, 4)), r"not \(B, 1 or heads, Nq, Nk\)"),
+    (lambda sha, x: sha(x, torch.zeros(2, 1, 5)), r"not \(B, 1 or heads, Nq, Nk\)"),  # 3-D, however it broadcasts
+    (lambda sha, x: sha(x, torch.zeros(3, 1, 5, 5)), r"not \(B, 1 or heads, Nq, Nk\) for B=2"),
+    (lambda sha, x: sha(x, [[0.0] * 5] * 5), r"attention_mask is a list, not a tensor"),
 ])
 def test_clip_sha_refuses_what_it_would_compute_differently(call, message):
     from pasd_verify.sha import SHACLIPAttention
@@ -588,3 +591,18 @@ def test_clip_sha_refuses_what_it_would_compute_differently(call, message):
     sha = SHACLIPAttention(_clip_attention("sdpa", width=16, heads=2))
     with pytest.raises(AttentionInputError, match=message):
         call(sha, torch.randn(2, 5, 16))
+
+
+def test_a_clip_mask_of_batch_one_is_broadcast_over_the_batch_as_by_the_module():
+    """transformers' masks may come with a batch of 1 for every prompt; the single-head form takes them as the MHA
+    module does."""
+    from pasd_verify.sha import SHACLIPAttention
+
+    mha = _clip_attention("eager", width=16, heads=2).double()
+    sha = SHACLIPAttention(copy.deepcopy(mha))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    mask = _clip_mask("additive_causal", 1, 5, torch.float64, g)
+    assert mask.shape == (1, 1, 5, 5)
+    with torch.no_grad():
+        assert_within_tolerance(mha(x, mask)[0], sha(x, mask)[0], torch.float64)

@@ -342,7 +342,7 @@ class SHACLIPAttention(SingleHeads):
             if not causal or length == 1:
                 return None
             upper = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).triu(1)
-            return [torch.zeros(length, length, dtype=hidden_states.dtype, device=hidden_states.device)
+            return [torch.zeros(upper.shape, dtype=hidden_states.dtype, device=hidden_states.device)
                     .masked_fill(upper, lowest)] * self.heads
         if not isinstance(mask, torch.Tensor):
             raise AttentionInputError(f"attention_mask is a {type(mask).__name__}, not a tensor")
