@@ -606,3 +606,19 @@ def test_a_clip_mask_of_batch_one_is_broadcast_over_the_batch_as_by_the_module()
     assert mask.shape == (1, 1, 5, 5)
     with torch.no_grad():
         assert_within_tolerance(mha(x, mask)[0], sha(x, mask)[0], torch.float64)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_clip_mask_per_head_gives_each_head_its_own(implementation):
+    """A (B, heads, Nq, Nk) mask, different for each head (two heads: the smallest count where a head could be given
+    another's), against the MHA module under the same implementation."""
+    from pasd_verify.sha import SHACLIPAttention
+
+    mha = _clip_attention(implementation, width=16, heads=2).double()
+    sha = SHACLIPAttention(copy.deepcopy(mha))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    mask = torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64) * 4
+    assert not torch.equal(mask[:, 0], mask[:, 1])
+    with torch.no_grad():
+        assert_within_tolerance(mha(x, mask)[0], sha(x, mask)[0], torch.float64)
