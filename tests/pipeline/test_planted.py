@@ -54,6 +54,7 @@ def test_the_unplanted_exports_pass_their_own_checks_and_the_pipeline_check(setu
     for network in reports:
         report = _check(setup, tmp_path / network, network, exports)
         assert report["passed"], (network, report["checks"], report["teacher_forced_faults"][:3])
+        assert report["localized"] is None
 
 
 @pytest.mark.parametrize("network, output, plant, figure", [
@@ -76,6 +77,9 @@ def test_a_planted_output_grid_fails_the_check_and_is_named(setup, tmp_path, net
     assert not report["passed"]
     assert report["culprit"]["network"] == network, report["culprit"]
     assert any(f["figure"] == figure for f in report["teacher_forced_faults"]), report["teacher_forced_faults"]
+    # on qdq there is no HTP to localize against: the report says so, naming the network, rather than nothing
+    assert report["localized"]["network"] == network, report["localized"]
+    assert report["localized"]["verdict"].startswith("not localized: the network runs its QDQ graph on the CPU")
 
 
 def test_a_timestep_fed_as_a_fraction_fails_the_check_and_names_the_unet(setup, tmp_path, monkeypatch):

@@ -334,6 +334,12 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
             localized, error = _attempt(lambda: localize_culprit(culprit, pipe, runner, reference, image, settings,
                                                                  jobs, localize_dir))
             localized = localized or {"network": culprit["network"], "error": error}
+        elif faults and backends[faults[0]["network"]] == "qdq":
+            # The export's localization finds where the HTP departs from the CPU on one QDQ graph; a QDQ graph run on
+            # the CPU has no second device to depart from, so its error is the quantization's own
+            localized = {"network": faults[0]["network"], "step": faults[0]["step"],
+                         "verdict": "not localized: the network runs its QDQ graph on the CPU, so the error is the "
+                                    "quantization's own (the export's localization compares the HTP with the CPU)"}
         sessions = {key: runner.figures() for key, runner in runners.items()}
     finally:
         for runner in runners.values():
