@@ -622,3 +622,25 @@ def test_a_clip_mask_per_head_gives_each_head_its_own(implementation):
     assert not torch.equal(mask[:, 0], mask[:, 1])
     with torch.no_grad():
         assert_within_tolerance(mha(x, mask)[0], sha(x, mask)[0], torch.float64)
+
+
+def test_a_clip_attention_built_alone_with_no_implementation_set_is_eager_as_transformers_runs_it():
+    """A CLIPAttention made outside a model has ``_attn_implementation`` None, which transformers runs as eager (no
+    causality from is_causal, softmax in float32): the single-head form does the same."""
+    from pasd_verify.sha import SHACLIPAttention
+
+    mha = _clip_attention(None, width=16, heads=2).double()
+    assert mha.config._attn_implementation is None
+    sha = SHACLIPAttention(copy.deepcopy(mha))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        for causal in ({}, {"is_causal": True}):
+            assert_within_tolerance(mha(x, None, **causal)[0], sha(x, None, **causal)[0], torch.float64)
+
+
+def test_sha_clip_attention_built_directly_refuses_what_convert_to_sha_refuses_naming_the_class():
+    from pasd_verify.sha import SHACLIPAttention
+
+    attn = _clip_attention("eager", width=16, heads=2, attention_dropout=0.1)
+    with pytest.raises(UnsupportedAttentionError, match=r"\n  CLIPAttention: its attention dropout is 0\.1"):
+        SHACLIPAttention(attn)
