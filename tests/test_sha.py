@@ -119,8 +119,9 @@ def _to_out(first_and_rest):
 
 
 def _narrow_to_v_attention():
-    # to_k stays as wide as to_q: one of the two differing is enough
-    return _changed(lambda attn: setattr(attn, "to_v", nn.Linear(16, 8)))
+    # to_k stays as wide as to_q: one of the two differing is enough; unbiased as to_q is, so that it is refused for its
+    # width alone
+    return _changed(lambda attn: setattr(attn, "to_v", nn.Linear(16, 8, bias=False)))
 
 
 # kind -> (a module refused for that reason alone, the exact reasons unsupported_reasons gives: they are what a
