@@ -556,8 +556,10 @@ def test_clip_head_convs_are_hand_sliced_rows_and_undo_gives_back_the_module():
 @pytest.mark.parametrize("part, reason", [
     ("dropout", "attention dropout"),
     ("implementation", "attention implementation 'flash_attention_2'"),
-    ("subclass", "overrides CLIPAttention.forward"),
-    ("wrapped_projection", "its v_proj is not a plain Linear"),
+    ("subclass", "PatchedCLIPAttention overrides CLIPAttention.forward"),
+    ("wrapped_projection", r"its v_proj is not a plain Linear \(Sequential\)"),
+    ("missing_projection", r"its k_proj is not a plain Linear \(NoneType\)"),
+    ("heads", "4 heads of 8 do not make q_proj's 16 output features"),
 ])
 def test_a_clip_attention_the_rewrite_cannot_keep_exact_is_refused_by_name_and_reason(part, reason):
     from transformers.models.clip.modeling_clip import CLIPAttention
@@ -569,6 +571,10 @@ def test_a_clip_attention_the_rewrite_cannot_keep_exact_is_refused_by_name_and_r
         attn.__class__ = type("PatchedCLIPAttention", (CLIPAttention,), {"forward": lambda self, *a, **k: None})
     if part == "wrapped_projection":
         attn.v_proj = nn.Sequential(attn.v_proj)
+    if part == "missing_projection":
+        del attn.k_proj
+    if part == "heads":  # a head count changed after construction: 16 divides by 4, but 4 heads of 8 are not 16
+        attn.num_heads = 4
     model = nn.ModuleDict({"text": nn.ModuleDict({"attn": attn})})
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(UnsupportedAttentionError, match=rf"text\.attn: .*{reason}"):

@@ -279,7 +279,7 @@ def clip_unsupported_reasons(attn: nn.Module) -> list[str]:
     for proj in (*CLIP_PROJECTIONS, "out_proj"):
         if type(getattr(attn, proj, None)) is not nn.Linear:
             reasons.append(f"its {proj} is not a plain Linear ({type(getattr(attn, proj, None)).__name__})")
-    implementation = getattr(attn.config, "_attn_implementation", None) or "eager"
+    implementation = attn.config._attn_implementation or "eager"  # None: a module made alone, which runs eager
     if implementation not in _PLAIN_IMPLEMENTATIONS:
         reasons.append(f"its attention implementation {implementation!r} is not one of {list(_PLAIN_IMPLEMENTATIONS)}")
     if attn.dropout:
