@@ -651,3 +651,18 @@ def test_sha_clip_attention_built_directly_refuses_what_convert_to_sha_refuses_n
     attn = _clip_attention("eager", width=16, heads=2, attention_dropout=0.1)
     with pytest.raises(UnsupportedAttentionError, match=r"\n  CLIPAttention: its attention dropout is 0\.1"):
         SHACLIPAttention(attn)
+
+
+def test_a_boolean_mask_keeps_what_is_true_as_sdpa_does():
+    """SDPA's boolean mask: True attends, False is masked. The property draws boolean masks among others; this one
+    always runs, with keys masked in each row, because a mask read the other way round changes every output."""
+    mha = Attention(16, heads=2, dim_head=8, processor=AttnProcessor2_0()).double().eval()
+    sha = SHAAttention(copy.deepcopy(mha))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[True, False, True, True, False, True], [True, True, False, True, True, False]])[:, None]
+    with torch.no_grad():
+        reference, candidate = mha(x, attention_mask=keep), sha(x, attention_mask=keep)
+    assert_within_tolerance(reference, candidate, torch.float64)
+    with torch.no_grad():  # and the mask matters: read inverted, the output is another
+        assert not torch.allclose(reference, mha(x, attention_mask=~keep))
