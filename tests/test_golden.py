@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pasd_verify.encodings import load_encodings
 from pasd_verify.encodings_check import compare_encodings
 from pasd_verify.export.htp import htp_available
 from pasd_verify.pipeline.check import Thresholds, picture_figures
+from pasd_verify.pipeline.pasd import to_tensor
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 
@@ -44,11 +44,6 @@ def test_generate_reproduces_the_golden_files(tmp_path):
         assert not problems, "\n".join(problems[:20])
 
 
-def _picture(path: Path) -> torch.Tensor:
-    """A PNG as NCHW in [0, 1], as the pipeline's figures take it."""
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
 @pytest.mark.htp
 @pytest.mark.skipif(htp_available() is not None, reason=str(htp_available()))
 def test_generate_reproduces_the_pipeline_pictures(tmp_path):
@@ -62,14 +57,15 @@ def test_generate_reproduces_the_pipeline_pictures(tmp_path):
         assert fresh[key] == golden[key], key
     # The fp32 picture is torch on the CPU: another CPU's kernels round differently, which moves a pixel by at most
     # one 8-bit level, never more
-    fp32 = [np.asarray(Image.open(d / "pipeline_tiny_fp32.png"), dtype=np.int16) for d in (tmp_path, GOLDEN)]
+    named = generator.PIPELINE_FILES
+    fp32 = [np.asarray(Image.open(d / named["picture_fp32.png"]), dtype=np.int16) for d in (tmp_path, GOLDEN)]
     assert fp32[0].shape == fp32[1].shape
     assert np.abs(fp32[0] - fp32[1]).max() <= 1
     # The HTP's picture and the figures also depend on the calibration, whose grids another CPU may move by a step
     # (REFERENCE section 9): each must be the golden one by the pipeline's own criterion of the same picture
     thresholds = Thresholds()
-    for name in ("pipeline_tiny_htp.png", "pipeline_tiny_comparison.png", "pipeline_tiny_steps.png"):
-        a, b = _picture(tmp_path / name), _picture(GOLDEN / name)
+    for name in (named["picture_candidate.png"], named["comparison.png"], named["steps.png"]):
+        a, b = (to_tensor(Image.open(d / name)) for d in (tmp_path, GOLDEN))
         assert a.shape == b.shape, name  # the same panels in the same layout
         figures = picture_figures(b, a)
         assert figures["psnr_db"] >= thresholds.picture_psnr_db and figures["ssim"] >= thresholds.picture_ssim, \

@@ -600,13 +600,18 @@ def test_clip_sha_refuses_what_it_would_compute_differently(call, message):
         call(sha, torch.randn(2, 5, 16))
 
 
+def _clip_forms(implementation: str | None) -> tuple[nn.Module, nn.Module]:
+    """A small float64 CLIPAttention (16 wide, 2 heads) under ``implementation`` and its single-head form."""
+    from pasd_verify.sha import SHACLIPAttention
+
+    mha = _clip_attention(implementation, width=16, heads=2).double()
+    return mha, SHACLIPAttention(copy.deepcopy(mha))
+
+
 def test_a_clip_mask_of_batch_one_is_broadcast_over_the_batch_as_by_the_module():
     """transformers' masks may come with a batch of 1 for every prompt; the single-head form takes them as the MHA
     module does."""
-    from pasd_verify.sha import SHACLIPAttention
-
-    mha = _clip_attention("eager", width=16, heads=2).double()
-    sha = SHACLIPAttention(copy.deepcopy(mha))
+    mha, sha = _clip_forms("eager")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
     mask = _clip_mask("additive_causal", 1, 5, torch.float64, g)
@@ -619,10 +624,7 @@ def test_a_clip_mask_of_batch_one_is_broadcast_over_the_batch_as_by_the_module()
 def test_a_clip_mask_per_head_gives_each_head_its_own(implementation):
     """A (B, heads, Nq, Nk) mask, different for each head (two heads: the smallest count where a head could be given
     another's), against the MHA module under the same implementation."""
-    from pasd_verify.sha import SHACLIPAttention
-
-    mha = _clip_attention(implementation, width=16, heads=2).double()
-    sha = SHACLIPAttention(copy.deepcopy(mha))
+    mha, sha = _clip_forms(implementation)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
     mask = torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64) * 4
@@ -634,11 +636,8 @@ def test_a_clip_mask_per_head_gives_each_head_its_own(implementation):
 def test_a_clip_attention_built_alone_with_no_implementation_set_is_eager_as_transformers_runs_it():
     """A CLIPAttention made outside a model has ``_attn_implementation`` None, which transformers runs as eager (no
     causality from is_causal, softmax in float32): the single-head form does the same."""
-    from pasd_verify.sha import SHACLIPAttention
-
-    mha = _clip_attention(None, width=16, heads=2).double()
+    mha, sha = _clip_forms(None)
     assert mha.config._attn_implementation is None
-    sha = SHACLIPAttention(copy.deepcopy(mha))
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         for causal in ({}, {"is_causal": True}):
