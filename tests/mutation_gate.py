@@ -136,6 +136,17 @@ def of_file(population: dict[str, dict[str, str]], file: str) -> set[str]:
     return set(population[paths[0]])
 
 
+def of_functions(names: set[str], functions: list[str]) -> set[str]:
+    """The mutants of the named functions (``convert_to_sha``, or ``SHACLIPAttention.forward`` for a method), as
+    mutmut names them (``x_convert_to_sha``, ``xǁSHACLIPAttentionǁforward``): a run over the code one change touched."""
+    wanted = {"x" + ("ǁ" + f.replace(".", "ǁ") if "." in f else "_" + f) for f in functions}
+    chosen = {n for n in names if function_of(n).rpartition(".")[2] in wanted}
+    found = {function_of(n).rpartition(".")[2] for n in chosen}
+    if found != wanted:
+        sys.exit(f"mutation gate: no mutants of {sorted(wanted - found)} in this file")
+    return chosen
+
+
 def run_mutmut(names: list[str], workers: int) -> None:
     """mutmut's own run over these mutants, each worker with one thread (more would oversubscribe the cores)."""
     env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", OMP_NUM_THREADS="1")
@@ -221,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--sample", type=int, metavar="K", help="run K seeded mutants per file; fail on a clear drop")
     mode.add_argument("--report", action="store_true", help="score what mutants/ holds; run nothing")
     parser.add_argument("--file", help="with --all: only this mutated file's mutants (its score alone)")
+    parser.add_argument("--function", action="append", metavar="NAME",
+                        help="with --all --file: only this function's mutants (repeatable; Class.method for a method)")
     parser.add_argument("--pending", action="store_true",
                         help="with --all --file: run only the mutants without a verdict in mutants/ (those of functions "
                              "changed since); the kept verdicts stay sound only where tests were added, not removed")
@@ -231,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.file and not args.all:
         parser.error("--file goes with --all")
-    if args.pending and not args.file:
-        parser.error("--pending goes with --all --file")
+    if (args.pending or args.function) and not args.file:
+        parser.error("--pending and --function go with --all --file")
 
     os.chdir(ROOT)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
     if not args.report:
@@ -244,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         run_mutmut(sorted(names), args.workers)
     elif args.file:
         names = of_file(population, args.file)
+        if args.function:
+            names = of_functions(names, args.function)
         statuses = {n: s for verdicts in population.values() for n, s in verdicts.items()}
         chosen = [n for n in sorted(names) if not args.pending or statuses[n] == "not checked"]
         if chosen:  # mutmut given no names would run every file's pending mutants

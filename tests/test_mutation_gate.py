@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mutation_gate import ALPHA, FileScore, draw, of_file
+from mutation_gate import ALPHA, FileScore, draw, of_file, of_functions
 
 
 def sample_score(killed: int, survived: int) -> FileScore:
@@ -64,3 +64,15 @@ def test_one_file_is_picked_by_its_name_and_nothing_else():
     for wrong in ("ha.py", "nowhere.py"):  # a suffix that is not a whole name picks nothing
         with pytest.raises(SystemExit, match="matches 0"):
             of_file(population, wrong)
+
+
+def test_functions_are_picked_by_their_source_names_and_a_missing_one_is_refused():
+    names = {"pasd_verify.sha.x_convert_to_sha__mutmut_1", "pasd_verify.sha.x_convert_to_sha__mutmut_2",
+             "pasd_verify.sha.x_convert_to_sha_helper__mutmut_1", "pasd_verify.sha.xǁSHAǁforward__mutmut_7",
+             "pasd_verify.sha.xǁSHAǁforward_all__mutmut_1"}
+    assert of_functions(names, ["convert_to_sha"]) == {"pasd_verify.sha.x_convert_to_sha__mutmut_1",
+                                                      "pasd_verify.sha.x_convert_to_sha__mutmut_2"}
+    assert of_functions(names, ["SHA.forward", "convert_to_sha_helper"]) == {
+        "pasd_verify.sha.xǁSHAǁforward__mutmut_7", "pasd_verify.sha.x_convert_to_sha_helper__mutmut_1"}
+    with pytest.raises(SystemExit, match="x_forward"):  # a method named without its class is no function here
+        of_functions(names, ["forward"])
