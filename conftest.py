@@ -42,6 +42,9 @@ def pytest_addoption(parser):
     parser.addoption("--adaround-full-sweep", action="store_true",
                      help="AdaRound benchmarks: every implementation at N = 4, 8, 16, 32 on both targets "
                           "(hours), not CI's subset")
+    parser.addoption("--pipeline-photo", type=int, default=128,
+                     help="the fullsize tier's SD1.5-size pipeline: the photo's side in pixels (a multiple of 8; "
+                          "default %(default)s). PASD works at 768, hours per step on the emulated HTP")
 
 
 class MemoryRecorder:

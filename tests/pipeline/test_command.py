@@ -171,3 +171,16 @@ def test_a_folder_missing_a_part_is_named(tmp_path, photo, capsys):
     assert main([*base, "--out", str(out)]) == 2
     assert "scheduler_config.json: not a readable scheduler config" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_fullsize_jobs_run_in_dependency_order_and_an_unknown_job_is_refused_before_any_work(tmp_path):
+    from pasd_verify.pipeline.workloads import fullsize_job, fullsize_jobs
+
+    jobs = fullsize_jobs(20)
+    assert jobs[0] == "reference" and jobs.index("export:unet") < jobs.index("forced:text_encoder")
+    assert [j for j in jobs if j.count(":") == 2] == ["forced:controlnet:0", "forced:unet:0", "forced:controlnet:19",
+                                                      "forced:unet:19"]
+    for job in ("forced:unet:20", "forced:text_encoder:0", "export:vae", "forced"):
+        with pytest.raises(ValueError, match="unknown job"):
+            fullsize_job(job, str(tmp_path), preset="no-such-preset")
+    assert not any(tmp_path.iterdir())

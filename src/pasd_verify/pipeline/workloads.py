@@ -1,5 +1,7 @@
-"""The pipeline workload the benchmarks run in child processes (:func:`pasd_verify.memory.peak_rss_of`): ``pasd-verify
-pipeline`` on the tiny networks with every network on one backend, the pipeline's own exports included."""
+"""The pipeline workloads run in child processes (:func:`pasd_verify.memory.peak_rss_of`): ``pasd-verify pipeline``
+on the tiny networks with every network on one backend, the pipeline's own exports included (the bench tier); and
+the SD1.5-size teacher-forced check split into jobs, one child each, so that each job's time and peak RSS are its
+own and each job reads its inputs from files (the fullsize tier)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .command import PipelineCheckConfig, pipeline_files
+from .networks import NETWORKS
 
 
 def pipeline_run(backend: str, steps: int = 1, size: int = 64, seed: int = 0) -> dict[str, Any]:
@@ -24,3 +27,90 @@ def pipeline_run(backend: str, steps: int = 1, size: int = 64, seed: int = 0) ->
     return {"passed": report["passed"], "seconds": report["seconds"], "exports_seconds": report["exports_seconds"],
             "picture": report["picture"], "graph_sessions": {k: {"calls": v["calls"], "seconds": v["seconds"]}
                                                              for k, v in report["graph_sessions"].items()}}
+
+
+# --- the SD1.5-size teacher-forced check, one job per child process (the fullsize tier) ---------------------------
+
+FULLSIZE_PROMPT = "a portrait of an astronaut"
+STEP_NETWORKS = ("controlnet", "unet")
+OTHER_NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder")
+
+
+def fullsize_jobs(steps: int = 20, forced_steps: tuple[int, ...] = (0, -1)) -> list[str]:
+    """The jobs of the SD1.5-size check, in the order they must run: the fp32 run (which writes each step's job
+    file), each network's export calibrated on it, each of the text encoder and VAE halves on the HTP fed fp32's
+    inputs, and each of ``forced_steps`` (the first and the last by default) through the ControlNet, then the UNet,
+    on the HTP with both guidance halves."""
+    chosen = sorted({s % steps for s in forced_steps})
+    return (["reference"] + [f"export:{n}" for n in NETWORKS] + [f"forced:{n}" for n in OTHER_NETWORKS]
+            + [f"forced:{n}:{s}" for s in chosen for n in STEP_NETWORKS])
+
+
+def _fullsize_run(preset: str, size: int, steps: int, seed: int):
+    """The components, photo, noise and settings every job of one check shares (seeded: each child rebuilds the
+    same ones)."""
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    from .check import RunSettings
+    from .networks import preset_components
+    from .pasd import StartNoise, pasd_prompt, preprocess, to_tensor
+
+    components = preset_components(preset, seed=seed)
+    photo = preprocess(Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC), process_size=size)
+    image = to_tensor(photo)
+    shape = (1, components.unet.config.in_channels, size // 8, size // 8)
+    noise = StartNoise.draw("photo", shape, torch.Generator().manual_seed(seed))
+    return components, image, noise, RunSettings(prompt=pasd_prompt(FULLSIZE_PROMPT), steps=steps)
+
+
+def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, steps: int = 20,
+                 seed: int = 0) -> dict[str, Any]:
+    """Run one job of :func:`fullsize_jobs` in this process on the files of ``folder`` (each job reads only what the
+    jobs before it wrote there); return its figures, the seconds of its fp32 run apart, and each graph session's
+    calls, seconds and HTP child peak RSS."""
+    import time
+
+    from .check import build_pipeline, run, save_step_jobs, teacher_forced, teacher_forced_step
+    from .exports import export_networks
+    from .networks import GraphRunner
+
+    if job not in fullsize_jobs(steps, forced_steps=tuple(range(steps))):
+        raise ValueError(f"unknown job {job!r}: expected one of {fullsize_jobs(steps)} (or forced:controlnet:<step>, "
+                         f"forced:unet:<step> of any step below {steps})")
+    kind, _, rest = job.partition(":")
+    network, _, step = rest.partition(":")
+    root = Path(folder)
+    components, image, noise, settings = _fullsize_run(preset, size, steps, seed)
+    figures: dict[str, Any] = {"job": job}
+    reference = None
+    if not step:  # the fp32 run: the reference, what the exports calibrate on, the text encoder and VAE's inputs
+        started = time.perf_counter()
+        reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, settings)
+        figures["fp32_run_seconds"] = time.perf_counter() - started
+    if kind == "reference":
+        save_step_jobs(reference, image, settings, root / "steps")
+        return figures
+    if kind == "export":
+        report = export_networks([network], components, reference, image,
+                                 (settings.negative_prompt, settings.prompt), root / "exports", seed=seed)[network]
+        htp = report["stages"]["htp"]
+        return {**figures, "passed": report["passed"],
+                "stages": {name: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"]}
+                           for name, s in report["stages"].items()},
+                "htp_status": htp["htp"]["status"], "htp_child_peak_rss_bytes": htp["htp"]["peak_rss_bytes"],
+                "cpu_vs_htp_sqnr_db": htp.get("cpu_vs_htp_sqnr_db"), "fp32_vs_htp_sqnr_db": htp.get("fp32_vs_htp_sqnr_db")}
+    runners: dict[str, GraphRunner] = {}
+    try:
+        pipe = build_pipeline(components, {**dict.fromkeys(NETWORKS, "fp32"), network: "htp"},
+                              export_dir=root / "exports", runners=runners)
+        if step:
+            figures.update(teacher_forced_step(root / "steps" / f"step_{int(step):02d}.npz", pipe))
+        else:
+            figures.update(teacher_forced(network, pipe, reference, image, settings, jobs=[]))
+        figures["graph_sessions"] = {key: r.figures() for key, r in runners.items()}
+    finally:
+        for r in runners.values():
+            r.close()
+    return figures
