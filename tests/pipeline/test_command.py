@@ -184,3 +184,29 @@ def test_the_fullsize_jobs_run_in_dependency_order_and_an_unknown_job_is_refused
         with pytest.raises(ValueError, match="unknown job"):
             fullsize_job(job, str(tmp_path), preset="no-such-preset")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_fullsize_reference_job_hands_on_the_fp32_run_whole(tmp_path):
+    """The later jobs read the fp32 run from reference.npz instead of rerunning it: every tensor they use must come
+    back as the run made it (the run redone here, in this process, is the reference)."""
+    import torch
+
+    from pasd_verify.pipeline.check import build_pipeline, run
+    from pasd_verify.pipeline.networks import NETWORKS
+    from pasd_verify.pipeline.workloads import _fullsize_run, _load_reference, fullsize_job
+
+    fullsize_job("reference", str(tmp_path), preset="tiny", size=64, steps=2)
+    components, image, noise, settings = _fullsize_run("tiny", 64, 2, 0)
+    expected = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, settings)
+    loaded = _load_reference(tmp_path / "reference.npz")
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == ["step_00.npz", "step_01.npz"]
+    assert loaded.trace.timesteps == expected.trace.timesteps
+    for name in ("picture", "latents"):
+        assert torch.equal(getattr(loaded, name), getattr(expected, name)), name
+    assert loaded.noise.tensors().keys() == expected.noise.tensors().keys() == {"posterior", "first", "added"}
+    assert all(torch.equal(loaded.noise.tensors()[k], v) for k, v in expected.noise.tensors().items())
+    for name in ("embeddings", "encoded_latent", "start_latent"):
+        assert torch.equal(getattr(loaded.trace, name), getattr(expected.trace, name)), name
+    for name in ("model_inputs", "noise_uncond", "noise_cond", "latents_out"):
+        got, want = getattr(loaded.trace, name), getattr(expected.trace, name)
+        assert len(got) == len(want) == 2 and all(torch.equal(a, b) for a, b in zip(got, want)), name

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .command import PipelineCheckConfig, pipeline_files
 from .networks import NETWORKS
 
@@ -49,7 +51,6 @@ def fullsize_jobs(steps: int = 20, forced_steps: tuple[int, ...] = (0, -1)) -> l
 def _fullsize_run(preset: str, size: int, steps: int, seed: int):
     """The components, photo, noise and settings every job of one check shares (seeded: each child rebuilds the
     same ones)."""
-    import torch
     from PIL import Image
     from skimage import data
 
@@ -65,11 +66,44 @@ def _fullsize_run(preset: str, size: int, steps: int, seed: int):
     return components, image, noise, RunSettings(prompt=pasd_prompt(FULLSIZE_PROMPT), steps=steps)
 
 
+# the fp32 run's tensors the later jobs read (the exports' calibration, the text encoder and VAE's inputs and answers)
+_TRACE_LISTS = ("model_inputs", "noise_uncond", "noise_cond", "latents_out")
+_TRACE_TENSORS = ("embeddings", "encoded_latent", "start_latent")
+
+
+def _save_reference(reference, path: Path) -> None:
+    import numpy as np
+
+    from ..io import atomic_path
+
+    trace = reference.trace
+    arrays = {"picture": reference.picture, "latents": reference.latents, "timesteps": torch.tensor(trace.timesteps),
+              **{f"noise/{k}": v for k, v in reference.noise.tensors().items()},
+              **{k: getattr(trace, k) for k in _TRACE_TENSORS},
+              **{f"{k}/{i}": t for k in _TRACE_LISTS for i, t in enumerate(getattr(trace, k))}}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: v.numpy() for k, v in arrays.items()})
+
+
+def _load_reference(path: Path):
+    import numpy as np
+
+    from .pasd import PASDOutput, StartNoise, Trace
+
+    with np.load(path) as f:
+        arrays = {k: torch.from_numpy(f[k]) for k in f.files}
+    steps = len(arrays["timesteps"])
+    trace = Trace(timesteps=[int(t) for t in arrays["timesteps"]], **{k: arrays[k] for k in _TRACE_TENSORS},
+                  **{k: [arrays[f"{k}/{i}"] for i in range(steps)] for k in _TRACE_LISTS})
+    noise = StartNoise(**{k.removeprefix("noise/"): v for k, v in arrays.items() if k.startswith("noise/")})
+    return PASDOutput(picture=arrays["picture"], latents=arrays["latents"], noise=noise, trace=trace)
+
+
 def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, steps: int = 20,
                  seed: int = 0) -> dict[str, Any]:
     """Run one job of :func:`fullsize_jobs` in this process on the files of ``folder`` (each job reads only what the
-    jobs before it wrote there); return its figures, the seconds of its fp32 run apart, and each graph session's
-    calls, seconds and HTP child peak RSS."""
+    jobs before it wrote there: the fp32 run's tensors, the step files, the exports); return its figures and each
+    graph session's calls, seconds and HTP child peak RSS."""
     import time
 
     from .check import build_pipeline, run, save_step_jobs, teacher_forced, teacher_forced_step
@@ -84,14 +118,14 @@ def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, s
     root = Path(folder)
     components, image, noise, settings = _fullsize_run(preset, size, steps, seed)
     figures: dict[str, Any] = {"job": job}
-    reference = None
-    if not step:  # the fp32 run: the reference, what the exports calibrate on, the text encoder and VAE's inputs
+    if kind == "reference":
         started = time.perf_counter()
         reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, settings)
         figures["fp32_run_seconds"] = time.perf_counter() - started
-    if kind == "reference":
         save_step_jobs(reference, image, settings, root / "steps")
+        _save_reference(reference, root / "reference.npz")
         return figures
+    reference = _load_reference(root / "reference.npz")
     if kind == "export":
         report = export_networks([network], components, reference, image,
                                  (settings.negative_prompt, settings.prompt), root / "exports", seed=seed)[network]
