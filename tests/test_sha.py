@@ -665,3 +665,22 @@ def test_a_boolean_mask_keeps_what_is_true_as_sdpa_does():
     assert_within_tolerance(reference, candidate, torch.float64)
     with torch.no_grad():  # and the mask matters: read inverted, the output is another
         assert not torch.allclose(reference, mha(x, attention_mask=~keep))
+
+
+def test_a_model_without_clip_converts_without_loading_transformers_clip():
+    """convert_to_sha looks for CLIP attentions only where transformers' CLIP is loaded: a diffusers UNet converts
+    in a process that never imported it, and it stays unimported (a fresh interpreter: this one has it loaded)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from pasd_verify.presets import build_unet\n"
+            "from pasd_verify.sha import convert_to_sha\n"
+            "clip = 'transformers.models.clip.modeling_clip'\n"
+            "assert clip not in sys.modules, 'building the UNet loaded CLIP: the test proves nothing'\n"
+            "names = convert_to_sha(build_unet('tiny'))\n"
+            "assert clip not in sys.modules, 'convert_to_sha loaded CLIP'\n"
+            "print(len(names))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 0
