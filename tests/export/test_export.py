@@ -451,3 +451,23 @@ def test_mask_floor_raises_only_the_masks_and_leaves_the_float_graph_bit_identic
     ours, original = run_onnx(tmp_path / "rewritten.onnx", _numpy(feeds)), run_onnx(path, _numpy(feeds))
     for name in graph.output_names:
         assert np.array_equal(ours[name], original[name]), name
+
+
+def test_the_float_export_floors_masks_of_a_graph_with_its_weights_outside_it(tmp_path):
+    """A model over 2 GB is written with its weights in model.data and its graph re-read without them for the
+    ONNX rewrites: the mask floor must read those constants from the graph's folder (the SD1.5-size ControlNet and
+    UNet exports failed here with 'should be stored in model.data, but it is not regular file'). The tiny text
+    encoder is written the same way here: its causal masks lie in model.data too, and come back floored."""
+    from pasd_verify.export.rewrites import MASK_FLOOR, MASKED, REWRITES
+
+    _, graph, feeds = _graph_and_feeds("text-encoder", "sha", (8, 8))
+    arrays = {k: v.numpy() for k, v in feeds.items()}
+    result = pipeline.float_export(graph, feeds, arrays, tmp_path, pipeline.ExportConfig(rewrites=REWRITES),
+                                   large=True)
+    assert result.result.passed, result.result
+    assert result.result.numbers["rewrites"]["mask-floor"] == 2  # one causal mask per layer of the tiny encoder
+    stored = onnx.load(str(result.path), load_external_data=False)
+    assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in stored.graph.initializer)
+    values = [onnx.numpy_helper.to_array(i, str(tmp_path)) for i in stored.graph.initializer]
+    floats = [v for v in values if v.dtype.kind == "f" and v.size]
+    assert min(v.min() for v in floats) == MASK_FLOOR and not any(v.min() <= MASKED for v in floats)

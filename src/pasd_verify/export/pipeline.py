@@ -188,7 +188,7 @@ def float_export(graph: ExportGraph, check_feeds: dict[str, torch.Tensor], check
         # the graph alone: the rewrites touch no weight, so model.data stays as written (saving the weights
         # again would append a second copy of them to it, 4.4 GB at SD1.5 size)
         float_model = onnx.load(str(float_path), load_external_data=False)
-        rewritten["rewrites"].update(apply_onnx_rewrites(float_model, config.rewrites))
+        rewritten["rewrites"].update(apply_onnx_rewrites(float_model, config.rewrites, base_dir=float_path.parent))
         onnx.save_model(float_model, str(float_path))
         del float_model
     onnx_out = run_onnx(float_path, check_arrays)

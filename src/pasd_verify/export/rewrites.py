@@ -16,6 +16,8 @@ fp32 comparisons report what that costs on the model at hand.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import torch
@@ -86,9 +88,10 @@ MASKED = -1e30
 MASK_FLOOR = -1000.0
 
 
-def mask_floor(model: onnx.ModelProto, floor: float = MASK_FLOOR) -> int:
+def mask_floor(model: onnx.ModelProto, floor: float = MASK_FLOOR, base_dir: str | os.PathLike = "") -> int:
     """Raise every float constant (initializer) entry at or below :data:`MASKED` to ``floor``, in place; returns the
-    number of constants changed.
+    number of constants changed. Constants stored outside the graph (a model over 2 GB, loaded without its external
+    data) are read from ``base_dir``, the graph file's folder; a changed one is stored in the graph from then on.
 
     ``mask-floor``. Why: the text encoder's causal mask adds -3.4e38 to the masked scores; the tensor of scores plus
     mask is then quantized over a range of 3.4e38, and with 16 bits every real score falls into one step.
@@ -104,7 +107,7 @@ def mask_floor(model: onnx.ModelProto, floor: float = MASK_FLOOR) -> int:
     for initializer in model.graph.initializer:
         if initializer.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             continue
-        values = numpy_helper.to_array(initializer)
+        values = numpy_helper.to_array(initializer, str(base_dir))
         if values.size and values.min() <= MASKED:
             initializer.CopyFrom(numpy_helper.from_array(np.maximum(values, floor).astype(values.dtype),
                                                          initializer.name))
@@ -124,11 +127,13 @@ def apply_rewrites(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict
     return counts
 
 
-def apply_onnx_rewrites(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """Apply the named ONNX-level rewrites to ``model`` in place; returns what each one inserted."""
+def apply_onnx_rewrites(model: onnx.ModelProto, names: list[str] | tuple[str, ...],
+                        base_dir: str | os.PathLike = "") -> dict[str, int]:
+    """Apply the named ONNX-level rewrites to ``model`` in place; returns what each one inserted. ``base_dir`` is
+    where the graph's external data lies, when it was loaded without it."""
     counts = {}
     if "layernorm-identity-mul" in names:
         counts["layernorm-identity-mul"] = layernorm_identity_mul(model)
     if "mask-floor" in names:
-        counts["mask-floor"] = mask_floor(model)
+        counts["mask-floor"] = mask_floor(model, base_dir=base_dir)
     return counts
