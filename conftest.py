@@ -45,6 +45,9 @@ def pytest_addoption(parser):
     parser.addoption("--pipeline-photo", type=int, default=128,
                      help="the fullsize tier's SD1.5-size pipeline: the photo's side in pixels (a multiple of 8; "
                           "default %(default)s). PASD works at 768, hours per step on the emulated HTP")
+    parser.addoption("--pipeline-jobs", metavar="DIR",
+                     help="the fullsize tier's SD1.5-size pipeline: keep its jobs' files (step jobs, exports) in DIR, "
+                          "so that a later run can redo any job with -k (default: a temporary folder)")
 
 
 class MemoryRecorder:

@@ -18,6 +18,8 @@ emulated HTP's time grows with the pixels (README: the whole pipeline on the HTP
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pasd_verify.export.htp import htp_available
@@ -33,8 +35,13 @@ GIB = 2**30
 
 
 @pytest.fixture(scope="module")
-def job_folder(tmp_path_factory):
-    """The files the jobs hand on to each other: the step jobs, the exports."""
+def job_folder(request, tmp_path_factory):
+    """The files the jobs hand on to each other (the fp32 run, the step jobs, the exports): ``--pipeline-jobs`` or a
+    temporary folder."""
+    kept = request.config.getoption("--pipeline-jobs")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        return Path(kept)
     return tmp_path_factory.mktemp("pipeline-sd15")
 
 
