@@ -46,11 +46,12 @@ def _sha_network(network: str, components: Components) -> tuple[torch.nn.Module,
 
 def export_networks(networks: list[str], components: Components, reference: PASDOutput, image: torch.Tensor,
                     prompts: tuple[str, str], export_dir: Path, *, seed: int = 0,
-                    rewrites: dict[str, tuple[str, ...]] | None = None,
+                    rewrites: dict[str, tuple[str, ...]] | None = None, release_models: bool = False,
                     progress: Callable[[str], Any] | None = None) -> dict[str, dict[str, Any]]:
     """Export each of ``networks`` into ``export_dir/<network>`` calibrated on the fp32 run, with the default export
     rewrites unless ``rewrites`` names a network's own; returns each export's report (its ``passed`` says whether
-    every export step agreed)."""
+    every export step agreed). ``release_models`` frees each SHA copy's weights once its float graph is written
+    (:class:`~pasd_verify.export.pipeline.ExportConfig`: at SD1.5 size, memory the later stages need)."""
     from ..export.pipeline import ExportConfig, export_files
     from ..export.rewrites import REWRITES
 
@@ -61,7 +62,8 @@ def export_networks(networks: list[str], components: Components, reference: PASD
         model, partner = _sha_network(network, components)
         samples = calibration_samples(network, components, reference, image, prompts)
         # localization of a disagreement is left to the pipeline check, which names the network and step first
-        config = ExportConfig(seed=seed, localize=False, rewrites=(rewrites or {}).get(network, REWRITES))
+        config = ExportConfig(seed=seed, localize=False, rewrites=(rewrites or {}).get(network, REWRITES),
+                              release_model=release_models)
         reports[network] = export_files(model, export_dir / network, config,
                                         partner=partner,
                                         samples=samples, source={"pipeline": "calibrated on the fp32 run",

@@ -5,14 +5,17 @@ own and each job reads its inputs from files (the fullsize tier)."""
 
 from __future__ import annotations
 
+import gc
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .command import PipelineCheckConfig, pipeline_files
-from .networks import NETWORKS
+from ..kinds import get_kind
+from .networks import KIND_OF, NETWORKS
 
 
 def pipeline_run(backend: str, steps: int = 1, size: int = 64, seed: int = 0) -> dict[str, Any]:
@@ -127,8 +130,16 @@ def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, s
         return figures
     reference = _load_reference(root / "reference.npz")
     if kind == "export":
+        # only the network and the partner it is calibrated on (the registry's) stay in memory
+        partner = get_kind(KIND_OF[network]).partner
+        keep = {"vae" if n.startswith("vae") else n
+                for n in (network, *(n for n, kind in KIND_OF.items() if kind == partner))}
+        components = replace(components, **{n: None for n in ("text_encoder", "vae", "controlnet", "unet")
+                                            if n not in keep})
+        gc.collect()
         report = export_networks([network], components, reference, image,
-                                 (settings.negative_prompt, settings.prompt), root / "exports", seed=seed)[network]
+                                 (settings.negative_prompt, settings.prompt), root / "exports", seed=seed,
+                                 release_models=preset != "tiny")[network]
         htp = report["stages"]["htp"]
         return {**figures, "passed": report["passed"],
                 "stages": {name: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"]}
