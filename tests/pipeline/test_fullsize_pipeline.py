@@ -65,10 +65,10 @@ def test_sd15_size_pipeline_job(benchmark, peak_memory, job_folder, request, job
     print(f"\nSD1.5-size pipeline at {size} x {size}, {job}: {run['seconds']:.0f} s{verdict} "
           f"(fp32 run {result.get('fp32_run_seconds', 0):.0f} s), peak RSS growth {run['growth_bytes'] / GIB:.1f} "
           f"GiB; {sessions}; {result}")
-    kind, _, rest = job.partition(":")
+    action, _, rest = job.partition(":")
     network, _, step = rest.partition(":")
-    if kind == "export":
+    if action == "export":
         assert result["htp_status"] == "passed", f"the HTP did not run the SD1.5-size {network}: {result}"
-    elif kind == "forced":
+    elif action == "forced":
         faults = network_faults(network, {"steps": [result]} if step else result, Thresholds())
         assert not faults, f"{network} on the HTP, teacher-forced: {faults}"

@@ -116,12 +116,12 @@ def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, s
     if job not in fullsize_jobs(steps, forced_steps=tuple(range(steps))):
         raise ValueError(f"unknown job {job!r}: expected one of {fullsize_jobs(steps)} (or forced:controlnet:<step>, "
                          f"forced:unet:<step> of any step below {steps})")
-    kind, _, rest = job.partition(":")
+    action, _, rest = job.partition(":")
     network, _, step = rest.partition(":")
     root = Path(folder)
     components, image, noise, settings = _fullsize_run(preset, size, steps, seed)
     figures: dict[str, Any] = {"job": job}
-    if kind == "reference":
+    if action == "reference":
         started = time.perf_counter()
         reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), image, noise, settings)
         figures["fp32_run_seconds"] = time.perf_counter() - started
@@ -129,11 +129,11 @@ def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, s
         _save_reference(reference, root / "reference.npz")
         return figures
     reference = _load_reference(root / "reference.npz")
-    if kind == "export":
+    if action == "export":
         # only the network and the partner it is calibrated on (the registry's) stay in memory
         partner = get_kind(KIND_OF[network]).partner
         keep = {"vae" if n.startswith("vae") else n
-                for n in (network, *(n for n, kind in KIND_OF.items() if kind == partner))}
+                for n in (network, *(n for n, kind_name in KIND_OF.items() if kind_name == partner))}
         components = replace(components, **{n: None for n in ("text_encoder", "vae", "controlnet", "unet")
                                             if n not in keep})
         gc.collect()
