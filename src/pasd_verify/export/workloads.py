@@ -41,6 +41,12 @@ def export_run(target: str, form: str, heads: int | None = None, samples: int = 
         config = ExportConfig(samples=samples, latent=latent, localize=False, seed=seed,
                               release_model=preset != "tiny", check_outputs=outputs)
         report = export_files(loaded.model, out, config, partner=loaded.partner)
+    return report_figures(report)
+
+
+def report_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """An export report's figures, flat: each stage's time and peak RSS, the HTP's status and profile, and every
+    step's agreement."""
     stages = report["stages"]
     htp = stages["htp"]["htp"]
     profile = htp["profile"] or {}

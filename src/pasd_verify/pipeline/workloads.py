@@ -14,17 +14,24 @@ from typing import Any
 import torch
 
 from .command import PipelineCheckConfig, pipeline_files
+from ..export.workloads import report_figures
 from ..kinds import get_kind
 from .networks import KIND_OF, NETWORKS
+
+
+def _astronaut(size: int):
+    """scikit-image's astronaut (the pipeline's default photo) at ``size`` x ``size``."""
+    from PIL import Image
+
+    from .command import load_photo
+
+    return load_photo(None)[0].resize((size, size), Image.BICUBIC)
 
 
 def pipeline_run(backend: str, steps: int = 1, size: int = 64, seed: int = 0) -> dict[str, Any]:
     """The check of the tiny pipeline (scikit-image's astronaut at ``size`` x ``size``, ``steps`` steps) with all
     five networks on ``backend``; its time split into exports and the check's runs, and its figures."""
-    from PIL import Image
-    from skimage import data
-
-    photo = Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC)
+    photo = _astronaut(size)
     config = PipelineCheckConfig(prompt="a portrait of an astronaut", steps=steps, seed=seed, process_size=size,
                                  backends=(("all", backend),))
     with tempfile.TemporaryDirectory(prefix="pasd-verify-pipeline-bench-") as out:
@@ -54,15 +61,12 @@ def fullsize_jobs(steps: int = 20, forced_steps: tuple[int, ...] = (0, -1)) -> l
 def _fullsize_run(preset: str, size: int, steps: int, seed: int):
     """The components, photo, noise and settings every job of one check shares (seeded: each child rebuilds the
     same ones)."""
-    from PIL import Image
-    from skimage import data
-
     from .check import RunSettings
     from .networks import preset_components
     from .pasd import StartNoise, pasd_prompt, preprocess, to_tensor
 
     components = preset_components(preset, seed=seed)
-    photo = preprocess(Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC), process_size=size)
+    photo = preprocess(_astronaut(size), process_size=size)
     image = to_tensor(photo)
     shape = (1, components.unet.config.in_channels, size // 8, size // 8)
     noise = StartNoise.draw("photo", shape, torch.Generator().manual_seed(seed))
@@ -128,7 +132,8 @@ def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, s
         save_step_jobs(reference, image, settings, root / "steps")
         _save_reference(reference, root / "reference.npz")
         return figures
-    reference = _load_reference(root / "reference.npz")
+    # a step job reads its step file alone; the others the fp32 run
+    reference = None if step else _load_reference(root / "reference.npz")
     if action == "export":
         # only the network and the partner it is calibrated on (the registry's) stay in memory
         partner = get_kind(KIND_OF[network]).partner
@@ -140,12 +145,7 @@ def fullsize_job(job: str, folder: str, preset: str = "sd15", size: int = 128, s
         report = export_networks([network], components, reference, image,
                                  (settings.negative_prompt, settings.prompt), root / "exports", seed=seed,
                                  release_models=preset != "tiny")[network]
-        htp = report["stages"]["htp"]
-        return {**figures, "passed": report["passed"],
-                "stages": {name: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"]}
-                           for name, s in report["stages"].items()},
-                "htp_status": htp["htp"]["status"], "htp_child_peak_rss_bytes": htp["htp"]["peak_rss_bytes"],
-                "cpu_vs_htp_sqnr_db": htp.get("cpu_vs_htp_sqnr_db"), "fp32_vs_htp_sqnr_db": htp.get("fp32_vs_htp_sqnr_db")}
+        return {**figures, **report_figures(report)}
     runners: dict[str, GraphRunner] = {}
     try:
         pipe = build_pipeline(components, {**dict.fromkeys(NETWORKS, "fp32"), network: "htp"},
