@@ -219,3 +219,66 @@ def test_convert_an_sd15_style_vae_folder(tmp_path, capsys):
     with torch.no_grad():
         expected, got = vae(image).sample, sha(image).sample
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["adaround", "adaround-flat"])
+def test_aimets_adaround_file_converts_into_the_same_layout(inputs, tmp_path, capsys, wrapped):
+    """AIMET's AdaRound writes parameter encodings without a version (wrapped in ``param_encodings`` since AIMET 1.32,
+    bare before): the SHA file comes out in the layout that came in, holding what the 0.6.1 rewrite holds."""
+    body = json.loads((GOLDEN / "unet_tiny_mha_per_channel_0.6.1.encodings").read_text())["param_encodings"]
+    (tmp_path / "adaround.encodings").write_text(json.dumps({"param_encodings": body} if wrapped else body))
+    assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / "unet.safetensors",
+                "--encodings", tmp_path / "adaround.encodings", "--out", tmp_path / "out") == 0
+    written = json.loads((tmp_path / "out" / "parameters_sha.encodings").read_text())
+    assert "version" not in written and "activation_encodings" not in written
+    reference = json.loads((GOLDEN / "unet_tiny_sha_per_channel_0.6.1.encodings").read_text())["param_encodings"]
+    assert (written["param_encodings"] if wrapped else written) == reference
+    layout = "adaround" if wrapped else "adaround-flat"
+    assert re.search(rf"^encodings_layout\s+{layout}$", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.aimet
+def test_aimets_own_adaround_file_converts_and_aimet_freezes_the_sha_file(inputs, tmp_path):
+    """The whole way a user goes: AIMET's AdaRound on the MHA UNet writes its file, ``convert`` rewrites it, and
+    AIMET's ``set_and_freeze_param_encodings`` reads the SHA file onto the SHA model, each head's quantizer holding
+    its slice of the MHA projection's per-channel scales (sliced here by hand from AIMET's file)."""
+    import copy
+
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    from pasd_verify.checkpoint_files import load_state_dict_file
+    from pasd_verify.kinds import graph_of
+    from pasd_verify.quant import QUANTSIM_CONFIGS, aimet_torch_session
+    from pasd_verify.quant.calibration import seeded_samples
+    from pasd_verify.quant.reference import aimet_adaround, aimet_rows
+
+    unet = build_unet("tiny", seed=0)
+    module, rows = aimet_rows(unet, seeded_samples(unet, 1, latent=(8, 8)))
+    _, aimet_file = aimet_adaround(module, rows, iterations=1, folder=tmp_path / "aimet")
+    aimet_body = json.loads(Path(aimet_file).read_text())
+    assert "version" not in aimet_body  # AIMET's own layout, the one this test is about
+    out = tmp_path / "out"
+    assert _run("--model-config", inputs / "config.json", "--state-dict", inputs / "unet.safetensors",
+                "--encodings", aimet_file, "--out", out) == 0
+    assert set(json.loads((out / "parameters_sha.encodings").read_text())) == set(aimet_body)
+
+    sha = copy.deepcopy(unet)
+    name_map = convert_to_sha(sha)
+    sha.load_state_dict(load_state_dict_file(out / "state_dict_sha.safetensors"))
+    with aimet_torch_session():
+        sim = QuantizationSimModel(graph_of(sha).module, tuple(t.unsqueeze(0) for t in rows[0]), default_param_bw=4,
+                                   config_file=str(QUANTSIM_CONFIGS["per_channel"]))
+    sim.set_and_freeze_param_encodings(str(out / "parameters_sha.encodings"))
+    prefix = next(n for n in aimet_body["param_encodings"] if n.endswith("conv_in.weight"))[:-len("conv_in.weight")]
+    checked = 0
+    for mha, heads in name_map.items():
+        if prefix + mha not in aimet_body["param_encodings"]:
+            continue  # AIMET rounds only weights
+        scales = [e["scale"] for e in aimet_body["param_encodings"][prefix + mha]]
+        size = len(scales) // len(heads)
+        for i, head in enumerate(heads):
+            quantizer = sim.model.get_submodule(prefix + head.rsplit(".", 1)[0]).param_quantizers["weight"]
+            got = quantizer.get_scale().flatten().tolist()
+            assert got == pytest.approx(scales[i * size:(i + 1) * size], rel=1e-6), head
+            checked += 1
+    assert checked >= 3 * len(name_map.modules)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -31,10 +32,13 @@ from encodings_helpers import (
     v0_file,
 )
 from pasd_verify.encodings import (
+    ADAROUND,
+    ADAROUND_FLAT,
     EncodingsError,
     convert_version,
     dumps_encodings,
     load_encodings,
+    load_encodings_layout,
     parse_encodings,
     save_encodings,
 )
@@ -58,6 +62,57 @@ def test_encodings_are_written_with_sorted_keys_as_aimet_writes_them():
     json.loads(text, object_pairs_hook=lambda pairs: objects.append([k for k, _ in pairs]) or dict(pairs))
     assert objects and all(keys == sorted(keys) for keys in objects)
     assert text.startswith('{\n    "activation_encodings"')  # indented by 4, as AIMET's files are
+
+
+# --- AdaRound's unversioned files --------------------------------------------------------------------------------
+
+def _adaround_texts(weights: str) -> dict[str, str]:
+    """A golden MHA file's parameter encodings as AIMET's AdaRound writes them (``json.dump(..., sort_keys=True,
+    indent=4)``): wrapped in ``param_encodings`` (AIMET >= 1.32) and bare (before it)."""
+    body = golden("mha", weights, "0.6.1")["param_encodings"]
+    return {ADAROUND: json.dumps({"param_encodings": body}, sort_keys=True, indent=4),
+            ADAROUND_FLAT: json.dumps(body, sort_keys=True, indent=4)}
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("layout", [ADAROUND, ADAROUND_FLAT])
+def test_adaround_files_read_as_their_parameter_encodings_and_write_back_byte_identical(layout, weights, tmp_path):
+    text = _adaround_texts(weights)[layout]
+    path = tmp_path / "adaround.encodings"
+    path.write_text(text)
+    encodings, read_layout = load_encodings_layout(path)
+    assert read_layout == layout
+    assert encodings["param_encodings"] == golden("mha", weights, "0.6.1")["param_encodings"]
+    assert encodings["activation_encodings"] == {}
+    save_encodings(encodings, tmp_path / "out.encodings", layout)
+    assert (tmp_path / "out.encodings").read_text() == text
+
+
+@pytest.mark.parametrize("layout", [ADAROUND, ADAROUND_FLAT])
+def test_a_1_0_0_file_written_in_an_adaround_layout_holds_its_0_6_1_parameter_encodings(layout):
+    parameters_only = {**golden("mha", "per_channel", "1.0.0"), "activation_encodings": []}
+    written = json.loads(dumps_encodings(parameters_only, layout))
+    expected = golden("mha", "per_channel", "0.6.1")["param_encodings"]
+    assert close(written["param_encodings"] if layout == ADAROUND else written, expected)
+
+
+@pytest.mark.parametrize("layout", [ADAROUND, ADAROUND_FLAT])
+def test_activation_encodings_are_not_silently_dropped_in_an_adaround_layout(layout):
+    with pytest.raises(EncodingsError, match=f"the {layout} layout holds parameter encodings only"):
+        dumps_encodings(golden("mha", "per_channel", "0.6.1"), layout)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{}", "version None is not one of"),
+    ('{"param_encodings": {}, "quantizer_args": {}}', "no 'version', and not AIMET AdaRound's layout either"),
+    ('{"param_encodings": []}', "no 'version', and not AIMET AdaRound's layout either"),
+    ('{"activation_encodings": []}', "version None is not one of"),
+    ('{"w": [{"bitwidth": 8, "scale": 1, "offset": 0}], "x": 5}', "version None is not one of"),
+    ('{"w": [{"bitwidth": 8, "scale": 1}]}', "param_encodings['w']: field 'offset' must be a finite number"),
+])
+def test_an_unversioned_file_that_is_not_adarounds_is_refused_naming_it(text, words):
+    with pytest.raises(EncodingsError, match=re.escape(f"u.encodings: {words}")):
+        parse_encodings(text, "u.encodings")
 
 
 @given(case=per_channel_encodings(), version=st.sampled_from(VERSIONS))

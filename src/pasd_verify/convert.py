@@ -15,7 +15,7 @@ from typing import Any
 from .checkpoint import convert_checkpoint_file
 from .checkpoint_files import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_checkpoint_matches, checkpoint_format,
                                checkpoint_shapes)
-from .encodings import EncodingsError, convert_version, load_encodings, mha_to_sha, save_encodings
+from .encodings import EncodingsError, convert_version, load_encodings_layout, mha_to_sha, save_encodings
 from .encodings_check import check_encodings, required_sha_encodings
 from .io import refuse_overwriting_inputs, staged_outputs
 from .kinds.loading import ModelChoice, build_model, choose_model, parameter_shapes
@@ -78,11 +78,12 @@ def convert_checkpoint(config: str | os.PathLike | dict, src: str | os.PathLike,
 
 def _sha_encodings(src: str | os.PathLike, name_map: NameMap, mha_shapes: dict, sha_shapes: dict,
                    dst: str | os.PathLike, version: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MHA encodings file -> validated SHA encodings and the rewrite's counts; raises listing every problem.
+    """MHA encodings file -> validated SHA encodings and the rewrite's counts (with ``encodings_layout``, the layout
+    the file came in and the SHA file is written in unless ``version`` names one); raises listing every problem.
 
     The input is checked against the MHA model first, so that a fault of the user's file is named as the user can
     find it (their file, ``to_q.weight``); the check of the written SHA encodings then guards the rewrite itself."""
-    mha_encodings = load_encodings(src)
+    mha_encodings, layout = load_encodings_layout(src)
     problems = check_encodings(mha_encodings, mha_shapes, source=str(src))
     if problems:
         raise EncodingsError(f"{len(problems)} problem(s) in the encodings:\n  " + "\n  ".join(problems))
@@ -93,7 +94,7 @@ def _sha_encodings(src: str | os.PathLike, name_map: NameMap, mha_shapes: dict, 
                                required=required_sha_encodings(mha_encodings, name_map, str(src)))
     if problems:
         raise EncodingsError(f"{len(problems)} problem(s) in the converted encodings:\n  " + "\n  ".join(problems))
-    return sha_encodings, {**report.as_dict(), "problems": 0}
+    return sha_encodings, {**report.as_dict(), "problems": 0, "encodings_layout": version or layout}
 
 
 def convert_encodings_file(model_config: str | os.PathLike | dict, src: str | os.PathLike, dst: str | os.PathLike,
@@ -108,7 +109,7 @@ def convert_encodings_file(model_config: str | os.PathLike | dict, src: str | os
     mha_shapes = parameter_shapes(model)
     name_map = convert_to_sha(model)
     sha_encodings, counts = _sha_encodings(src, name_map, mha_shapes, parameter_shapes(model), dst)
-    save_encodings(sha_encodings, dst)
+    save_encodings(sha_encodings, dst, counts["encodings_layout"])
     return counts
 
 
@@ -149,7 +150,7 @@ def convert_files(model_config: str | os.PathLike, state_dict: str | os.PathLike
         counts = _rewrite_checked(conversion, state_dict, staged["state_dict"], outputs["state_dict"], "sha")
         summary["checkpoint_tensors_out"] = counts["tensors_out"]
         if sha_encodings is not None:
-            save_encodings(sha_encodings, staged["encodings"])
+            save_encodings(sha_encodings, staged["encodings"], summary["encodings_layout"])
         staged["name_map"].write_text(name_map.to_json())
     summary["outputs"] = {key: str(path) for key, path in outputs.items()}
     return summary

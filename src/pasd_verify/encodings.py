@@ -47,29 +47,78 @@ def _no_duplicate_keys(source: str):
     return hook
 
 
+# The layouts a file can come in. Besides the two versioned formats, AIMET's AdaRound writes its parameter
+# encodings without a version, in the 0.6.1 entry form: since AIMET 1.32 as ``{"param_encodings": {name: [...]}}``
+# (aimet-torch 2.42's ``Adaround._export_encodings_to_json``), before it as the bare object ``{name: [...]}``. Both
+# are what ``QuantizationSimModel.set_and_freeze_param_encodings`` reads back, so a rewrite of such a file is written
+# in the layout it came in.
+ADAROUND = "adaround"
+ADAROUND_FLAT = "adaround-flat"
+LAYOUTS = (*SUPPORTED_VERSIONS, ADAROUND, ADAROUND_FLAT)
+_ADAROUND_KEYS = {"param_encodings", "activation_encodings"}
+
+
+def encodings_layout(raw: dict[str, Any], source: str = "encodings") -> str:
+    """Which of :data:`LAYOUTS` a parsed encodings JSON object is in, read from its content."""
+    if "version" in raw:
+        if raw["version"] not in SUPPORTED_VERSIONS:
+            raise EncodingsError(f"{source}: version {raw['version']!r} is not one of {SUPPORTED_VERSIONS}")
+        return raw["version"]
+    if "param_encodings" in raw:
+        if set(raw) - _ADAROUND_KEYS or not isinstance(raw["param_encodings"], dict):
+            raise EncodingsError(f"{source}: no 'version', and not AIMET AdaRound's layout either "
+                                 f"(top-level keys {sorted(raw)}; AdaRound writes only an object 'param_encodings'); "
+                                 f"expected a version of {SUPPORTED_VERSIONS}")
+        return ADAROUND
+    if raw and not set(raw) & _ADAROUND_KEYS and all(isinstance(v, list) for v in raw.values()):
+        return ADAROUND_FLAT
+    raise EncodingsError(f"{source}: version None is not one of {SUPPORTED_VERSIONS}, and the file is not AIMET "
+                         "AdaRound's unversioned layout either (an object of parameter name -> list of encodings)")
+
+
+def _versioned(raw: dict[str, Any], layout: str) -> dict[str, Any]:
+    """The encodings of any layout as a versioned (0.6.1 or 1.0.0) dict; an AdaRound file has no activations."""
+    if layout in SUPPORTED_VERSIONS:
+        return raw
+    if layout == ADAROUND:
+        return {"version": "0.6.1", "activation_encodings": {}, **raw}
+    return {"version": "0.6.1", "activation_encodings": {}, "param_encodings": raw}
+
+
 def parse_encodings(text: str, source: str = "encodings") -> dict[str, Any]:
-    """Parse and check the structure of AIMET encodings JSON; errors name ``source`` and the offending key."""
+    """Parse and check the structure of AIMET encodings JSON in any of :data:`LAYOUTS`, as a versioned dict; errors
+    name ``source`` and the offending key."""
+    return parse_encodings_layout(text, source)[0]
+
+
+def parse_encodings_layout(text: str, source: str = "encodings") -> tuple[dict[str, Any], str]:
+    """:func:`parse_encodings` and the layout the text was in."""
     try:
-        encodings = json.loads(text, object_pairs_hook=_no_duplicate_keys(source))
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys(source))
     except json.JSONDecodeError as e:
         raise EncodingsError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting deeper than Python's stack
         raise EncodingsError(f"{source}: unreadable JSON: {e}") from e
-    if not isinstance(encodings, dict):
-        raise EncodingsError(f"{source}: expected a JSON object, got {type(encodings).__name__}")
-    version = encodings.get("version")
-    if version not in SUPPORTED_VERSIONS:
-        raise EncodingsError(f"{source}: version {version!r} is not one of {SUPPORTED_VERSIONS}")
+    if not isinstance(raw, dict):
+        raise EncodingsError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    layout = encodings_layout(raw, source)
+    encodings = _versioned(raw, layout)
+    version = encodings["version"]
     for section in ("param_encodings", "activation_encodings"):
         if section not in encodings:
             raise EncodingsError(f"{source}: missing {section!r}")
         for name, entry in _entries(encodings, section, source):
             _check_entry_shape(entry, version, f"{source}: {section}[{name!r}]")
-    return encodings
+    return encodings, layout
 
 
 def load_encodings(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an AIMET encodings file of format 0.6.1 or 1.0.0."""
+    """Read an AIMET encodings file of format 0.6.1 or 1.0.0, or an AdaRound file (as 0.6.1)."""
+    return load_encodings_layout(path)[0]
+
+
+def load_encodings_layout(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """:func:`load_encodings` and the layout the file was in (one of :data:`LAYOUTS`)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -77,18 +126,31 @@ def load_encodings(path: str | os.PathLike) -> dict[str, Any]:
         raise EncodingsError(f"{path}: no such encodings file") from e
     except UnicodeDecodeError as e:
         raise EncodingsError(f"{path}: not a text file ({e.reason})") from e
-    return parse_encodings(text, str(path))
+    return parse_encodings_layout(text, str(path))
 
 
-def dumps_encodings(encodings: dict[str, Any]) -> str:
-    """AIMET's own layout (sorted keys, indent 4), so a file AIMET wrote reads back and writes out byte-identical."""
-    return json.dumps(encodings, sort_keys=True, indent=4)
+def dumps_encodings(encodings: dict[str, Any], layout: str | None = None) -> str:
+    """AIMET's own layout (sorted keys, indent 4), so a file AIMET wrote reads back and writes out byte-identical;
+    ``layout`` (default: the encodings' version) one of :data:`LAYOUTS`. An AdaRound layout holds parameter
+    encodings only: encodings with activations are refused rather than written without them."""
+    if layout is None or layout == encodings["version"]:
+        return json.dumps(encodings, sort_keys=True, indent=4)
+    if layout in SUPPORTED_VERSIONS:
+        return json.dumps(convert_version(encodings, layout), sort_keys=True, indent=4)
+    if layout not in LAYOUTS:
+        raise EncodingsError(f"layout {layout!r} is not one of {LAYOUTS}")
+    if list(_entries(encodings, "activation_encodings", "encodings")):
+        raise EncodingsError(f"the {layout} layout holds parameter encodings only; these encodings have activation "
+                             "encodings too (write them as 0.6.1 or 1.0.0)")
+    params = convert_version(encodings, "0.6.1")["param_encodings"]
+    return json.dumps({"param_encodings": params} if layout == ADAROUND else params, sort_keys=True, indent=4)
 
 
-def save_encodings(encodings: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write encodings atomically."""
+def save_encodings(encodings: dict[str, Any], path: str | os.PathLike, layout: str | None = None) -> None:
+    """Write encodings atomically, in ``layout`` (default: their version; see :func:`dumps_encodings`)."""
+    text = dumps_encodings(encodings, layout)
     with atomic_path(path) as tmp:
-        tmp.write_text(dumps_encodings(encodings))
+        tmp.write_text(text)
 
 
 def _entries(encodings: dict, section: str, source: str) -> Iterator[tuple[str, Any]]:

@@ -114,15 +114,9 @@ def test_rounding_decisions_agree_with_aimets(runs):
 
 
 def test_our_grids_are_aimets_grids(runs):
-    aimet = load_encodings_0_6_1(runs["folder"] / "aimet.encodings")
+    aimet = load_encodings(runs["folder"] / "aimet.encodings")
     ours = load_encodings(runs["folder"] / "ours_0.6.1.encodings")
     assert compare_encodings(ours, aimet, sections=("param_encodings",)) == []
-
-
-def load_encodings_0_6_1(path):
-    """AIMET's AdaRound file holds only ``param_encodings`` (0.6.1 layout, no version): give it the rest."""
-    body = json.loads(path.read_text())
-    return {"version": "0.6.1", "activation_encodings": {}, **body}
 
 
 def _sqnr(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -147,7 +141,7 @@ def test_output_sqnr_matches_aimets_adaround_and_beats_nearest_rounding(runs):
     unet, controlnet = runs["float"], runs["controlnet"]
     _, held_out = aimet_rows(unet, seeded_samples(unet, 2, latent=(8, 8), seed=7), controlnet)
     aimet_file = runs["folder"] / "aimet_full.encodings"
-    aimet_file.write_text(json.dumps(load_encodings_0_6_1(runs["folder"] / "aimet.encodings")))
+    aimet_file.write_text(json.dumps(load_encodings(runs["folder"] / "aimet.encodings")))
     sims = {"nearest": _sim(unet, runs), "aimet": _sim(runs["aimet"], runs, aimet_file),
             "ours": _sim(runs["ours"], runs, runs["folder"] / "ours_0.6.1.encodings")}
     sqnr = {}
