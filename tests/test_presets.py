@@ -60,3 +60,26 @@ def test_seeded_tokens_are_laid_out_as_the_tokenizer_lays_out_a_prompt(tokenizer
         assert end >= 2 and set(row[end:]) == {tokenizer.eos_token_id}
         assert all(0 <= t < tokenizer.bos_token_id for t in row[1:end])
     assert json.dumps(ids.tolist()) == json.dumps(text_tokens(model, batch=batch, seed=seed).tolist())
+
+
+def test_a_clip_config_whose_special_ids_lie_outside_its_vocabulary_gets_samples_inside_it_and_a_warning(caplog):
+    """transformers' CLIP defaults (bos 49406, eos 49407) are SD1.5's: a small config saved without setting them
+    names ids its embedding does not have. The export's seeded samples must stay inside the vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pasd_verify.quant.calibration import seeded_samples
+
+    config = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=TEXT_LENGTH, projection_dim=32)
+    assert config.bos_token_id >= config.vocab_size  # the case at hand
+    model = CLIPTextModel(config).eval()
+    with caplog.at_level("WARNING", logger="pasd_verify"):
+        samples = seeded_samples(model, 2)
+    for sample in samples:
+        ids = sample["input_ids"]
+        assert 0 <= int(ids.min()) and int(ids.max()) < config.vocab_size
+        assert int(ids[0, 0]) == config.vocab_size - 2 and int(ids[0, -1]) == config.vocab_size - 1
+        with torch.no_grad():
+            assert torch.isfinite(model(ids.long()).last_hidden_state).all()
+    assert "bos_token_id 49406" in caplog.text and "eos_token_id 49407" in caplog.text
+    assert "config.json" in caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,8 @@ from torch import nn
 from .errors import PasdVerifyError
 from .models import PASDControlNetModel, PASDUNet2DConditionModel
 from .ranges import LATENT_FACTOR, TEXT_LENGTH
+
+logger = logging.getLogger(__name__)
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -184,6 +187,22 @@ def build_text_encoder(preset: str = "tiny", *, seed: int = 0, **overrides: Any)
         return CLIPTextModel._from_config(config, attn_implementation=implementation).eval()
 
 
+def special_token_ids(config: Any) -> tuple[int, int]:
+    """A CLIP text config's start and end token ids, where they lie in its vocabulary; else the vocabulary's last two
+    ids, with a warning naming the keys. transformers' defaults (49406, 49407) are SD1.5's, so a small CLIP config
+    saved without setting them names ids its embedding does not have; the model itself never looks them up (the
+    end id only picks the pooled output, which Stable Diffusion does not use), only the seeded samples do."""
+    vocab = config.vocab_size
+    ids = {"bos_token_id": (config.bos_token_id, vocab - 2), "eos_token_id": (config.eos_token_id, vocab - 1)}
+    outside = {key: given for key, (given, _) in ids.items()
+               if not isinstance(given, int) or not 0 <= given < vocab}
+    if outside:
+        logger.warning("the text encoder's config.json: %s outside its vocab_size %d; its seeded token samples use "
+                       "ids %d and %d as the start and end tokens instead", ", ".join(
+                           f"{key} {value!r}" for key, value in outside.items()), vocab, vocab - 2, vocab - 1)
+    return tuple(fallback if key in outside else given for key, (given, fallback) in ids.items())
+
+
 def text_tokens(model: Any, *, batch: int = 1, seed: int = 0, length: int = TEXT_LENGTH,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Seeded token ids ``(batch, length)`` as a tokenizer lays them out: the start token, random tokens of the
@@ -191,11 +210,12 @@ def text_tokens(model: Any, *, batch: int = 1, seed: int = 0, length: int = TEXT
     ``generator`` where given, else from ``seed``."""
     config = model.config
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
-    ordinary = min(config.vocab_size, config.bos_token_id, config.eos_token_id)  # the special tokens come last
-    ids = torch.full((batch, length), config.eos_token_id, dtype=torch.int32)
+    bos, eos = special_token_ids(config)
+    ordinary = min(config.vocab_size, bos, eos)  # the special tokens come last
+    ids = torch.full((batch, length), eos, dtype=torch.int32)
     for row in ids:
         words = int(torch.randint(1, length - 1, (1,), generator=g))
-        row[0] = config.bos_token_id
+        row[0] = bos
         row[1:1 + words] = torch.randint(0, ordinary, (words,), generator=g, dtype=torch.int32)
     return ids
 
