@@ -184,12 +184,23 @@ def teacher_forced(network: str, pipe: PASDPipeline, reference: PASDOutput, imag
     return {"steps": [teacher_forced_step(job, pipe) for job in bar]}
 
 
+def at_least(value: float, limit: float) -> bool:
+    """``value`` meets the lower threshold ``limit`` (at it counts); a NaN figure never does."""
+    return value >= limit
+
+
+def within(value: float, bounds: tuple[float, float]) -> bool:
+    """``value`` lies in ``bounds`` (low, high), both ends included; a NaN figure never does."""
+    low, high = bounds
+    return low <= value <= high
+
+
 def network_faults(network: str, figures: dict[str, Any], thresholds: Thresholds) -> list[dict[str, Any]]:
     """Where ``network``'s teacher-forced figures cross their thresholds, in step order."""
     faults = []
 
     def below(name: str, value: float, limit: float, step: int | None = None) -> None:
-        if not value >= limit:  # NaN fails too
+        if not at_least(value, limit):
             faults.append({"network": network, "step": step, "figure": name, "value": value, "threshold": limit})
 
     if "embeddings_sqnr_db" in figures:
@@ -199,16 +210,24 @@ def network_faults(network: str, figures: dict[str, Any], thresholds: Thresholds
     if "psnr_db" in figures:
         below("psnr_db", figures["psnr_db"], thresholds.picture_psnr_db)
         below("ssim", figures["ssim"], thresholds.picture_ssim)
-    low, high = thresholds.guidance_std_ratio
     for step in figures.get("steps", ()):
         i = step["step"]
         below("noise_sqnr_db", step["noise_sqnr_db"], thresholds.network_sqnr_db, i)
         below("guidance_sqnr_db", step["guidance_sqnr_db"], thresholds.guidance_sqnr_db, i)
         ratio = step["guidance_std_ratio"]
-        if not low <= ratio <= high:
+        if not within(ratio, thresholds.guidance_std_ratio):
             faults.append({"network": network, "step": i, "figure": "guidance_std_ratio", "value": ratio,
-                           "threshold": [low, high]})
+                           "threshold": list(thresholds.guidance_std_ratio)})
     return faults
+
+
+def closed_loop_checks(picture: dict[str, float], steps: list[dict[str, float]],
+                       thresholds: Thresholds) -> dict[str, bool]:
+    """The whole run with the chosen backends against its thresholds: the picture, and the guidance signal's spread
+    at every step."""
+    return {"picture_psnr": at_least(picture["psnr_db"], thresholds.picture_psnr_db),
+            "picture_ssim": at_least(picture["ssim"], thresholds.picture_ssim),
+            "guidance_std_ratio": all(within(s["guidance_std_ratio"], thresholds.guidance_std_ratio) for s in steps)}
 
 
 # --- handing the culprit to the export's localization -----------------------------------------------------------
@@ -344,12 +363,9 @@ def check_pipeline(components: Components, image: torch.Tensor, noise: StartNois
     finally:
         for runner in runners.values():
             runner.close()
-    low, high = thresholds.guidance_std_ratio
     if candidate is not None:
         picture, steps = picture_figures(reference.picture, candidate.picture), closed_loop(reference, candidate)
-        checks = {"picture_psnr": picture["psnr_db"] >= thresholds.picture_psnr_db,
-                  "picture_ssim": picture["ssim"] >= thresholds.picture_ssim,
-                  "guidance_std_ratio": all(low <= s["guidance_std_ratio"] <= high for s in steps)}
+        checks = closed_loop_checks(picture, steps, thresholds)
     else:
         picture, steps, checks = None, [], {"candidate_ran": False}
     # a network whose own error crosses its threshold fails the check even where this photo's picture hides it
