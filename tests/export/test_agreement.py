@@ -79,3 +79,12 @@ def test_the_worst_output_is_the_least_agreeing_one_first_of_equals():
     assert worst({"a": 50.0, "b": 20.0, "c": 40.0}) == "b"
     assert worst({"a": 20.0, "b": 20.0}) == "a"
     assert worst({"a": math.inf, "b": -math.inf}) == "b"
+
+
+@pytest.mark.parametrize("per_output, expected", [
+    ({"a": 50.0, "b": math.nan, "c": 20.0}, "b"), ({"a": math.nan, "b": 20.0}, "a"), ({"a": 20.0, "b": math.nan}, "b"),
+    ({"a": math.inf, "b": math.nan}, "b"), ({"a": math.nan, "b": math.nan}, "a"), ({"a": -math.inf, "b": math.nan}, "a"),
+])
+def test_a_nan_output_agrees_least_wherever_it_is(per_output, expected):
+    """No comparison with NaN holds, so a plain ``min`` keeps or skips a NaN by where it stands."""
+    assert worst(per_output) == expected

@@ -144,8 +144,10 @@ class Device:
     onnxruntime's CPU with the op named ``negate`` computing the negation of its result."""
 
     def __init__(self, tmp_path: Path, *, negate: str | None = None, refuse: set[str] | None = None,
-                 status: str = "crashed", error: str = "SIGSEGV while compiling"):
+                 status: str = "crashed", error: str = "SIGSEGV while compiling", shift: dict[str, float] | None = None,
+                 nan: str | None = None):
         self.folder, self.negate, self.refuse, self.status, self.error = tmp_path, negate, refuse, status, error
+        self.shift, self.nan = shift or {}, nan  # ops whose result is moved by a constant; an output read as NaN
         self.calls: list[dict] = []
 
     def __call__(self, graph, feeds, *, soc_model, timeout):
@@ -154,15 +156,23 @@ class Device:
                            "timeout": timeout, "outputs": [o.name for o in model.graph.output]})
         if self.refuse and self.refuse <= {n.name for n in model.graph.node}:
             return HtpResult(self.status, error=self.error)
-        for i, node in enumerate(model.graph.node):
-            if node.name == self.negate:
+        for i, node in enumerate(list(model.graph.node)):
+            if node.name == self.negate or node.name in self.shift:
                 out = node.output[0]
                 node.output[0] = f"{out}_raw"
-                model.graph.node.insert(i + 1, oh.make_node("Neg", [f"{out}_raw"], [out]))
-                break
+                at = list(model.graph.node).index(node) + 1
+                if node.name == self.negate:
+                    model.graph.node.insert(at, oh.make_node("Neg", [f"{out}_raw"], [out]))
+                else:
+                    model.graph.initializer.append(
+                        numpy_helper.from_array(np.array(self.shift[node.name], np.float32), f"{out}_shift"))
+                    model.graph.node.insert(at, oh.make_node("Add", [f"{out}_raw", f"{out}_shift"], [out]))
         path = self.folder / f"device{len(self.calls)}.onnx"
         onnx.save(model, str(path))
-        return HtpResult("passed", 0.0, 0.0, outputs=run_onnx(path, feeds))
+        outputs = run_onnx(path, feeds)
+        if self.nan in outputs:
+            outputs[self.nan] = np.full_like(outputs[self.nan], np.nan)
+        return HtpResult("passed", 0.0, 0.0, outputs=outputs)
 
     def graphs(self) -> list[tuple[str, list[str]]]:
         return [(c["graph"], c["outputs"]) for c in self.calls]
@@ -694,3 +704,60 @@ def test_judge_blocks_returns_the_first_bad_block_its_graph_inputs_and_worst_out
                                      work / "down_blocks_0.block.qdq.onnx", "d_dq")
     assert list(block_feeds) == ["a"] and np.array_equal(block_feeds["a"], feeds["x"] * 0.5)
     assert listing(work) == {"down_blocks_0.block.qdq.onnx"}  # the good block's graph and the capture are gone
+
+
+# --- a block is judged by its worst output --------------------------------------------------------------------
+
+def _down_block_outputs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """down_blocks.0's outputs r_dq and d_dq as the CPU computes them, worked by hand from the graph: every
+    activation rounded to the 1/256 grid (uint16, zero point 0), w_dq = 0.5."""
+    def q(v):
+        return np.clip(np.round(np.asarray(v, np.float64) * 256), 0, 65535) / 256
+
+    a = q(x.astype(np.float64) * 0.5)
+    m = q(a * q(1 / (1 + np.exp(-a))))
+    r = q(m + 0.5)
+    return r, q(r + 0.5)
+
+
+def _sqnr_of_shift(reference: np.ndarray, shift: float) -> float:
+    """A tensor on the grid moved by a constant on the grid: noise ``shift`` in every element."""
+    return 10 * math.log10(float((reference ** 2).sum()) / (reference.size * shift ** 2))
+
+
+@pytest.mark.parametrize("shift, worst_output", [
+    # conv1 moved by 9/256: r_dq and d_dq (which adds 0.5 to it) off by the same amount, r_dq the smaller signal:
+    # r_dq ~28.5 dB, d_dq ~32.2 dB; the block's first output is its worst
+    ({CONV1: 9 / 256}, "r_dq"),
+    # conv1 by 2/256 and the downsampler by 12/256 more: r_dq ~41.5 dB, d_dq ~28.3 dB; the second is the worst
+    ({CONV1: 2 / 256, DOWN: 12 / 256}, "d_dq"),
+])
+def test_a_block_whose_outputs_disagree_by_different_amounts_is_judged_by_its_worst(graph, feeds, tmp_path, shift,
+                                                                                    worst_output):
+    """At 30 dB the block's other output agrees: judged by it (the best, or always the first or the last output),
+    down_blocks.0 would pass and the search would go on past the block the device breaks."""
+    r, d = _down_block_outputs(feeds["x"])
+    expected = {"r_dq": _sqnr_of_shift(r, shift[CONV1]), "d_dq": _sqnr_of_shift(d, sum(shift.values()))}
+    other = ({"r_dq", "d_dq"} - {worst_output}).pop()
+    assert expected[worst_output] < 29.5 and expected[other] > 31.5  # the case is what its comment says
+    device = Device(tmp_path, shift=shift)
+    found = localize(graph, feeds, tmp_path / "out", output="noise", threshold_db=30.0, run=device)
+    assert [(b["block"], b["htp"], b["bad"]) for b in found.blocks] == [("conv_in", "passed", False),
+                                                                        ("down_blocks.0", "passed", True)]
+    assert found.blocks[1]["sqnr_db"] == pytest.approx(expected[worst_output], abs=1e-3)
+    assert found.block == "down_blocks.0"
+    assert found.probes[0]["tensor"] == worst_output  # the block's graph is searched from its worst output
+    assert (found.tensor, found.htp_status) == (worst_output, "passed")
+    assert found.sqnr_db == pytest.approx(expected[worst_output], abs=1e-3)
+
+
+@pytest.mark.parametrize("nan_output", ["r_dq", "d_dq"])
+def test_a_block_with_a_nan_output_is_judged_bad_by_it(graph, feeds, tmp_path, nan_output):
+    """The device answers NaN for one of down_blocks.0's outputs and exactly for the other (inf dB): the NaN output
+    agrees least of all, whichever of the two it is, so the block is bad."""
+    device, work = Device(tmp_path, nan=nan_output), tmp_path / "work"
+    work.mkdir()
+    verdicts, bad = judge_blocks(graph, feeds, work, threshold_db=30.0, soc_model="57", timeout=1.0, run=device)
+    assert [(v["block"], v["bad"]) for v in verdicts] == [("conv_in", False), ("down_blocks.0", True)]
+    assert math.isnan(verdicts[1]["sqnr_db"])
+    assert bad[0].name == "down_blocks.0" and bad[3] == nan_output

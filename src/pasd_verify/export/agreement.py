@@ -12,6 +12,8 @@ QDQ graph on CPU vs on the HTP        SQNR >= the threshold (default ``HTP_SQNR_
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FLOAT_TOLERANCE = 1e-4
@@ -54,5 +56,6 @@ def htp_agrees(sqnr: float | None, threshold_db: float) -> bool:
 
 
 def worst(per_output: dict[str, float]) -> str:
-    """The output that agrees least (the first of equals, in the graph's order)."""
-    return min(per_output, key=per_output.get)
+    """The output that agrees least (the first of equals, in the graph's order); a NaN figure (a device that
+    answered NaN) agrees least of all: ``min`` alone would pass over it, since no comparison with NaN holds."""
+    return min(per_output, key=lambda name: -math.inf if math.isnan(per_output[name]) else per_output[name])

@@ -238,7 +238,7 @@ def localize_culprit(culprit: dict[str, Any], pipe: PASDPipeline, runner: GraphR
     inputs), run through its QDQ graph on the CPU and on the HTP: when they disagree the HTP miscomputes the graph,
     and the export's block and op localization (:func:`pasd_verify.export.localize.localize`) finds where, with a
     reproducer in ``folder/divergences``; when they agree the error is the quantization's own."""
-    from ..export.agreement import HTP_SQNR_DB, worst
+    from ..export.agreement import HTP_SQNR_DB, htp_agrees, worst
     from ..export.htp import run_on_htp
     from ..export.localize import localize
     from ..export.onnx_io import run_onnx
@@ -262,7 +262,7 @@ def localize_culprit(culprit: dict[str, Any], pipe: PASDPipeline, runner: GraphR
     else:
         per_output = {name: sqnr_db(cpu[name], htp.outputs[name]) for name in cpu}
         found["cpu_vs_htp_sqnr_db"] = per_output
-        if min(per_output.values()) >= HTP_SQNR_DB:
+        if htp_agrees(per_output[worst(per_output)], HTP_SQNR_DB):
             found["verdict"] = ("the QDQ graph gives the same on the CPU: the error is the quantization's, not the "
                                 "HTP's")
             return found
