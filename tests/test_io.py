@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import sys
 import pytest
 
 from pasd_verify.errors import PasdVerifyError
-from pasd_verify.io import private_folder, refuse_overwriting_inputs, staged_outputs
+from pasd_verify.io import private_folder, refuse_overwriting_inputs, staged_outputs, write_json
 
 NAMES = ("a.bin", "b.json", "c")
 
@@ -66,3 +68,14 @@ def test_output_locations_are_refused_before_any_work(tmp_path):
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     with pytest.raises(PasdVerifyError, match="dangling: a broken symbolic link"):
         refuse_overwriting_inputs(tmp_path / "dangling" / "out", NAMES, [])
+
+
+def _no_constant(word):
+    raise AssertionError(f"{word} is not JSON")
+
+
+def test_write_json_writes_strict_json_naming_non_finite_floats(tmp_path):
+    write_json(tmp_path / "r.json", {"sqnr_db": math.inf, "worst": [-math.inf, math.nan], "ok": (1.5, 0), "n": None})
+    body = json.loads((tmp_path / "r.json").read_text(), parse_constant=_no_constant)
+    assert body == {"sqnr_db": "Infinity", "worst": ["-Infinity", "NaN"], "ok": [1.5, 0], "n": None}
+    assert float(body["sqnr_db"]) == math.inf and math.isnan(float(body["worst"][1]))

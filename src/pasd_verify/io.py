@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -85,10 +86,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+# JSON has no infinity or NaN; Python writes the bare words Infinity and NaN, which most parsers refuse (Node's
+# JSON.parse throws, jq reads 1.8e308). A non-finite float is written as one of these strings instead: Python's
+# float() and JavaScript's Number() both read them back.
+NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _finite_json(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else NON_FINITE[obj]
+    if isinstance(obj, dict):
+        return {key: _finite_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(value) for value in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented strict JSON, atomically; a non-finite float is written as the string
+    ``"Infinity"``, ``"-Infinity"`` or ``"NaN"``."""
+    text = json.dumps(_finite_json(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: Iterable[str],
