@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 
@@ -17,3 +17,19 @@ def library_warnings(stage: str, logger: logging.Logger) -> Iterator[list[warnin
         yield caught
     for w in caught:
         logger.info("%s: %s from %s:%d: %s", stage, w.category.__name__, w.filename, w.lineno, w.message)
+
+
+@contextmanager
+def quiet_loggers(names: Iterable[str]) -> Iterator[None]:
+    """Raise the named loggers (AIMET's log areas, which print to the console) to ERROR for the duration, unless
+    pasd-verify's own logging is at INFO (``--verbose``), where they are left to show everything."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    if not logging.getLogger("pasd_verify").isEnabledFor(logging.INFO):
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

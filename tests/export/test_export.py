@@ -25,7 +25,7 @@ from pasd_verify.export.agreement import relative_error, sqnr_db
 from pasd_verify.export.onnx_io import export_float, large_constants, run_onnx
 from pasd_verify.export.quantize import (_quiet_aimet, check_encoding_names, export_quantized,
                                          place_static_encodings, quantization_sim, sim_outputs)
-from pasd_verify.export.rewrites import SiLUAsDivision, apply_onnx_rewrites, apply_rewrites
+from pasd_verify.export.rewrites import SiLUAsDivision, apply_onnx_rewrites, apply_rewrites, unshare_initializers
 from pasd_verify.quant.calibration import seeded_samples
 from pasd_verify.sha import convert_to_sha
 
@@ -237,6 +237,69 @@ def test_layernorm_identity_mul_leaves_the_float_graph_bit_identical(tmp_path, k
         for name in node.input:
             if name in producers and producers[name].op_type == "LayerNormalization":
                 assert node.op_type == "Mul" and node.name.endswith("identity_mul"), node.name
+
+
+def _shared_biases(model: onnx.ModelProto) -> list[str]:
+    """Initializers that feed the bias input of more than one Gemm/Conv node (those aimet-onnx cannot encode)."""
+    initializers = {i.name for i in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2] in initializers:
+            consumers[node.input[2]] = consumers.get(node.input[2], 0) + 1
+    return [name for name, count in consumers.items() if count > 1]
+
+
+def test_the_float_export_gives_every_bias_its_own_initializer_and_computes_the_same(tmp_path, caplog):
+    """The seeded CLIP's zero biases are one initializer in torch's export: aimet-onnx's ConnectedGraph warns that it
+    cannot compute their encodings. The export's float graph has none shared, and its outputs are unchanged."""
+    from aimet_onnx.meta.connectedgraph import ConnectedGraph
+
+    _, graph, feeds = _graph_and_feeds("text-encoder", "sha", (8, 8))
+    path = export_float(graph, feeds, tmp_path / "plain.onnx")
+    model = onnx.load(str(path))
+    assert _shared_biases(model)  # the case at hand
+    assert unshare_initializers(model) > 0
+    assert _shared_biases(model) == []
+    onnx.save(model, str(tmp_path / "unshared.onnx"))
+    before, after = run_onnx(path, _numpy(feeds)), run_onnx(tmp_path / "unshared.onnx", _numpy(feeds))
+    for name in graph.output_names:
+        assert np.array_equal(before[name], after[name]), name
+
+    exported = pipeline.float_export(graph, feeds, _numpy(feeds), tmp_path, pipeline.ExportConfig(), large=False)
+    written = onnx.load(str(exported.path))
+    assert _shared_biases(written) == [] and exported.result.numbers["shared_initializers_duplicated"] > 0
+    with caplog.at_level("WARNING", logger="ConnectedGraph"):
+        ConnectedGraph(written)
+    assert "consumed by multiple nodes" not in caplog.text
+
+
+def test_aimet_onnx_warnings_stay_out_of_the_terminal_unless_verbose(tmp_path):
+    """aimet-onnx's log areas print to the console (a handler of their own, not propagated); the export keeps them
+    quiet, as aimet-torch's, and --verbose (pasd-verify's logging at INFO) lets them through. What reaches a handler
+    of the area's logger is what its console handler would print. The shared-bias warning is the one a newcomer saw."""
+    import logging
+
+    from aimet_onnx.meta.connectedgraph import ConnectedGraph
+
+    _, graph, feeds = _graph_and_feeds("text-encoder", "sha", (8, 8))
+    model = onnx.load(str(export_float(graph, feeds, tmp_path / "plain.onnx")))
+    shown = {}
+    ours, area = logging.getLogger("pasd_verify"), logging.getLogger("ConnectedGraph")
+    for verbose in (False, True):
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        level = ours.level
+        ours.setLevel(logging.INFO if verbose else logging.WARNING)
+        area.addHandler(handler)
+        try:
+            with _quiet_aimet():
+                ConnectedGraph(model)
+        finally:
+            ours.setLevel(level)
+            area.removeHandler(handler)
+        shown[verbose] = any("consumed by multiple nodes" in r.getMessage() for r in records)
+    assert shown == {False: False, True: True}
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from .agreement import (FLOAT_TOLERANCE, HTP_SQNR_DB, QDQ_SQNR_DB, float_agrees,
                         relative_error, sqnr_db, worst)
 from .onnx_io import EXTERNAL_DATA_BYTES, export_float, large_constants, parameter_bytes, run_onnx
 from .quantize import WEIGHT_GRANULARITY, check_encoding_names, export_quantized, quantization_sim, sim_outputs
-from .rewrites import ONNX_REWRITES, REWRITES, apply_onnx_rewrites, apply_rewrites
+from .rewrites import ONNX_REWRITES, REWRITES, apply_onnx_rewrites, apply_rewrites, unshare_initializers
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +184,14 @@ def float_export(graph: ExportGraph, check_feeds: dict[str, torch.Tensor], check
         reference = _numpy(graph(check_feeds))
         rewritten["rewrite_relative_error"] = max(relative_error(original[k], reference[k]) for k in original)
     float_path = export_float(graph, check_feeds, folder / "model.onnx", large=large)
+    # the graph alone: neither step below changes a weight, so model.data stays as written (saving the weights
+    # again would append a second copy of them to it, 4.4 GB at SD1.5 size)
+    float_model = onnx.load(str(float_path), load_external_data=False)
     if set(config.rewrites) & set(ONNX_REWRITES):
-        # the graph alone: the rewrites touch no weight, so model.data stays as written (saving the weights
-        # again would append a second copy of them to it, 4.4 GB at SD1.5 size)
-        float_model = onnx.load(str(float_path), load_external_data=False)
         rewritten["rewrites"].update(apply_onnx_rewrites(float_model, config.rewrites, base_dir=float_path.parent))
-        onnx.save_model(float_model, str(float_path))
-        del float_model
+    rewritten["shared_initializers_duplicated"] = unshare_initializers(float_model)
+    onnx.save_model(float_model, str(float_path))
+    del float_model
     onnx_out = run_onnx(float_path, check_arrays)
     errors = {k: relative_error(reference[k], onnx_out[k]) for k in graph.output_names}
     result = StageResult({"relative_error": max(errors.values()), "per_output": errors, **rewritten},

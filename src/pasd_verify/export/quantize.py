@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 from importlib import resources
 from pathlib import Path
@@ -29,6 +28,7 @@ import onnx
 
 from ..errors import PasdVerifyError
 from ..io import write_json
+from ..logs import quiet_loggers
 from ..memory import trim_heap
 
 WEIGHT_GRANULARITY = ("per_channel", "per_tensor")
@@ -200,15 +200,9 @@ def check_encoding_names(encodings: dict[str, Any], model: onnx.ModelProto) -> l
 
 @contextlib.contextmanager
 def _quiet_aimet():
-    """aimet-onnx logs every adjusted weight scale and opset change at INFO and prints progress; keep the user's
-    terminal clean."""
-    loggers = [logging.getLogger(name) for name in ("Quant", "Utils")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.level, logging.WARNING))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    """aimet-onnx logs every adjusted weight scale and opset change, and its warnings, to the console, and prints
+    progress: keep the user's terminal clean, as aimet-torch's are (its log areas shown with ``--verbose``)."""
+    from aimet_onnx.common.utils import AimetLogger
+
+    with quiet_loggers(area.value for area in AimetLogger.LogAreas), contextlib.redirect_stdout(io.StringIO()):
+        yield

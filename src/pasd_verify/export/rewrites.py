@@ -115,6 +115,19 @@ def mask_floor(model: onnx.ModelProto, floor: float = MASK_FLOOR, base_dir: str 
     return changed
 
 
+def unshare_initializers(model: onnx.ModelProto) -> int:
+    """Give every node its own copy of each initializer it shares with another, in place; returns the copies made.
+
+    torch's exporter stores equal constants once: a seeded model's zero biases (CLIP's, whose init zeroes them)
+    become one initializer feeding many Gemm/Conv nodes. aimet-onnx computes a bias's encoding from its consumer's
+    weight and input scales, so a bias with two consumers gets no correct encoding (its ConnectedGraph warns so).
+    aimet-onnx's own ``duplicate_shared_initializers`` is its advice; a copy of an external-data initializer points
+    at the same bytes of ``model.data``, so nothing is written twice. The float graph computes the same."""
+    from aimet_onnx.utils import duplicate_shared_initializers
+
+    return duplicate_shared_initializers(model.graph)
+
+
 def apply_rewrites(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, int]:
     """Apply the named torch-level rewrites in place; returns the number of modules each one replaced.
     ONNX-level names are checked here and applied to the exported graph by :func:`apply_onnx_rewrites`."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ from diffusers.models.embeddings import Timesteps
 from torch import nn
 
 from ..encodings import SUPPORTED_VERSIONS, EncodingsError
+from ..logs import quiet_loggers
 
 
 @contextmanager
@@ -37,16 +37,8 @@ def aimet_torch_session() -> Iterator[None]:
     """
     QuantizationMixin.ignore(Timesteps)
     _register_quick_gelu()
-    loggers = [logging.getLogger(area.value) for area in AimetLogger.LogAreas]
-    levels = [logger.level for logger in loggers]
-    if not logging.getLogger("pasd_verify").isEnabledFor(logging.INFO):
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers(area.value for area in AimetLogger.LogAreas):
         yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _register_quick_gelu() -> None:
