@@ -4,7 +4,9 @@ Qualcomm's reference note is reported by law and key, and any one-key corruption
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -114,6 +116,54 @@ def test_each_defect_of_the_reference_note_is_reported_by_law_and_key(tmp_path, 
     # a model it cannot load is not compared: the law says which one failed first
     assert results["sha-model.equals-mha"].status == "unchecked"
     assert "sha-checkpoint.loads-strict" in results["sha-model.equals-mha"].reason
+
+
+def _one_element(tensor: torch.Tensor, change) -> torch.Tensor:
+    """A copy of ``tensor`` with its element [1, 2, ...] replaced by ``change`` of it."""
+    out = tensor.clone()
+    at = (1, 2) + (0,) * (tensor.dim() - 2)
+    out[at] = change(out[at])
+    return out
+
+
+TINY_CHANGES = {
+    "one ulp up": lambda v: torch.nextafter(v, torch.tensor(math.inf)),
+    "one ulp down": lambda v: torch.nextafter(v, torch.tensor(-math.inf)),
+    "1e-7 relative": lambda v: (v.double() * (1 + 1e-7)).float(),
+    "a zero's sign": lambda v: torch.tensor(-0.0),
+}
+
+
+@pytest.mark.parametrize("change", TINY_CHANGES)
+@pytest.mark.parametrize("law, replaced", [("sha-checkpoint.heads-split", "head"),
+                                           ("sha-checkpoint.rest-unchanged", "kept")])
+def test_a_tensor_off_by_the_least_amount_breaks_bit_for_bit(tmp_path, unet, change, law, replaced):
+    """One element of one head (or of a weight the port must keep) one ulp or 1e-7 off, or a zero's sign flipped:
+    "bit for bit" holds no tolerance, so the law names that key and no other."""
+    heads = attention_heads(unet)
+    module = next(iter(heads))
+    state = dict(unet.state_dict())
+    head = f"{module}.to_k_convs.1.weight"
+    kept = next(k for k in state if k.endswith(".weight") and state[k].dim() >= 2 and not any(
+        f"{m}.{p}." in k for m in heads for p in ("to_q", "to_k", "to_v")))
+    target = head if replaced == "head" else kept
+    if change == "a zero's sign":  # the MHA file holds +0.0 there, the port -0.0
+        source, at = (f"{module}.to_k.weight", state[f"{module}.to_k.weight"].shape[0] // heads[module] + 1) \
+            if replaced == "head" else (kept, 1)
+        state[source] = state[source].clone()
+        state[source][at, 2] = 0.0
+        unet = copy.deepcopy(unet)
+        unet.load_state_dict(state)
+    checkpoint = {k: v for k, v in reference_note_checkpoint(state, heads).items()
+                  if k not in {f"{m}.{p}.weight" for m in heads for p in ("to_q", "to_k", "to_v")}}
+    before = checkpoint[target]
+    checkpoint[target] = _one_element(before, TINY_CHANGES[change])
+    assert not torch.equal(checkpoint[target].view(torch.int32), before.view(torch.int32))
+    assert (checkpoint[target] - before).abs().max() <= 1e-7 * before.abs().max()
+    results = _results(_port_files(tmp_path, unet, checkpoint), select_laws([law]))
+    assert results[law].status == "failed" and _failed_keys(results[law]) == {target}
+    if replaced == "head":
+        assert "is not rows" in results[law].failures[0].message and "bit for bit" in results[law].failures[0].message
 
 
 def test_a_hard_coded_eight_heads_on_a_five_head_model_is_named(tmp_path):

@@ -75,6 +75,17 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1) if tensor.dim() == 4 and tensor.shape[2:] == (1, 1) else tensor
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` hold the same bits: the same dtype and shape and every element's bits equal. ``torch.equal``
+    compares values, so it takes -0.0 for 0.0 and refuses a NaN copied exactly."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(bits), b.contiguous().view(bits)
+    return torch.equal(a, b)
+
+
 def _split_failures(mha: str, whole: torch.Tensor, keys: list[str], heads: int, state: dict) -> list[Failure]:
     if len(keys) != heads:
         return [Failure(keys[0], f"{mha} is split into {len(keys)} heads; the model's attention has {heads}")]
@@ -89,8 +100,8 @@ def _split_failures(mha: str, whole: torch.Tensor, keys: list[str], heads: int, 
         if head.shape != expected.shape:
             failures.append(Failure(key, f"has shape {tuple(state[key].shape)}; head {i} of {mha} "
                                          f"{tuple(whole.shape)} is rows {i * rows}:{(i + 1) * rows}"))
-        elif head.dtype != expected.dtype or not torch.equal(head, expected):
-            found = [j for j in range(heads) if torch.equal(head.to(whole.dtype), whole[j * rows:(j + 1) * rows])]
+        elif not _same_bits(head, expected):
+            found = [j for j in range(heads) if _same_bits(head.to(whole.dtype), whole[j * rows:(j + 1) * rows])]
             where = f"; it holds head {found[0]}'s rows" if found else ""
             failures.append(Failure(key, f"is not rows {i * rows}:{(i + 1) * rows} of {mha}, bit for bit{where}"))
     return failures
@@ -119,7 +130,7 @@ def _rest_unchanged(port: Port):
             continue
         if key not in port.sha_state:
             failures.append(Failure(key, "is in the MHA checkpoint but not in the SHA one"))
-        elif port.sha_state[key].dtype != tensor.dtype or not torch.equal(port.sha_state[key], tensor):
+        elif not _same_bits(port.sha_state[key], tensor):
             failures.append(Failure(key, "differs from the MHA checkpoint's (not a q/k/v projection: it must be kept)"))
         else:
             same += 1
