@@ -44,3 +44,8 @@ class TokenInputError(PasdVerifyError):
 
 class LatentInputError(PasdVerifyError):
     """A latent for the VAE decoder breaks its conventions: NCHW float with the VAE's latent channels, scaled."""
+
+
+class OutputFolderError(PasdVerifyError):
+    """The output folder holds something a run would have to replace and may not: a file or folder the command did
+    not write, or one that cannot be removed."""

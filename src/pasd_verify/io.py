@@ -9,6 +9,8 @@ import math
 import os
 import re
 import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -111,10 +113,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: Iterable[str],
-                              inputs: Iterable[str | os.PathLike | None]) -> None:
+                              inputs: Iterable[str | os.PathLike | None], *, command: str | None = None) -> None:
     """Raise before any work when the outputs cannot be written to ``out_dir`` (a file is in the way, or the folder
     or the nearest existing folder above it is not writable), or when one of the outputs ``out_dir/<name>`` would
-    replace one of ``inputs``."""
+    replace one of ``inputs``. With ``command``, the outputs are owned through ``out_dir``'s manifest
+    (:func:`refuse_replacing_foreign`): what it does not list, or what cannot be removed, is refused too."""
     from .errors import PasdVerifyError
 
     out_dir = Path(out_dir)
@@ -131,6 +134,130 @@ def refuse_overwriting_inputs(out_dir: str | os.PathLike, output_names: Iterable
     for path in inputs:
         if path is not None and Path(path).exists() and Path(path).resolve() in outputs:
             raise PasdVerifyError(f"{path}: an output would overwrite this input; choose another --out")
+    if command is not None:
+        refuse_replacing_foreign(out_dir, output_names, command)
+
+
+# --- what a command may replace: only what it wrote ----------------------------------------------------------
+
+MANIFEST = ".pasd-verify-outputs.json"
+_PINNED = 0x10 | 0x20  # FS_IMMUTABLE_FL, FS_APPEND_FL: not even root may remove such an entry (chattr +i, +a)
+_FS_IOC_GETFLAGS = 0x80086601
+
+
+def _tree(path: Path) -> list[str]:
+    """Every entry below the folder ``path`` (links not followed), as sorted POSIX paths relative to it."""
+    found = []
+    for folder, dirs, files in os.walk(path):
+        found += [Path(folder, name).relative_to(path).as_posix() for name in (*dirs, *files)]
+    return sorted(found)
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, list[str] | None]:
+    """What the last run into ``out_dir`` wrote, from its manifest: each output's name, and for a folder every entry
+    in it (None for a file). Empty when there is no manifest, or one this version cannot read: then nothing in
+    ``out_dir`` counts as written by pasd-verify."""
+    try:
+        outputs = json.loads((Path(out_dir) / MANIFEST).read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(outputs, dict):
+        return {}
+    return {name: entries if isinstance(entries, list) else None for name, entries in outputs.items()}
+
+
+def _manifest_of(folder: Path, output_names: Iterable[str]) -> dict[str, list[str] | None]:
+    found = {}
+    for name in output_names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            found[name] = _tree(path)
+        elif path.exists() or path.is_symlink():
+            found[name] = None
+    return found
+
+
+def _write_manifest(out_dir: Path, command: str, outputs: dict[str, list[str] | None]) -> None:
+    write_json(out_dir / MANIFEST, {"tool": "pasd-verify", "command": command, "outputs": outputs})
+
+
+def _pinned(path: Path) -> bool:
+    """Whether ``path`` (a regular file or a folder) carries the immutable or append-only flag, which makes it (or,
+    for a folder, its entries) impossible to remove, root or not. Linux only; False where the flags cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        flags = int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))[:4], sys.byteorder)
+    except OSError:  # a file system without the flags
+        return False
+    finally:
+        os.close(fd)
+    return bool(flags & _PINNED)
+
+
+def _unremovable(path: Path) -> tuple[Path, str] | None:
+    """The first entry of ``path`` (a file, or a folder and everything in it) that cannot be removed, and why; None
+    when the whole of it can be. A folder's entries need the folder writable, searchable and unpinned."""
+    mode = path.lstat().st_mode
+    if stat.S_ISLNK(mode):
+        return None
+    if _pinned(path):
+        return path, "it is marked immutable or append-only (chattr +i / +a)"
+    if not stat.S_ISDIR(mode):
+        return None
+    for folder, dirs, files in os.walk(path):
+        folder = Path(folder)
+        if dirs or files:
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return folder / (dirs + files)[0], f"its folder {folder} is not writable"
+            if folder != path and _pinned(folder):
+                return folder, "it is marked immutable or append-only (chattr +i / +a)"
+        for name in files:
+            entry = folder / name
+            if stat.S_ISREG(entry.lstat().st_mode) and _pinned(entry):
+                return entry, "it is marked immutable or append-only (chattr +i / +a)"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return path, "it cannot be listed"
+    return None
+
+
+def refuse_replacing_foreign(out_dir: str | os.PathLike, output_names: Iterable[str], command: str) -> None:
+    """Raise, naming the path, when replacing the outputs in ``out_dir`` would remove anything the last run did not
+    write (per ``out_dir``'s manifest: a user's own ``steps/`` folder, or a file a user added into one of ours), or
+    anything that cannot be removed: checked before any work, and again before the outputs move, so that a run
+    replaces its whole set or nothing."""
+    from .errors import OutputFolderError
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    written = read_manifest(out_dir)
+    for name in output_names:
+        path = out_dir / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        is_folder = path.is_dir() and not path.is_symlink()
+        if name not in written or (written[name] is None) == is_folder:
+            raise OutputFolderError(
+                f"{path}: this run would replace it, and no earlier `pasd-verify {command}` into {out_dir} wrote it "
+                f"(it is not in {out_dir / MANIFEST}); move it away, or choose another --out")
+        if is_folder:
+            foreign = sorted(set(_tree(path)) - set(written[name]))
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise OutputFolderError(
+                    f"{path}: this run would replace this folder, which holds entries no earlier `pasd-verify "
+                    f"{command}` wrote ({shown}); move them away, or choose another --out")
+        stuck = _unremovable(path)
+        if stuck is not None:
+            raise OutputFolderError(f"{stuck[0]}: this run would replace {path} and cannot remove it: {stuck[1]}; "
+                                    "nothing was written")
 
 
 _OWNED = re.compile(r"-(\d+)-[^-]*$")
@@ -167,16 +294,24 @@ def private_folder(prefix: str, dir: str | os.PathLike | None = None) -> Iterato
 
 
 @contextlib.contextmanager
-def staged_outputs(out_dir: str | os.PathLike, output_names: Iterable[str]) -> Iterator[Path]:
+def staged_outputs(out_dir: str | os.PathLike, output_names: Iterable[str], *,
+                   command: str | None = None) -> Iterator[Path]:
     """All or none: yield a hidden staging folder inside ``out_dir`` to write the outputs into; when the block ends
     without error, ``output_names`` are replaced as one set: each one present in staging replaces ``out_dir/<name>``
     (a file, or a folder), and each one absent there is removed from ``out_dir``, so that a folder never mixes the
     outputs of two runs. On any error nothing is moved, and a folder the call created is removed again. The
     staging folder, and whatever else a library left in it, is removed either way.
 
+    The old outputs are first moved aside (renames, which need no right to remove what they hold), then the new ones
+    in; a failure part way moves everything back, so ``out_dir`` holds the old set or the new one, never a mix.
+    With ``command``, ``out_dir``'s manifest (:data:`MANIFEST`) records what was written, and nothing it does not
+    list is replaced (:func:`refuse_replacing_foreign`, checked again here: the folder may have changed while the
+    command ran).
+
     Staged in ``out_dir`` itself, so that every move is a rename on one file system.
     """
     out_dir = Path(out_dir)
+    names = list(output_names)
     created = []  # the folders this call makes, deepest last
     folder = out_dir
     while not folder.exists():
@@ -188,17 +323,38 @@ def staged_outputs(out_dir: str | os.PathLike, output_names: Iterable[str]) -> I
         with private_folder(".pasd-verify-", out_dir) as staging:
             yield staging
             raise_if_interrupted()  # a swallowed stop request still means: nothing written
-            for name in output_names:
-                target = out_dir / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                if (staging / name).exists():
-                    os.replace(staging / name, target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()  # an earlier run's output this run did not write
+            if command is not None:
+                refuse_replacing_foreign(out_dir, names, command)
+                new = _manifest_of(staging, names)
+                # listed before they move, so that a run killed part way leaves nothing the next one calls foreign
+                _write_manifest(out_dir, command, {**read_manifest(out_dir), **new})
+            _replace_set(out_dir, staging, names)
+            if command is not None:
+                _write_manifest(out_dir, command, new)
             moved = True
     finally:
         if not moved:
             for folder in reversed(created):
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: never a file of someone else's
+
+
+def _replace_set(out_dir: Path, staging: Path, names: list[str]) -> None:
+    """Move every ``out_dir/<name>`` aside into ``staging`` (removed with it), then every ``staging/<name>`` into
+    ``out_dir``; on any failure, undo the moves made."""
+    aside = staging / ".replaced"
+    aside.mkdir()
+    undo: list[tuple[Path, Path]] = []
+    try:
+        for name in names:
+            if (out_dir / name).exists() or (out_dir / name).is_symlink():
+                os.replace(out_dir / name, aside / name)
+                undo.append((aside / name, out_dir / name))
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, out_dir / name)
+                undo.append((out_dir / name, staging / name))
+    except BaseException:
+        for moved_to, came_from in reversed(undo):
+            os.replace(moved_to, came_from)
+        raise
