@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,16 +18,24 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..errors import PasdVerifyError
 from ..io import refuse_overwriting_inputs, staged_outputs, write_json
 from .check import RunSettings, Thresholds, build_pipeline, check_pipeline, run
 from .networks import NETWORKS, Components, preset_components
 from .pasd import (PROCESS_SIZE, PipelineInputError, StartNoise, pasd_prompt, preprocess, save_picture, to_pil,
-                   to_tensor, wavelet_color_fix)
+                   to_tensor, wavelet_color_fix, working_size)
 
 OUTPUTS = ("picture_fp32.png", "picture_candidate.png", "comparison.png", "steps.png", "noise.npz", "report.json",
            "steps", "exports", "localized", *(f"picture_{n}_alone.png" for n in NETWORKS),
            "pasd_fp32.png", "pasd_candidate.png", *(f"pasd_{n}_alone.png" for n in NETWORKS))
 DEFAULT_PHOTO = "astronaut"  # skimage.data's
+# The largest working size (pixels) a run takes: PASD denoises at 768 on the short side, its demos upscale to about
+# 1-2 megapixels, and the UNet's first attention holds (pixels / 64)^2 scores per head, 17 GB at 2048 x 2048 in SD1.5
+MAX_WORKING_PIXELS = 2048 * 2048
+# torch.Generator().manual_seed takes 64 bits; numpy's and Python's consumers of the seed take a signed 64-bit one
+MAX_SEED = 2**63 - 1
+# UniPC's own (scheduling_unipc_multistep.py); a config with another one fails only at the first step
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
 @dataclass(frozen=True)
@@ -51,50 +62,189 @@ class PipelineCheckConfig:
             raise PipelineInputError(f"--upscale must be a whole factor of at least 1, got {self.upscale}")
         if self.process_size < 8 or self.process_size % 8:
             raise PipelineInputError(f"--process-size must be a positive multiple of 8, got {self.process_size}")
+        if self.process_size**2 > MAX_WORKING_PIXELS:
+            raise PipelineInputError(f"--process-size {self.process_size} makes a working size of at least "
+                                     f"{self.process_size}^2 pixels; a run takes at most {MAX_WORKING_PIXELS} "
+                                     f"({int(MAX_WORKING_PIXELS**0.5)}^2)")
+        if self.upscale**2 > MAX_WORKING_PIXELS:
+            raise PipelineInputError(f"--upscale {self.upscale} makes a working size beyond the {MAX_WORKING_PIXELS} "
+                                     "pixels a run takes, whatever the photo")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise PipelineInputError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}")
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that were not UTF-8 on the command line arrive as lone surrogates
+            raise PipelineInputError(f"--prompt: not valid UTF-8 text (at character {e.start}: "
+                                     f"{self.prompt[e.start:e.end].encode('utf-8', 'surrogateescape')!r}); give "
+                                     "the prompt as UTF-8") from None
         for name in ("guidance", "conditioning_scale"):
             if not np.isfinite(getattr(self, name)):
                 raise PipelineInputError(f"--{name.replace('_', '-')} must be a finite number")
 
 
-def load_photo(path: str | os.PathLike | None):
-    """The photo at ``path`` (any format PIL reads), or scikit-image's bundled astronaut."""
+def _regular_file(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before opening it, an input that is not a regular file: a FIFO with no writer blocks ``open`` for
+    ever, a device reads without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise PipelineInputError(f"{path}: not a readable {what}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "not a regular file")
+        raise PipelineInputError(f"{path}: not a readable {what}: it is {kind}, not a regular file")
+
+
+def _as_rgb(photo, path: str | os.PathLike):
+    """``photo`` as 8-bit RGB without losing its range: PIL's own ``convert("RGB")`` clips 16-bit greyscale to 255
+    (a white picture) and truncates float images; those are scaled here, and values with no image reading refused."""
+    from PIL import Image
+
+    if photo.mode.startswith("I;16") or photo.mode in ("I", "F"):
+        values = np.asarray(photo, dtype=np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise PipelineInputError(f"{path}: a {photo.mode} image with {int((~finite).sum())} NaN or Inf "
+                                     f"pixel(s) of {values.size}; expected finite values")
+        low, high = float(values.min()), float(values.max())
+        if photo.mode == "F":
+            full = 1.0  # a float image is in [0, 1], the convention of this package's float images
+        else:
+            full = 65535.0  # a 16-bit greyscale photo (PNG, TIFF); PIL may hold it as 32-bit "I"
+        if low < 0 or high > full:
+            raise PipelineInputError(f"{path}: a {photo.mode} image with values in [{low:g}, {high:g}]; expected "
+                                     f"[0, {full:g}]")
+        grey = np.round(values / full * 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return photo.convert("RGB")
+
+
+def load_photo(path: str | os.PathLike | None, *, upscale: int = 1, process_size: int = PROCESS_SIZE):
+    """The photo at ``path`` (any format PIL reads), or scikit-image's bundled astronaut. Its size is read from the
+    header and refused, before any pixel is decoded, when its working size would pass :data:`MAX_WORKING_PIXELS`."""
     from PIL import Image, UnidentifiedImageError
 
     if path is None:
         from skimage import data
 
         return Image.fromarray(getattr(data, DEFAULT_PHOTO)()), f"skimage.data.{DEFAULT_PHOTO}"
+    _regular_file(path, "image")
     try:
-        with Image.open(path) as photo:
-            photo.load()
-            return photo.convert("RGB"), str(path)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        with warnings.catch_warnings():
+            # the size is judged below against this run's own limit, before decoding
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as photo:
+                width, height = photo.size
+                work = working_size(width, height, upscale=upscale, process_size=process_size)
+                if work[0] * work[1] > MAX_WORKING_PIXELS:
+                    raise PipelineInputError(
+                        f"{path}: a {width} x {height} photo makes a working size of {work[0]} x {work[1]} "
+                        f"(upscale {upscale}, process size {process_size}); a run takes at most {MAX_WORKING_PIXELS} "
+                        "pixels: crop or shrink the photo, or lower --upscale")
+                photo.load()
+                return _as_rgb(photo, path), str(path)
+    except Image.DecompressionBombError as e:
+        raise PipelineInputError(f"{path}: {e}; a run takes at most {MAX_WORKING_PIXELS} pixels") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise PipelineInputError(f"{path}: not a readable image: {e}") from None
 
 
-def load_components(sd_dir: str | os.PathLike, pasd_dir: str | os.PathLike) -> Components:
-    """An SD1.5 folder in diffusers' layout (``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``) and a PASD
-    folder (``unet/``, ``controlnet/``), each model loaded strictly from its local weights."""
-    from transformers import CLIPTokenizer
+def read_scheduler_config(path: Path, steps: int) -> dict:
+    """The SD1.5 folder's scheduler config, checked as PASD's UniPC will use it: a JSON object whose class is a
+    diffusers scheduler, whose ``prediction_type`` UniPC knows, and whose ``num_train_timesteps`` leaves room for
+    ``steps`` steps (UniPC spaces the steps over the training timesteps)."""
+    import diffusers
 
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineInputError(f"{path}: not a readable scheduler config: {e}") from None
+    if not isinstance(config, dict):
+        raise PipelineInputError(f"{path}: not a scheduler config: expected a JSON object, found a "
+                                 f"{type(config).__name__}")
+    name = config.get("_class_name", "PNDMScheduler")
+    if not (isinstance(name, str) and name.endswith("Scheduler") and hasattr(diffusers, name)):
+        raise PipelineInputError(f"{path}: _class_name {name!r} is not a diffusers scheduler (SD1.5's is "
+                                 "'PNDMScheduler'; PASD builds UniPC from its settings)")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise PipelineInputError(f"{path}: prediction_type {prediction!r} is not one of {PREDICTION_TYPES} "
+                                 "(SD1.5's is 'epsilon')")
+    trained = config.get("num_train_timesteps", 1000)
+    if not isinstance(trained, int) or isinstance(trained, bool) or trained < 1:
+        raise PipelineInputError(f"{path}: num_train_timesteps {trained!r} is not a positive whole number (SD1.5's "
+                                 "is 1000)")
+    check_steps(steps, trained, str(path))
+    from diffusers import UniPCMultistepScheduler
+
+    try:
+        UniPCMultistepScheduler.from_config(config).set_timesteps(steps)
+    except Exception as e:  # diffusers raises what its arithmetic meets: TypeError, NotImplementedError, ...
+        raise PipelineInputError(f"{path}: UniPC cannot be built from this config: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0]}") from None
+    return config
+
+
+def check_steps(steps: int, trained: int, source: str) -> None:
+    """UniPC spreads the steps over the training timesteps: more steps than those repeat timesteps, and the run's
+    tensors grow with the count."""
+    if steps > trained:
+        raise PipelineInputError(f"--steps {steps}: the scheduler ({source}) was trained on {trained} timesteps; a "
+                                 f"run takes at most {trained} steps")
+
+
+def _load_network(folder: Path, expected: str, hint: str) -> Any:
+    """The model in ``folder`` (strictly from its local weights), refused unless the registry calls it ``expected``:
+    a UNet where the ControlNet belongs fails mid-run otherwise, naming neither."""
+    from ..kinds import kind_of
     from ..kinds.loading import load_model
+
+    try:
+        model = load_model(folder)
+    except PasdVerifyError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        raise PipelineInputError(f"{folder}: not a loadable model folder: {type(e).__name__}: {e}") from None
+    try:
+        found = kind_of(model).name
+    except PasdVerifyError:
+        found = type(model).__name__
+    if found != expected:
+        raise PipelineInputError(f"{folder}: holds a {found} ({type(model).__name__}), expected a {expected} "
+                                 f"here{hint}")
+    return model
+
+
+def load_components(sd_dir: str | os.PathLike, pasd_dir: str | os.PathLike, *, steps: int = 1) -> Components:
+    """An SD1.5 folder in diffusers' layout (``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``) and a PASD
+    folder (``unet/``, ``controlnet/``), each model loaded strictly from its local weights, each checked to be the
+    network its folder names, the tokenizer's ids within the text encoder's vocabulary and positions."""
+    from transformers import CLIPTokenizer
 
     sd, pasd = Path(sd_dir), Path(pasd_dir)
     for folder, parts in ((sd, ("text_encoder", "tokenizer", "vae", "scheduler")), (pasd, ("unet", "controlnet"))):
         missing = [p for p in parts if not (folder / p).is_dir()]
         if missing:
             raise PipelineInputError(f"{folder}: no {', '.join(f'{p}/' for p in missing)} folder")
-    scheduler_file = sd / "scheduler" / "scheduler_config.json"
-    try:
-        scheduler_config = json.loads(scheduler_file.read_text())
-    except (OSError, ValueError) as e:
-        raise PipelineInputError(f"{scheduler_file}: not a readable scheduler config: {e}") from None
+    scheduler_config = read_scheduler_config(sd / "scheduler" / "scheduler_config.json", steps)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(sd / "tokenizer"), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise PipelineInputError(f"{sd / 'tokenizer'}: not a CLIP tokenizer folder: {e}") from None
-    return Components(load_model(sd / "text_encoder"), tokenizer, load_model(sd / "vae"), load_model(pasd / "unet"),
-                      load_model(pasd / "controlnet"), scheduler_config)
+    except Exception as e:  # the tokenizers library raises a bare Exception ("Error while initializing BPE")
+        raise PipelineInputError(f"{sd / 'tokenizer'}: not a CLIP tokenizer folder: {str(e).splitlines()[0]}") from None
+    swapped = "; are unet/ and controlnet/ swapped?"
+    text_encoder = _load_network(sd / "text_encoder", "text-encoder", "")
+    vocab, positions = text_encoder.config.vocab_size, text_encoder.config.max_position_embeddings
+    if len(tokenizer) > vocab:
+        raise PipelineInputError(f"{sd / 'text_encoder' / 'config.json'}: vocab_size {vocab} is smaller than the "
+                                 f"tokenizer's {len(tokenizer)} tokens ({sd / 'tokenizer'}): a tokenizer of another "
+                                 "model?")
+    if tokenizer.model_max_length > positions:
+        raise PipelineInputError(f"{sd / 'text_encoder' / 'config.json'}: max_position_embeddings {positions} is "
+                                 f"below the tokenizer's model_max_length {tokenizer.model_max_length}")
+    vae = _load_network(sd / "vae", "AutoencoderKL", "")
+    return Components(text_encoder, tokenizer, vae, _load_network(pasd / "unet", "pasd-unet", swapped),
+                      _load_network(pasd / "controlnet", "pasd-controlnet", swapped), scheduler_config)
 
 
 # --- the figures ----------------------------------------------------------------------------------------------
@@ -167,6 +317,22 @@ def _save_as_pasd(picture: torch.Tensor, photo, size: tuple[int, int], path: Pat
 
 # --- the command ----------------------------------------------------------------------------------------------
 
+def refuse_non_finite_reference(reference: Any, config: PipelineCheckConfig) -> None:
+    """The fp32 run is the yardstick: when its own latents or picture are not finite, the settings are beyond what
+    fp32 holds (a --conditioning-scale of 1e38 overflows the ControlNet's residuals), and every comparison with it
+    would blame the backends for the input."""
+    trace = reference.trace
+    for i, latent in enumerate(trace.latents_out):
+        if not torch.isfinite(latent).all():
+            raise PipelineInputError(
+                f"the fp32 reference run's latent is NaN or Inf after step {i}: --guidance {config.guidance:g} and "
+                f"--conditioning-scale {config.conditioning_scale:g} are beyond what float32 holds (PASD's are 9 "
+                "and 1)")
+    if not torch.isfinite(reference.picture).all() or not torch.isfinite(reference.latents).all():
+        raise PipelineInputError("the fp32 reference run's picture is NaN or Inf: the settings are beyond what "
+                                 "float32 holds")
+
+
 def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, preset: str | None = None,
                    sd_dir: str | None = None, pasd_dir: str | None = None, image: str | None = None,
                    photo: tuple[Any, str] | None = None,
@@ -177,11 +343,15 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
     say = progress or (lambda message: None)
     if (preset is None) == (sd_dir is None or pasd_dir is None) or (preset is not None and (sd_dir or pasd_dir)):
         raise PipelineInputError("give either --preset or both --sd-dir and --pasd-dir")
-    refuse_overwriting_inputs(out_dir, OUTPUTS, [image, config.noise, sd_dir, pasd_dir, config.export_dir])
+    refuse_overwriting_inputs(out_dir, OUTPUTS, [image, config.noise, sd_dir, pasd_dir, config.export_dir],
+                              command="pipeline")
     from .networks import check_exports, parse_backends
 
     backends = parse_backends([f"{n}={b}" for n, b in config.backends])
-    photo, photo_source = photo or load_photo(image)
+    if photo is not None and photo[0].width * photo[0].height * config.upscale**2 > MAX_WORKING_PIXELS:
+        raise PipelineInputError(f"{photo[1]}: {photo[0].width} x {photo[0].height} at upscale {config.upscale} is "
+                                 f"beyond the {MAX_WORKING_PIXELS} pixels a run takes")
+    photo, photo_source = photo or load_photo(image, upscale=config.upscale, process_size=config.process_size)
     # test_pasd.py resizes its picture back to the upscaled photo's size when it had resized the photo up to
     # process_size (its resize_flag); otherwise it saves the working size
     upscaled = (photo.width * config.upscale, photo.height * config.upscale)
@@ -189,9 +359,13 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
     saved_size = upscaled if min(upscaled) < config.process_size else photo.size
     tensor = to_tensor(photo)
     say(f"photo {photo_source} at working size {photo.width} x {photo.height}")
-    components = preset_components(preset) if preset else load_components(sd_dir, pasd_dir)
+    if preset:
+        components = preset_components(preset)
+        check_steps(config.steps, components.scheduler_config["num_train_timesteps"], f"the {preset} preset's")
+    else:
+        components = load_components(sd_dir, pasd_dir, steps=config.steps)
     shape = (1, components.unet.config.in_channels, photo.height // 8, photo.width // 8)
-    check_exports(backends, config.export_dir, shape[2:], shape[1])
+    check_exports(backends, config.export_dir, shape[2:], shape[1], components=components)
     noise = (StartNoise.load(config.noise, shape) if config.noise else
              StartNoise.draw(config.start, shape, torch.Generator().manual_seed(config.seed)))
     if config.noise and noise.start != config.start:
@@ -199,7 +373,7 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
     settings = RunSettings(prompt=pasd_prompt(config.prompt), steps=config.steps, guidance=config.guidance,
                            conditioning_scale=config.conditioning_scale)
     started = time.perf_counter()
-    with staged_outputs(out_dir, OUTPUTS) as staging:
+    with staged_outputs(out_dir, OUTPUTS, command="pipeline") as staging:
         export_dir = Path(config.export_dir) if config.export_dir else None
         exports, exports_seconds = {}, 0.0
         graph_networks = [n for n in NETWORKS if backends[n] in ("qdq", "htp")]
@@ -208,6 +382,7 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
 
             say("fp32 run for calibration")
             reference = run(build_pipeline(components, dict.fromkeys(NETWORKS, "fp32")), tensor, noise, settings)
+            refuse_non_finite_reference(reference, config)
             export_dir = staging / "exports"
             exports_started = time.perf_counter()
             reports = export_networks(graph_networks, components, reference, tensor,
@@ -218,6 +393,7 @@ def pipeline_files(out_dir: str | os.PathLike, config: PipelineCheckConfig, *, p
         result = check_pipeline(components, tensor, noise, settings, backends, thresholds=config.thresholds,
                                 export_dir=export_dir, jobs_dir=staging / "steps",
                                 localize_dir=staging / "localized", progress=say)
+        refuse_non_finite_reference(result.reference, config)
         for figures in result.report["graph_sessions"].values():  # where the graph will be once the outputs land
             graph = Path(figures["graph"])
             if graph.is_relative_to(staging):

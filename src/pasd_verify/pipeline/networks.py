@@ -97,32 +97,98 @@ def expected_shapes(network: str, latent: tuple[int, int], channels: int = 4) ->
             "unet": {"sample": (1, channels, h, w)}}[network]
 
 
+def graph_names(network: str, components: Components) -> tuple[list[str], list[str]]:
+    """The input and output names of ``network``'s exported graph, as the registry's kind defines them for the
+    run's own model (a UNet's residual inputs depend on its blocks)."""
+    from ..kinds import get_kind
+
+    if network in ("vae_encoder", "vae_decoder"):
+        model = split_vae(components.vae)[0 if network == "vae_encoder" else 1]
+    else:
+        model = getattr(components, network)
+    kind = get_kind(KIND_OF[network])
+    return list(kind.inputs(model)), list(kind.outputs(model))
+
+
+def _readable_file(path: Path, network: str, backend: str, what: str) -> None:
+    if not path.is_file():
+        raise BackendError(f"{network} on {backend}: {path} does not exist; export {network} with "
+                           f"`pasd-verify export` into {path.parent}, or leave out --export-dir and the pipeline "
+                           f"exports it")
+    if path.stat().st_size == 0:
+        raise BackendError(f"{network} on {backend}: {path} is empty; expected {what}")
+
+
+def _context_files(graph: Any, path: Path, network: str) -> None:
+    """Each context binary an EPContext node of the context model ``path`` names (``embed_mode`` 0: a file beside
+    it) exists and is not empty."""
+    for node in graph.node:
+        if node.op_type != "EPContext":
+            continue
+        attributes = {a.name: a for a in node.attribute}
+        if "embed_mode" in attributes and attributes["embed_mode"].i == 0:
+            name = attributes["ep_cache_context"].s.decode("utf-8", "replace") if "ep_cache_context" in attributes \
+                else ""
+            _readable_file(path.parent / name, network, "htp", f"the HTP context binary {path.name} names")
+
+
 def check_exports(backends: dict[str, str], export_dir: str | os.PathLike | None, latent: tuple[int, int],
-                  channels: int = 4) -> None:
+                  channels: int = 4, *, components: Components | None = None) -> None:
     """Before any work: every network on a graph backend has its graph in ``export_dir/<network>``, compiled for
-    this run's size; an error names the file, the input and both sizes."""
+    this run's size, with the inputs and outputs of that network (given ``components``: a ControlNet's graph in the
+    UNet's place is refused here, not met as a missing feed mid-run); an HTP context model's binary exists, is not
+    empty, and loads on the HTP backend (a broken binary is the input's fault, not an accuracy failure to report).
+    An error names the file, the input and what was expected and found."""
     import onnx
 
     for network, backend in backends.items():
         if backend in TORCH_BACKENDS or export_dir is None:
             continue
         path = Path(export_dir) / network / GRAPH_FILES[backend]
-        if not path.is_file():
-            raise BackendError(f"{network} on {backend}: {path} does not exist; export {network} with "
-                               f"`pasd-verify export` into {path.parent}, or leave out --export-dir and the pipeline "
-                               "exports it")
+        _readable_file(path, network, backend, "an ONNX graph")
         try:
-            inputs = onnx.load(str(path), load_external_data=False).graph.input
+            graph = onnx.load(str(path), load_external_data=False).graph
         except Exception as e:  # onnx raises DecodeError and others for a file that is not a model
             raise BackendError(f"{path}: not a readable ONNX graph: {e}") from None
-        shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in inputs}
+        initializers = {t.name for t in graph.initializer}
+        shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in graph.input
+                  if i.name not in initializers}
         for name, shape in expected_shapes(network, latent, channels).items():
             if name not in shapes:
+                if components is not None:
+                    break  # named below, with every input expected and found
                 raise BackendError(f"{path}: no input {name!r}; is it an export of {network}? inputs: {sorted(shapes)}")
             if shapes[name] != shape:
                 raise BackendError(f"{path}: {name} was compiled as {list(shapes[name])}, this photo's working size "
                                    f"needs {list(shape)} (graphs run at one size: export at this size, or give a "
                                    "photo of the compiled size)")
+        if components is not None:
+            inputs, outputs = graph_names(network, components)
+            found_outputs = [o.name for o in graph.output]
+            if set(shapes) != set(inputs) or set(found_outputs) != set(outputs):
+                raise BackendError(
+                    f"{path}: not an export of this run's {network}: its graph takes {sorted(shapes)} and gives "
+                    f"{sorted(found_outputs)}; {network} takes {sorted(inputs)} and gives {sorted(outputs)} (is "
+                    f"another network's export in {path.parent}?)")
+        if backend == "htp":
+            _context_files(graph, path, network)
+            _load_on_htp(path, network)
+
+
+def _load_on_htp(path: Path, network: str) -> None:
+    """Load the context model on the HTP backend once and let it go: a binary of random bytes or of another SoC
+    fails here, named as the file it is, rather than as the network's death in the middle of the check. Loading a
+    context binary is not compiling it (a tenth of a second for the tiny networks). Where the backend is not
+    installed there is nothing to load it with; the run then reports the backend missing, as any HTP run does."""
+    from ..export.htp import HtpSession, HtpSessionError, htp_available
+
+    if htp_available() is not None:
+        return
+    try:
+        HtpSession(path).close()
+    except HtpSessionError as e:
+        raise BackendError(f"{network} on htp: {path} (and the context binary it names) cannot be loaded on the "
+                           f"HTP backend: {e}; export {network} again") from None
 
 
 # --- exported graphs ------------------------------------------------------------------------------------------

@@ -173,28 +173,73 @@ class StartNoise:
     @classmethod
     def load(cls, path: str | os.PathLike, shape: tuple[int, ...]) -> StartNoise:
         """Read a noise file; refuse, naming the file and key, one that is malformed, of another latent shape, not
-        finite, or missing a draw its start needs."""
+        finite, or missing a draw its start needs. Each array's shape and dtype are read from its header in the zip
+        before the array itself, and only the draws the start needs are read: a file of other arrays, or of
+        larger ones, costs no memory."""
+        import stat
+
         try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError as e:
+            raise PipelineInputError(f"{path}: not a readable noise file (.npz): {e.strerror}") from None
+        if not regular:
+            raise PipelineInputError(f"{path}: not a readable noise file (.npz): not a regular file")
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                npy = f.read(6) == b"\x93NUMPY"
+            raise PipelineInputError(f"{path}: not a readable noise file (.npz): not a zip of arrays, as a run "
+                                     "writes noise.npz beside its outputs" +
+                                     ("; this is a single .npy array" if npy else ""))
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = {n.removesuffix(".npy"): n for n in archive.namelist() if n.endswith(".npy")}
+                start = "photo" if "posterior" in members else "noise"
+                if "start" in members:
+                    start = str(_read_member(archive, members["start"], path, "start", (), "U"))
+                needed = NOISE_KEYS if start == "photo" else ("first",)
+                missing = [k for k in needed if k not in members]
+                if start not in STARTS or missing:
+                    raise PipelineInputError(
+                        f"{path}: a {start!r} start needs the keys {list(needed)}; missing {missing}"
+                        if start in STARTS else f"{path}: start {start!r} is not one of {STARTS}")
+                tensors = {}
+                for key in needed:
+                    array = _read_member(archive, members[key], path, key, tuple(shape), "f4")
+                    if not np.isfinite(array).all():
+                        raise PipelineInputError(f"{path}: {key} holds {int((~np.isfinite(array)).sum())} NaN or "
+                                                 "Inf")
+                    tensors[key] = torch.from_numpy(array)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise PipelineInputError(f"{path}: not a readable noise file (.npz): {e}") from None
-        start = str(arrays.pop("start", "photo" if "posterior" in arrays else "noise"))
-        needed = NOISE_KEYS if start == "photo" else ("first",)
-        missing = [k for k in needed if k not in arrays]
-        if start not in STARTS or missing:
-            raise PipelineInputError(f"{path}: a {start!r} start needs the keys {list(needed)}; missing {missing}"
-                                     if start in STARTS else f"{path}: start {start!r} is not one of {STARTS}")
-        tensors = {}
-        for key in needed:
-            array = arrays[key]
-            if array.shape != tuple(shape) or array.dtype != np.float32:
-                raise PipelineInputError(f"{path}: {key} is {array.dtype} {array.shape}; this run needs float32 "
-                                         f"{tuple(shape)} (the latent of the photo's working size)")
-            if not np.isfinite(array).all():
-                raise PipelineInputError(f"{path}: {key} holds {int((~np.isfinite(array)).sum())} NaN or Inf")
-            tensors[key] = torch.from_numpy(array)
         return cls(**tensors)
+
+
+def _read_member(archive: zipfile.ZipFile, member: str, path: str | os.PathLike, key: str, shape: tuple[int, ...],
+                 dtype: str) -> np.ndarray:
+    """One array of an .npz, its header checked first: ``shape`` and ``dtype`` (``"U"``: any short text), no
+    object arrays (which would need unpickling)."""
+    from numpy.lib import format as npy
+
+    with archive.open(member) as f:
+        version = npy.read_magic(f)
+        found_shape, fortran, found = (npy.read_array_header_1_0(f) if version == (1, 0) else
+                                       npy.read_array_header_2_0(f))
+        if found.hasobject:
+            raise PipelineInputError(f"{path}: {key} is an array of Python objects; a noise file holds only numbers "
+                                     "(and its start as text)")
+        if dtype == "U":
+            if found.kind != "U" or found_shape != () or found.itemsize > 64:
+                raise PipelineInputError(f"{path}: {key} is {found} {found_shape}; expected a short text")
+        elif found_shape != shape or found != np.dtype(dtype):
+            raise PipelineInputError(f"{path}: {key} is {found} {found_shape}; this run needs float32 {shape} (the "
+                                     "latent of the photo's working size)")
+        count = int(np.prod(found_shape))
+        data = bytearray(f.read(found.itemsize * count))  # a bytearray: the array over it is writable, as torch wants
+        if len(data) != found.itemsize * count:
+            raise PipelineInputError(f"{path}: {key} is cut short: {len(data)} of {found.itemsize * count} bytes")
+        array = np.frombuffer(data, dtype=found)
+        array = array.reshape(found_shape, order="F" if fortran else "C")
+        return np.ascontiguousarray(array) if dtype != "U" else array[()]
 
 
 # --- what a run records ---------------------------------------------------------------------------------------
