@@ -352,3 +352,83 @@ def test_an_encoding_in_the_wrong_section_of_the_export_is_named(exported_port, 
     (tmp_path / "moved.encodings").write_text(json.dumps(encodings))
     results = _results({"onnx": exported_port / "model.onnx", "onnx_encodings": tmp_path / "moved.encodings"})
     assert moved["name"] in _failed_keys(results["onnx.encodings-names"])
+
+
+# --- input no law can judge: exit 2 before any work, naming the file or flag -----------------------------------
+
+def _graph(path, inputs: list[str], op: str = "Identity", **attributes):
+    """A one-node ONNX graph taking ``inputs`` (another network's, or a context model's EPContext node)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op, inputs[:1] if op == "Identity" else inputs, ["out"],
+                            domain="com.microsoft" if op == "EPContext" else "", **attributes)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
+
+
+@pytest.mark.parametrize("case", ["a seed beyond the draw", "another network's graph as --onnx",
+                                  "another network's graph as --qdq", "a zero-byte graph",
+                                  "a context model without its binary", "a kind the folder does not hold",
+                                  "a law without its files", "no law with its files", "a class the config cannot name"])
+def test_input_no_law_can_judge_exits_2_naming_it_before_any_work(tmp_path, unet, capsys, case):
+    model = _folder(tmp_path, unet)
+    out = tmp_path / "out"
+    args = ["--model", str(model)]
+    if case == "a seed beyond the draw":
+        args += ["--seed", "99999999999999999999999"]
+        named = ["seed 99999999999999999999999", "from 0 to 4294967295"]
+    elif case.startswith("another network's graph"):
+        flag = case.rpartition(" ")[2]
+        args += [flag, str(_graph(tmp_path / "decoder.onnx", ["latent"]))]
+        named = [str(tmp_path / "decoder.onnx"), "'latent'", "a unet takes ['sample', 'timestep'"]
+    elif case == "a zero-byte graph":
+        (tmp_path / "model.onnx").write_bytes(b"")
+        args += ["--onnx", str(tmp_path / "model.onnx")]
+        named = [str(tmp_path / "model.onnx"), "empty (0 bytes)"]
+    elif case == "a context model without its binary":
+        qdq = _graph(tmp_path / "model.qdq.onnx", UNET_INPUTS)
+        context = _graph(tmp_path / "model_ctx.onnx", UNET_INPUTS, "EPContext", embed_mode=0,
+                         ep_cache_context="model_ctx_qnn.bin")
+        args += ["--qdq", str(qdq), "--context", str(context)]
+        named = [f"{tmp_path / 'model_ctx_qnn.bin'}: no such file", str(context)]
+    elif case == "a kind the folder does not hold":
+        args += ["--kind", "vae-decoder"]
+        named = [str(model), "the kind given is vae-decoder", "holds a unet"]
+    elif case == "a law without its files":
+        args += ["--law", "mha-checkpoint.fits-model", "--law", "sha-checkpoint.no-mha-keys"]
+        named = ["--law sha-checkpoint.no-mha-keys needs --sha"]
+    elif case == "no law with its files":
+        args = ["--onnx", str(_graph(tmp_path / "model.onnx", UNET_INPUTS))]
+        named = ["no law can be checked on the files given", "onnx.encodings-names, needs --onnx-encodings"]
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "_class_name": "NotAModel"}))
+        named = ["_class_name 'NotAModel'", "set _class_name in the model's config.json"]
+    assert main(["check", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in named) and "--model-class" not in err, err
+    assert not out.exists()
+
+
+def test_control_characters_of_a_key_reach_neither_terminal_nor_xml_raw(tmp_path, unet, capsys):
+    """A key is the other tool's: a NUL made junit.xml not well-formed, an escape sequence rewrote the terminal."""
+    key = "extra\x00key\x1b[2J\u202e"
+    state = {**ai_hub_checkpoint(unet.state_dict(), attention_heads(unet)), key: torch.zeros(1)}
+    files = _port_files(tmp_path, unet, state)
+    out = tmp_path / "out"
+    assert main(["check", "--model", str(files["model"]), "--sha", str(files["sha"]), "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "extra\\x00key\\x1b[2J\\u202e: is not a parameter of the SHA model" in printed
+    assert not {"\x00", "\x1b", "\u202e"} & set(printed)
+    failures = [case.find("failure").text for case in ET.parse(out / "junit.xml").getroot().iter("testcase")
+                if case.find("failure") is not None]
+    assert any("extra\\x00key\\x1b[2J" in text for text in failures), failures
+    # report.json keeps the key as it is, in strict JSON
+    report = json.loads((out / "report.json").read_text(), parse_constant=lambda word: pytest.fail(word))
+    assert key in {f["key"] for law in report["laws"] for f in law["failures"]}

@@ -32,6 +32,9 @@ ARTIFACTS = {"model": "the model folder (config.json and its MHA weights) or its
              "context": "the compiled HTP context model of the QDQ graph (_ctx.onnx beside its .bin), run as it is "
                         "instead of compiling the QDQ graph"}
 
+# The seeds of the inputs the laws compare on (``check --seed``, ``--pasd-seed``): what a seeded draw takes.
+SEEDS = range(2**32)
+
 
 def __getattr__(name: str):
     if name in _WHERE:

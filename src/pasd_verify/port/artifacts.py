@@ -19,9 +19,10 @@ from torch import nn
 from ..checkpoint_files import checkpoint_shapes, load_state_dict_file
 from ..encodings import _entries, detect_prefix, load_encodings
 from ..errors import PasdVerifyError
-from ..kinds import get_kind, kind_of
+from ..kinds import get_kind, kind_of, networks_of
 from ..kinds.loading import build_model, choose_model, find_weights, load_config, load_model, parameter_shapes
 from ..sha import convert_to_sha
+from . import SEEDS
 from .names import HeadNames, infer_head_names, load_head_names
 
 
@@ -104,6 +105,8 @@ class Port:
     what the laws derive from them, each computed once when a law first needs it."""
 
     def __init__(self, artifacts: PortArtifacts, *, seed: int = 0, samples: int = 2):
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEEDS:
+            raise PasdVerifyError(f"seed {seed!r}: the seed of the inputs is a whole number from 0 to {SEEDS[-1]}")
         self.artifacts, self.seed, self.samples = artifacts, seed, samples
         self._latents: dict[str, tuple[int, int] | None] = {}
         a = artifacts
@@ -120,14 +123,17 @@ class Port:
         self.mha_encodings = load_encodings(_file(a.mha_encodings, "encodings file")) if a.mha_encodings else None
         self.sha_encodings = load_encodings(_file(a.sha_encodings, "encodings file")) if a.sha_encodings else None
         self.onnx_encodings = load_encodings(_file(a.onnx_encodings, "encodings file")) if a.onnx_encodings else None
-        self.onnx_graph = _load_onnx(a.onnx) if a.onnx else None
-        for path in (a.qdq, a.context):
-            if path is not None:
-                _load_onnx(path)
+        graphs = {path: _load_onnx(path) for path in (a.onnx, a.qdq, a.context) if path is not None}
+        self.onnx_graph = graphs.get(a.onnx)
+        if a.context is not None:
+            _context_binaries(a.context, graphs[a.context])
         if a.model is not None:
             load_config(_file(a.model, "model folder or config"))
-            self.choice = choose_model(a.model, self.mha_shapes_file)
+            self.choice = _choose_model(a.model, self.mha_shapes_file)
             meta = build_model(a.model, self.choice, device="meta")
+            nets = _networks(a.model, meta, a.kind)
+            for path, graph in graphs.items():
+                _graph_takes_inputs_of(path, graph, nets)
             self.mha_model_shapes = self.choice.file_shapes(parameter_shapes(meta))
             self.name_map = convert_to_sha(meta).prefixed(self.choice.key_prefix)
             self.sha_model_shapes = self.choice.file_shapes(parameter_shapes(meta))
@@ -185,11 +191,70 @@ class Port:
         return load_model(self.artifacts.partner) if self.artifacts.partner is not None else None
 
 
+def _choose_model(model: Path, shapes: dict | None):
+    try:
+        return choose_model(model, shapes)
+    except PasdVerifyError as e:
+        # the loader's advice is convert's flag; check takes the class from the config alone
+        message = str(e).removesuffix("; name the class with --model-class")
+        if message == str(e):
+            raise
+        raise PasdVerifyError(f"{message}; set _class_name in the model's config.json to the class its weights are "
+                              "for") from e
+
+
+def _networks(model: Path, meta: nn.Module, kind: str | None) -> dict[str, nn.Module]:
+    """The networks of the model folder the laws and graphs are about: the one ``kind`` names, else all of them."""
+    found = networks_of(meta)
+    if kind is None:
+        return found
+    if kind not in found:
+        raise PasdVerifyError(f"{model}: the kind given is {kind}, but the folder holds a {' and a '.join(found)} "
+                              f"({type(meta).__name__}); give --kind {' or '.join(found)}, or leave it out")
+    return {kind: found[kind]}
+
+
+def _graph_takes_inputs_of(path: Path, graph, nets: dict[str, nn.Module]) -> None:
+    """Refuse, before any law runs, a graph that takes an input none of the model folder's networks gives: another
+    network's graph, which onnxruntime would stop on mid-law."""
+    initializers = {i.name for i in graph.graph.initializer}
+    takes = [i.name for i in graph.graph.input if i.name not in initializers]
+    gives = {name: kind_of(net).inputs(net) for name, net in nets.items()}
+    if any(set(takes) <= set(inputs) for inputs in gives.values()):
+        return
+    expected = "; ".join(f"a {name} takes {inputs}" for name, inputs in gives.items())
+    raise PasdVerifyError(f"{path}: the graph takes the inputs {takes}; {expected}: is it another network's graph?")
+
+
 def _load_onnx(path: Path):
     import onnx
 
     _file(path, "ONNX graph")
+    if path.is_file() and path.stat().st_size == 0:
+        raise PasdVerifyError(f"{path}: the ONNX graph is empty (0 bytes)")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        graph = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ValueError, ... for a file that is not a model
         raise PasdVerifyError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
+    if not graph.graph.node or not graph.graph.output:
+        # protobuf reads many a non-model (a text file, zeros) as a model with nothing in it
+        raise PasdVerifyError(f"{path}: not an ONNX model: it holds no graph ({len(graph.graph.node)} nodes, "
+                               f"{len(graph.graph.output)} outputs)")
+    return graph
+
+
+def _context_binaries(path: Path, graph) -> None:
+    """Each HTP context binary that an EPContext node of the context model ``path`` names (``embed_mode`` 0: a file
+    beside it) is there and not empty: a missing binary is the input's fault, not an HTP accuracy failure."""
+    for node in graph.graph.node:
+        attributes = {a.name: a for a in node.attribute}
+        if node.op_type != "EPContext" or "embed_mode" not in attributes or attributes["embed_mode"].i != 0:
+            continue
+        name = attributes["ep_cache_context"].s.decode("utf-8", "replace") if "ep_cache_context" in attributes else ""
+        binary = path.parent / name
+        if not name or not binary.is_file():
+            raise PasdVerifyError(f"{binary}: no such file; the context model {path} names it as its HTP context "
+                                  "binary (keep the .bin beside the _ctx.onnx)")
+        if binary.stat().st_size == 0:
+            raise PasdVerifyError(f"{binary}: empty (0 bytes); the context model {path} names it as its HTP context "
+                                  "binary")

@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import PasdVerifyError
 from ..io import refuse_overwriting_inputs, staged_outputs, write_json
 from .artifacts import LawResult, Port, PortArtifacts
-from .laws import check_port, select_laws
+from .laws import check_port, missing_artifacts, select_laws
 from .report import junit_xml, report
 
 OUTPUTS = ("report.json", "junit.xml")
@@ -24,6 +25,7 @@ def check_files(out_dir: str | os.PathLike, artifacts: PortArtifacts, *, laws: l
     chosen = select_laws(laws)
     started = time.perf_counter()
     port = Port(artifacts, seed=seed)
+    _refuse_unanswerable(port, chosen, named=bool(laws))
     results = check_port(port, chosen, progress=progress)
     extra = {"seconds": round(time.perf_counter() - started, 3), "seed": seed}
     if hasattr(port, "heads"):
@@ -31,5 +33,20 @@ def check_files(out_dir: str | os.PathLike, artifacts: PortArtifacts, *, laws: l
     body = report(results, artifacts, extra)
     with staged_outputs(out_dir, OUTPUTS) as staging:
         write_json(staging / "report.json", body)
-        (staging / "junit.xml").write_text(junit_xml(results))
+        (staging / "junit.xml").write_text(junit_xml(results), encoding="utf-8")
     return results, body
+
+
+def _refuse_unanswerable(port: Port, chosen, *, named: bool) -> None:
+    """Before any law runs: a law asked for by name must have its files, and some law must (a check that checks
+    nothing would exit 0)."""
+    lacking = {law.name: missing_artifacts(port, law) for law in chosen}
+    if named:
+        lacking = {name: flags for name, flags in lacking.items() if flags}
+        if lacking:
+            raise PasdVerifyError("; ".join(f"--law {name} needs {', '.join(flags)}" for name, flags in lacking.items())
+                                  + ": give those files, or leave the law out")
+    elif all(lacking.values()):
+        nearest = min(lacking, key=lambda name: len(lacking[name]))
+        raise PasdVerifyError(f"no law can be checked on the files given; the nearest, {nearest}, needs "
+                              f"{', '.join(lacking[nearest])}")

@@ -405,15 +405,20 @@ _ARTIFACT_FLAGS = {"model": "--model", "mha": "--mha (or weights in the model fo
                    "onnx_encodings": "--onnx-encodings", "qdq": "--qdq"}
 
 
+def missing_artifacts(port: Port, law: Law) -> list[str]:
+    """The flags of the artifacts ``law`` needs that ``port`` lacks (none: the law can be checked on it)."""
+    return [_ARTIFACT_FLAGS[a] for a in law.needs if a not in port.available]
+
+
 def run_law(port: Port, law: Law, results: dict[str, LawResult], *,
             progress: Callable[[str], None] | None = None) -> LawResult:
     """``law`` on ``port``, checked where its artifacts are there (else unchecked, naming them) and where none of the
     laws it follows failed in ``results`` (the laws checked before it); the result is added to ``results``."""
     result = LawResult(law.name, law.says, list(law.needs), "unchecked")
-    missing = [a for a in law.needs if a not in port.available]
+    missing = missing_artifacts(port, law)
     broken = [name for name in _AFTER.get(law.name, ()) if name in results and results[name].status == "failed"]
     if missing:
-        result.reason = "needs " + ", ".join(_ARTIFACT_FLAGS[a] for a in missing)
+        result.reason = "needs " + ", ".join(missing)
     elif broken:
         result.reason = f"{', '.join(broken)} failed: its input is not what this law reads"
     else:

@@ -4,12 +4,36 @@ per law; a failed law's keys in its failure message, an unchecked law skipped wi
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 import xml.etree.ElementTree as ET
 from typing import Any
 
 from .artifacts import LawResult, PortArtifacts
 
 _SHOWN_FAILURES = 5
+
+# Keys and messages come from other tools' files and can hold any character. On a terminal a control or format
+# character moves the cursor, clears lines or reorders what follows (the command's error line escapes the same
+# categories); XML 1.0 cannot hold most control characters, a NUL or a lone surrogate at all, so one such key made
+# junit.xml not well-formed. Both show them as Python escapes instead.
+_HIDDEN = ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _escape(char: str) -> str:
+    return char.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control and format character (newlines and tabs too: a key is one field of one line)
+    written as its Python escape."""
+    return "".join(_escape(c) if unicodedata.category(c) in _HIDDEN else c for c in text)
+
+
+def _xml_text(text: str) -> str:
+    """``text`` as XML 1.0 can hold it: the characters it forbids written as their Python escapes."""
+    return _NOT_XML.sub(lambda match: _escape(match.group()), text)
 
 
 def _figure(value: Any) -> str:
@@ -26,12 +50,13 @@ def table(results: list[LawResult]) -> str:
         if r.status == "failed":
             detail = f"{len(r.failures)} failure(s)"
         elif r.status == "unchecked":
-            detail = r.reason
+            detail = printable(r.reason)
         else:
-            detail = ", ".join(f"{k}={_figure(v)}" for k, v in r.figures.items() if not isinstance(v, (dict, list)))
+            detail = ", ".join(printable(f"{k}={_figure(v)}") for k, v in r.figures.items()
+                               if not isinstance(v, (dict, list)))
         lines.append(f"{r.status.upper():9}  {r.law:{width}}  {detail}")
         for failure in r.failures[:_SHOWN_FAILURES]:
-            lines.append(f"{'':9}    {failure}")
+            lines.append(f"{'':9}    {printable(str(failure))}")
         if len(r.failures) > _SHOWN_FAILURES:
             lines.append(f"{'':9}    ... and {len(r.failures) - _SHOWN_FAILURES} more (report.json lists every one)")
     return "\n".join(lines)
@@ -61,12 +86,12 @@ def junit_xml(results: list[LawResult], suite: str = "pasd-verify check") -> str
         case = ET.SubElement(node, "testcase", classname="pasd_verify.port", name=r.law, time=f"{r.seconds:.3f}")
         props = ET.SubElement(case, "properties")
         for key, value in r.figures.items():
-            ET.SubElement(props, "property", name=key, value=json.dumps(value) if isinstance(value, (dict, list))
-                          else _figure(value))
+            ET.SubElement(props, "property", name=_xml_text(key), value=_xml_text(
+                json.dumps(value) if isinstance(value, (dict, list)) else _figure(value)))
         if r.status == "failed":
             failure = ET.SubElement(case, "failure", message=f"{r.law}: {len(r.failures)} key(s) at fault")
-            failure.text = "\n".join(str(f) for f in r.failures)
+            failure.text = "\n".join(_xml_text(str(f)) for f in r.failures)
         elif r.status == "unchecked":
-            ET.SubElement(case, "skipped", message=r.reason)
+            ET.SubElement(case, "skipped", message=_xml_text(r.reason))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
