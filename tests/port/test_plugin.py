@@ -4,7 +4,11 @@ user's own tests."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +100,79 @@ def test_our_own_conversion_passes_through_the_plugin(pytester, unet):
     needs_more = [law for law in LAWS if not set(law.needs) <= {"model", "mha", "sha", "mha_encodings",
                                                                  "sha_encodings"}]
     result.assert_outcomes(passed=len(LAWS) - len(needs_more), skipped=len(needs_more))
+
+
+# --- the plugin in an environment without the [test] extra (hypothesis), or without pasd-verify's dependencies ---
+
+def _pytest_without(distributions: tuple[str, ...], project: Path, *args: str) -> subprocess.CompletedProcess:
+    """pytest run on ``project`` in a fresh interpreter whose packages are this one's less ``distributions`` (their
+    modules and metadata, as if never installed): a folder of links to the rest is its only site-packages, so
+    pasd-verify's plugin comes in through its pytest11 entry point, as it does for a user."""
+    import pasd_verify
+
+    site = Path(pytest.__file__).parents[1]
+    packages = project.parent / f"{project.name}-site-packages"
+    packages.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.lstrip("_").lower().startswith(distributions):
+            (packages / entry.name).symlink_to(entry)
+    # -S: no site-packages but those on PYTHONPATH; the source tree first, as in this run
+    path = os.pathsep.join([str(Path(pasd_verify.__file__).parents[1]), str(packages)])
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_DISABLE_PLUGIN_AUTOLOAD"} | {"PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-S", "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_an_unrelated_project_passes_where_neither_hypothesis_nor_torch_is_installed(tmp_path):
+    (tmp_path / "test_theirs.py").write_text(
+        "def test_theirs(request):\n"
+        "    assert request.config.getoption('pasd_model') is None  # the plugin is loaded, and stays out of the way\n")
+    done = _pytest_without(("hypothesis", "torch"), tmp_path, "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+
+
+def test_a_named_port_runs_its_laws_where_hypothesis_is_not_installed(tmp_path, unet):
+    _port(tmp_path, unet, ai_hub_checkpoint)
+    done = _pytest_without(("hypothesis",), tmp_path, "--pasd-model", "model", "--pasd-sha", "sha.safetensors",
+                           "-m", "pasd_port", "-q")
+    needs_more = [law for law in LAWS if not set(law.needs) <= {"model", "mha", "sha"}]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(LAWS) - len(needs_more)} passed, {len(needs_more)} skipped" in done.stdout
+
+
+def test_a_named_port_without_the_dependencies_says_in_one_line_what_to_install(tmp_path):
+    (tmp_path / "model").mkdir()
+    done = _pytest_without(("torch",), tmp_path, "--pasd-model", "model")
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "'torch'" in errors[0] and "pip install pasd-verify" in errors[0], done.stderr
+
+
+# --- [tool.pasd-verify] and --pasd-seed of the wrong type: pytest's usage error, naming the key -----------------
+
+@pytest.mark.parametrize("toml, named", [
+    ('[tool]\npasd-verify = "a string"\n', "tool.pasd-verify is a string 'a string'; expected a table"),
+    ('[tool.pasd-verify]\nmodel = "model"\nseed = "7"\n', "seed is a string '7'; expected an integer"),
+    ('[tool.pasd-verify]\nmodel = "model"\nseed = 4294967296\n', "seed is an integer 4294967296; expected an integer from 0"),
+    ('[tool.pasd-verify]\nmodel = "model"\nseed = true\n', "seed is a boolean True"),
+    ('[tool.pasd-verify]\nmodel = "model"\nsha = 5\n', "sha is an integer 5; expected a non-empty string (a path)"),
+    ('[tool.pasd-verify]\nmodel = ["model"]\n', "model is an array *; expected a non-empty string"),
+    ('[tool.pasd-verify]\nmodel = "model"\n[tool.pasd-verify.sha]\nfile = "sha.safetensors"\n', "sha is a table"),
+    ('[tool.pasd-verify]\nkind = 3\n', "kind is an integer 3; expected a non-empty string (a kind name)"),
+])
+def test_a_pyproject_setting_of_the_wrong_type_is_a_usage_error_naming_it(pytester, toml, named):
+    (pytester.path / "model").mkdir()
+    pytester.makepyprojecttoml(toml)
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: *pyproject.toml: *{named}*"])
+
+
+def test_a_seed_option_out_of_range_is_a_usage_error(pytester):
+    (pytester.path / "model").mkdir()
+    result = pytester.runpytest("--pasd-model", "model", "--pasd-seed", "99999999999999999999999")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --pasd-seed 99999999999999999999999: expected an integer from 0 to *"])
+

@@ -13,7 +13,12 @@ is skipped saying which file it needs; its figures go into the item's report and
 For tests of one's own: fixtures ``pasd_port`` (the read :class:`~pasd_verify.port.artifacts.Port`), ``pasd_mha_model``
 and ``pasd_sha_model`` (the MHA model and the SHA model holding the port's checkpoint), ``pasd_inputs`` (seeded
 inputs of the model's graph) and ``pasd_name_map``; and hypothesis profiles ``pasd-ci``, ``pasd-dev``,
-``pasd-thorough`` and ``pasd-mutation`` (``--hypothesis-profile pasd-ci``), the ones this project's suite runs on.
+``pasd-thorough`` and ``pasd-mutation`` (``--hypothesis-profile pasd-ci``), the ones this project's suite runs on,
+registered where hypothesis is installed.
+
+Loading it is cheap and needs nothing beyond pytest: it is loaded in every pytest run of an environment that has
+pasd-verify, and hypothesis (the ``[test]`` extra) may not be there. torch and the rest are imported once a port is
+named; if one is missing then, the session stops with one line saying what to install.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
 
 from . import ARTIFACTS as _ARTIFACTS
+from . import SEEDS
 
-_SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large]
+# Health checks by name (hypothesis' settings take the names): the profiles are plain data, readable without
+# hypothesis.
+_SLOW_DATA = ["too_slow", "data_too_large"]
 # ci is derandomized: a merge gate must give the same verdict on the same code; dev and thorough explore anew;
 # mutation is derandomized with fewer examples (each mutant reruns the tests that reach it, and its verdict must not
 # depend on the draw).
@@ -36,8 +43,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     "thorough": dict(max_examples=500, deadline=None, suppress_health_check=_SLOW_DATA, print_blob=True),
     "mutation": dict(max_examples=20, deadline=None, suppress_health_check=_SLOW_DATA, derandomize=True),
 }
-for _name, _values in PROFILES.items():
-    settings.register_profile(f"pasd-{_name}", **_values)
 
 # The port's files: each is --pasd-<name> (dashes), pasd_<name> in an ini file, and <name> (dashes or underscores)
 # in [tool.pasd-verify].
@@ -54,8 +59,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="seed of the inputs the models are compared on (default 0)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin loads the profile --hypothesis-profile names
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARKER}: a law of pasd-verify check on the port named by --pasd-* options")
+    _register_profiles()
+
+
+def _register_profiles() -> None:
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # no hypothesis, no tests that would load its profiles
+        return
+    for name, values in PROFILES.items():
+        checks = [HealthCheck[check] for check in values.get("suppress_health_check", ())]
+        settings.register_profile(f"pasd-{name}", **{**values, "suppress_health_check": checks})
 
 
 def _toml_table(rootpath: Path) -> tuple[dict[str, Any], Path]:
@@ -68,14 +85,34 @@ def _toml_table(rootpath: Path) -> tuple[dict[str, Any], Path]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise pytest.UsageError(f"{path}: not readable TOML ({e})") from e
-    table = data.get("tool", {}).get("pasd-verify", {})
+    tool = data.get("tool", {})
+    table = tool.get("pasd-verify", {}) if isinstance(tool, dict) else {}
     if not isinstance(table, dict):
-        raise pytest.UsageError(f"{path}: [tool.pasd-verify] must be a table")
+        raise pytest.UsageError(f"{path}: tool.pasd-verify is {_toml_type(table)} {table!r}; expected a table "
+                                "([tool.pasd-verify] with model = \"...\", sha = \"...\", ...)")
     unknown = sorted(k for k in table if k.replace("-", "_") not in {*ARTIFACTS, "seed"})
     if unknown:
         raise pytest.UsageError(f"{path}: [tool.pasd-verify] has unknown key(s) {unknown}; known: "
                                 f"{sorted({*ARTIFACTS, 'seed'})}")
+    for key, value in table.items():
+        seed = key == "seed"
+        if seed and (isinstance(value, bool) or not isinstance(value, int) or value not in SEEDS):
+            raise pytest.UsageError(f"{path}: [tool.pasd-verify] seed is {_toml_type(value)} {value!r}; expected an "
+                                    f"integer from 0 to {SEEDS[-1]}")
+        if not seed and (not isinstance(value, str) or not value):
+            expected = "a kind name" if key == "kind" else "a path"
+            raise pytest.UsageError(f"{path}: [tool.pasd-verify] {key} is {_toml_type(value)} {value!r}; expected "
+                                    f"a non-empty string ({expected})")
     return {k.replace("-", "_"): v for k, v in table.items()}, path
+
+
+def _toml_type(value: Any) -> str:
+    """What TOML calls the type of a parsed value."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+                       (list, "an array"), (dict, "a table")):
+        if isinstance(value, kind):
+            return name
+    return "a date or time"
 
 
 def port_settings(config: pytest.Config) -> tuple[dict[str, str], int]:
@@ -89,11 +126,13 @@ def port_settings(config: pytest.Config) -> tuple[dict[str, str], int]:
         if given is None and config.getini(f"pasd_{name}"):
             given, base = config.getini(f"pasd_{name}"), config.inipath.parent if config.inipath else config.rootpath
         if given is None and name in table:
-            given, base = str(table[name]), toml_path.parent
+            given, base = table[name], toml_path.parent
         if given is not None:
             values[name] = given if name == "kind" else str(base / given)
     seed = config.getoption("pasd_seed")
-    return values, int(seed if seed is not None else table.get("seed", 0))
+    if seed is not None and seed not in SEEDS:
+        raise pytest.UsageError(f"--pasd-seed {seed}: expected an integer from 0 to {SEEDS[-1]}")
+    return values, seed if seed is not None else table.get("seed", 0)
 
 
 class _Session:
@@ -131,6 +170,7 @@ class LawItem(pytest.Item):
 
     def runtest(self) -> None:
         from .laws import run_law
+        from .report import printable
 
         session = self.config.stash[_KEY]
         result = run_law(session.port, self.law, session.results)
@@ -138,17 +178,19 @@ class LawItem(pytest.Item):
             self.user_properties.append((key, value))
         if result.figures:
             self.add_report_section("call", "pasd-verify figures",
-                                    "\n".join(f"{k}: {v}" for k, v in result.figures.items()))
+                                    "\n".join(printable(f"{k}: {v}") for k, v in result.figures.items()))
         if result.status == "unchecked":
-            pytest.skip(f"{self.law.name}: {result.reason}")
+            pytest.skip(f"{self.law.name}: {printable(result.reason)}")
         if result.status == "failed":
             raise LawFailed(result)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, LawFailed):
+            from .report import printable
+
             result = excinfo.value.args[0]
             return "\n".join([f"{result.law} does not hold: {result.says}",
-                              *(f"  {f}" for f in result.failures)])
+                              *(f"  {printable(str(f))}" for f in result.failures)])
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
@@ -168,13 +210,17 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not values:
         return
     from ..errors import PasdVerifyError
-    from .laws import LAWS
 
     config.stash[_KEY] = _Session(values, seed)
     try:
+        from .laws import LAWS
+
         config.stash[_KEY].port  # every file read now: an unreadable one stops the session, naming it
     except PasdVerifyError as e:
         raise pytest.UsageError(f"pasd-verify: {e}") from e
+    except ModuleNotFoundError as e:  # installed without its dependencies (pip --no-deps, a partial environment)
+        raise pytest.UsageError(f"pasd-verify: checking a port needs the module {e.name!r}, which is not installed "
+                                "here: install pasd-verify with its dependencies (pip install pasd-verify)") from e
     parent = PortNode.from_parent(session, name="pasd-verify", nodeid="pasd-verify")
     items.extend(LawItem.from_parent(parent, name=law.name, law=law) for law in LAWS)
 
