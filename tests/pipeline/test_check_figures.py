@@ -72,6 +72,45 @@ def test_a_threshold_that_no_figure_could_be_compared_with_is_refused(field, val
         Thresholds(**{field: value})
 
 
+@pytest.mark.parametrize("bounds", [(1.0, 1.0), (0.5, 1.5), (1e-9, math.inf), (0.25, 4.0)])
+def test_guidance_std_ratio_bounds_around_one_are_accepted_each_end_inclusive(bounds):
+    assert Thresholds(guidance_std_ratio=bounds).guidance_std_ratio == bounds
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 2.0), (-0.5, 2.0), (above(1.0), 2.0), (0.5, below(1.0)), (2.0, 0.5)])
+def test_guidance_std_ratio_bounds_that_exclude_one_or_start_at_zero_are_refused(bounds):
+    with pytest.raises(PasdVerifyError) as refused:
+        Thresholds(guidance_std_ratio=bounds)
+    assert str(refused.value) == (f"guidance_std_ratio must be (low, high) with 0 < low <= 1 <= high, got {bounds}")
+
+
+def test_guidance_std_ratio_given_as_a_list_is_kept_as_a_tuple():
+    """A list read from JSON: the frozen thresholds keep a tuple, so they hash and compare like the defaults."""
+    thresholds = Thresholds(guidance_std_ratio=[0.5, 2.0])
+    assert type(thresholds.guidance_std_ratio) is tuple and thresholds == Thresholds()
+    assert hash(thresholds) == hash(Thresholds())
+
+
+@pytest.mark.parametrize("ssim, accepted", [(1.0, True), (1e-9, True), (above(1.0), False), (1.5, False),
+                                            (0.0, False), (-0.5, False)])
+def test_picture_ssim_threshold_lies_in_zero_to_one_one_included(ssim, accepted):
+    if accepted:
+        assert Thresholds(picture_ssim=ssim).picture_ssim == ssim
+        return
+    with pytest.raises(PasdVerifyError) as refused:
+        Thresholds(picture_ssim=ssim)
+    assert str(refused.value) == f"picture_ssim must be in (0, 1], got {ssim}"
+
+
+@pytest.mark.parametrize("field", ["picture_psnr_db", "guidance_sqnr_db", "network_sqnr_db"])
+def test_a_db_threshold_must_be_finite_and_may_be_negative(field):
+    assert getattr(Thresholds(**{field: -5.0}), field) == -5.0
+    for value in (math.inf, -math.inf, NAN):
+        with pytest.raises(PasdVerifyError) as refused:
+            Thresholds(**{field: value})
+        assert str(refused.value) == f"{field} must be a finite number of dB, got {value}"
+
+
 # --- the figures, from the data -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [0.0525, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
