@@ -228,7 +228,7 @@ def _read_member(archive: zipfile.ZipFile, member: str, path: str | os.PathLike,
             raise PipelineInputError(f"{path}: {key} is an array of Python objects; a noise file holds only numbers "
                                      "(and its start as text)")
         if dtype == "U":
-            if found.kind != "U" or found_shape != () or found.itemsize > 64:
+            if not np.issubdtype(found, np.str_) or found_shape != () or found.itemsize > 64:
                 raise PipelineInputError(f"{path}: {key} is {found} {found_shape}; expected a short text")
         elif found_shape != shape or found != np.dtype(dtype):
             raise PipelineInputError(f"{path}: {key} is {found} {found_shape}; this run needs float32 {shape} (the "
