@@ -37,7 +37,7 @@ EQUIVALENT = ROOT / "tests" / "mutation_equivalent.json"
 # issue 23: AdaRound's grid and the export's verdicts at the same 90%.
 GOALS = {"sha.py": 0.95, "checkpoint.py": 0.90, "checkpoint_files.py": 0.90, "encodings.py": 0.90,
          "encodings_check.py": 0.90, "name_map.py": 0.90, "grid.py": 0.90, "agreement.py": 0.90,
-         "localize.py": 0.90}
+         "localize.py": 0.90, "verdicts.py": 0.90}
 KILLED, SURVIVED, TIMEOUT = "killed", "survived", "timeout"
 ALPHA = 0.05  # the sampled gate's false-alarm rate at most, for a file exactly at its goal
 

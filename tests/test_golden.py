@@ -14,7 +14,7 @@ from PIL import Image
 from pasd_verify.encodings import load_encodings
 from pasd_verify.encodings_check import compare_encodings
 from pasd_verify.export.htp import htp_available
-from pasd_verify.pipeline.check import Thresholds, picture_figures
+from pasd_verify.pipeline.verdicts import Thresholds, picture_figures
 from pasd_verify.pipeline.pasd import to_tensor
 
 GOLDEN = Path(__file__).parent.parent / "golden"

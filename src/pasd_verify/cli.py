@@ -51,7 +51,8 @@ _SHOWN = ("relative_error", "max_abs_error", "max_scale_relative_difference", "t
           "attention_modules_converted", "parameters_split", "tensors_out", "param_encodings_split",
           "activation_encodings_copied", "roundtrip_bit_identical", "parameters_identical", "reconstruction_gain",
           "median_layer_gain", "layers_improved", "peak_rss_bytes", "controlnet_cpu_vs_htp_sqnr_db",
-          "unet_cpu_vs_htp_sqnr_db", "unet_fp32_vs_htp_sqnr_db")
+          "unet_cpu_vs_htp_sqnr_db", "unet_fp32_vs_htp_sqnr_db", "backend", "picture_psnr_db", "picture_ssim",
+          "guidance_std_ratio_min", "final_latent_sqnr_db", "culprit")
 
 
 def _format(value: Any, key: str = "") -> str:
@@ -267,7 +268,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .pipeline.check import Thresholds
+    from .pipeline.verdicts import Thresholds
     from .pipeline.command import PipelineCheckConfig, pipeline_files
     from .pipeline.networks import parse_backends
 

@@ -8,7 +8,7 @@ ControlNet, then the UNet, on the HTP with both guidance halves, each read from 
 Each job is a fresh child process (:func:`pasd_verify.memory.peak_rss_of`): its time and peak RSS growth are its
 own (the HTP graph runs in a grandchild, whose peak is given apart), and its growth goes through the memory gate like
 every memory benchmark. What is asserted is what the pipeline check itself decides: every export runs on the HTP,
-and no network's teacher-forced figures cross the thresholds of :class:`~pasd_verify.pipeline.check.Thresholds`
+and no network's teacher-forced figures cross the thresholds of :class:`~pasd_verify.pipeline.verdicts.Thresholds`
 (the figures the report of ``pasd-verify pipeline`` holds them to). An export's own verdict on the pipeline's photo
 is printed, not asserted, as the pipeline reports it: the pipeline judges a network by what it does to the run. On
 the astronaut at 128 x 128 the VAE encoder's HTP output is 25.1 dB from the CPU's on the same graph, under the
@@ -28,7 +28,7 @@ import pytest
 
 from pasd_verify.export.htp import htp_available
 from pasd_verify.memory import peak_rss_of
-from pasd_verify.pipeline.check import Thresholds, network_faults
+from pasd_verify.pipeline.verdicts import Thresholds, network_faults
 from pasd_verify.pipeline.workloads import fullsize_jobs
 
 pytestmark = [pytest.mark.fullsize,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pasd_verify.errors import PasdVerifyError
-from pasd_verify.pipeline.check import (Thresholds, at_least, closed_loop, closed_loop_checks, guidance_figures,
-                                        network_faults, picture_figures, step_figures, within)
+from pasd_verify.pipeline.verdicts import (Thresholds, at_least, closed_loop, closed_loop_checks, guidance_figures,
+                                          network_faults, picture_figures, step_figures, within)
 from pasd_verify.pipeline.pasd import PASDOutput, Trace
 
 NAN = math.nan
