@@ -15,10 +15,15 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
     assert report["passed"] is True
     assert [s["name"] for s in report["stages"]] == [
         "sha_rewrite", "equivalence_fp32", "equivalence_fp64", "checkpoint", "encodings", "undo", "pasd", "adaround",
-        "export", "pipeline",
+        "pipeline", "export",
     ]
     assert all(s["status"] == "passed" for s in report["stages"])
-    pipeline = report["stages"][-1]
+    pipeline = next(s for s in report["stages"] if s["name"] == "pipeline")
+    # the export stage's figures are those of the exports the pipeline ran on: each network's, from its own report
+    export = next(s for s in report["stages"] if s["name"] == "export")
+    for network in ("text_encoder", "vae_encoder", "controlnet", "unet", "vae_decoder"):
+        own = json.loads((tmp_path / "pipeline" / "exports" / network / "report.json").read_text())
+        assert export[f"{network}_sim_vs_qdq_sqnr_db"] == own["stages"]["encodings_and_qdq"]["sim_vs_qdq_sqnr_db"]
     # every network exported and run on the HTP through PASD's loop, judged by the picture against fp32's
     assert pipeline["picture_psnr_db"] >= 20 and pipeline["picture_ssim"] >= 0.8
     assert (tmp_path / pipeline["comparison"]).is_file()
@@ -32,8 +37,14 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
         assert (tmp_path / "pipeline" / "exports" / "unet" / "model_ctx_qnn.bin").is_file()
     printed = capsys.readouterr()
     assert "PASSED" in printed.out
-    # our table and progress only: the tracer and AIMET warnings went to the log and are counted
-    assert "Warning" not in printed.out + printed.err
+    # every stage's row shows its headline figures (the pipeline's picture PSNR and SSIM among them)
+    rows = {line.split()[0]: line for line in printed.out.splitlines() if line.split()[:1] in
+            [[s["name"]] for s in report["stages"]]}
+    assert sorted(rows) == sorted(s["name"] for s in report["stages"])
+    assert all("=" in line.split("PASSED", 1)[1] for line in rows.values()), rows
+    assert "picture_psnr_db=" in rows["pipeline"] and "picture_ssim=" in rows["pipeline"]
+    # our table and progress only: the tracer, AIMET and aimet-onnx warnings went to the log and are counted
+    assert "Warning" not in printed.out + printed.err and "WARNING" not in printed.out + printed.err
     assert report["library_warnings_suppressed"] == sum(s["library_warnings"] for s in report["stages"]) > 0
     assert "warnings from torch, diffusers and AIMET went to the log" in printed.out
 
