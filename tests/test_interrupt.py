@@ -292,3 +292,34 @@ def test_a_signal_a_library_swallows_still_stops_the_command_with_nothing_writte
     with staged_outputs(tmp_path / "next", ["x"]) as staging:
         (staging / "x").write_text("after")
     assert (tmp_path / "next" / "x").read_text() == "after"
+
+
+def test_a_signal_after_the_verdict_ends_with_the_verdicts_code_and_a_line(tiny_unet_files, tmp_path):
+    """The interpreter's shutdown after the verdict takes seconds (torch's and AIMET's teardown; here an exit hook that
+    waits, so that the signal surely lands in it): a SIGTERM then must not turn a finished run into a silent 143."""
+    out = tmp_path / "out"
+    script = ("import atexit, time; atexit.register(time.sleep, 60); "
+              "from pasd_verify.cli import console_main; console_main()")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, "convert", "--model-config",
+                             str(tiny_unet_files / "config.json"), "--state-dict",
+                             str(tiny_unet_files / "unet.safetensors"), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # the verdict: convert's last line names the last file it wrote
+            lines.append(line)
+            if line.startswith("wrote ") and "name_map.json" in line:
+                break
+        assert lines and "name_map.json" in lines[-1], "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, err[-3000:]
+    assert "pasd-verify: SIGTERM after the run had finished; its outputs and verdict stand" in err.splitlines()
+    assert (out / "state_dict_sha.safetensors").is_file() and (out / "name_map.json").is_file()

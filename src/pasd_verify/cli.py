@@ -9,7 +9,7 @@ import signal
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import PasdVerifyError
 from .io import Interrupted, stop_requested
@@ -485,5 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> NoReturn:
+    """The ``pasd-verify`` command: :func:`main`, then the exit that a late signal cannot turn into a silent 143."""
+    from .signals import exit_after_verdict
+
+    exit_after_verdict(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from .io import clear_stop_request, interrupt
 
@@ -69,3 +70,21 @@ def signals_as_interrupts():
         clear_stop_request()  # reported by main(); the process may run more (a caller's script, a test session)
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def exit_after_verdict(code: int) -> NoReturn:
+    """End the process with the command's exit ``code`` once its outputs are written and its verdict printed.
+
+    The interpreter's shutdown after that (torch's and AIMET's teardown) takes seconds: a signal then would end the
+    process as an unexplained 128+signal with no line. It ends it with the verdict's code and a line saying the
+    signal came after the work was complete."""
+    def after(signum, frame):
+        sys.stdout.flush()
+        print(f"pasd-verify: {signal.Signals(signum).name} after the run had finished; its outputs and verdict "
+              "stand", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in _ENDING:
+            signal.signal(s, after)
+    sys.exit(code)
