@@ -91,3 +91,13 @@ def test_a_rewrite_both_turned_on_and_off_is_refused_before_any_output(tmp_path,
     assert capsys.readouterr().err.strip() == ("pasd-verify: error: --rewrite mask-floor and --no-rewrite mask-floor "
                                                "contradict each other")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--psnr-db", "nan"), ("--psnr-db", "inf"), ("--psnr-db", "x"),
+                                         ("--ssim", "2"), ("--ssim", "0"), ("--ssim", "nan")])
+def test_a_threshold_flag_out_of_range_is_refused_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["pipeline", flag, value, "--out", "unused"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "picture_" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import sys
 import unicodedata
@@ -126,6 +127,28 @@ def _parse_bytes(text: str) -> int:
         return int(float(lowered))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 8GiB, 512MiB, 1e9)") from None
+
+
+def _decibels(text: str) -> float:
+    """A threshold in dB: a finite number (named by its flag where it is refused, not by the check's field name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of dB")
+    return value
+
+
+def _similarity(text: str) -> float:
+    """An SSIM threshold: in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an SSIM in (0, 1]")
+    return value
 
 
 def _preset_latent(args: argparse.Namespace) -> None:
@@ -443,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(repeatable; default fp32)")
     where.add_argument("--export-dir", help="one `pasd-verify export` folder per network (DIR/unet, ...); without it "
                                             "the pipeline exports the networks itself, calibrated on the fp32 run")
-    where.add_argument("--psnr-db", type=float, default=20.0, help="least PSNR of the picture against fp32")
-    where.add_argument("--ssim", type=float, default=0.8, help="least SSIM of the picture against fp32")
+    where.add_argument("--psnr-db", type=_decibels, default=20.0, help="least PSNR of the picture against fp32")
+    where.add_argument("--ssim", type=_similarity, default=0.8, help="least SSIM of the picture against fp32")
     pipe.add_argument("--out", required=True, help="output folder")
     pipe.set_defaults(func=_pipeline)
     return parser
