@@ -93,6 +93,29 @@ def test_ai_hub_models_naming_passes_when_its_port_is_right(tmp_path, unet):
         "k_proj_sha.{}.weight", "q_proj_sha.{}.weight", "v_proj_sha.{}.weight"]
 
 
+@pytest.mark.parametrize("layout", ["adaround", "adaround-flat"])
+def test_aimets_adaround_files_are_judged_and_their_layout_reported(tmp_path, unet, capsys, layout):
+    """AIMET's AdaRound writes its parameter encodings without a version: check reads them, and its report says which
+    layout it read, so a user knows the file was understood as what it is."""
+    heads = attention_heads(unet)
+    state = unet.state_dict()
+    mha_encodings = weight_encodings(state)
+    files = _port_files(tmp_path, unet, ai_hub_checkpoint(state, heads))
+    for name, encodings in (("mha_encodings", mha_encodings),
+                            ("sha_encodings", sha_encodings(mha_encodings, heads, ai_hub_name))):
+        files[name] = tmp_path / f"{name}.encodings"
+        save_encodings(encodings, files[name], layout)
+        assert "version" not in json.loads(files[name].read_text())
+    args = [arg for name, path in files.items() for arg in (f"--{name.replace('_', '-')}", str(path))]
+    assert main(["check", *args, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    laws = {law["law"]: law for law in report["laws"]}
+    for law in ENCODINGS_LAWS:
+        assert laws[law]["status"] == "passed", (law, laws[law])
+    assert laws["mha-encodings.consistent"]["figures"]["layout"] == layout
+    assert laws["sha-encodings.consistent"]["figures"]["layout"] == layout
+
+
 def test_each_defect_of_the_reference_note_is_reported_by_law_and_key(tmp_path, unet):
     """The reference note keeps every MHA key in the SHA checkpoint and encodings, and copies a per-channel
     encoding whole to every head."""

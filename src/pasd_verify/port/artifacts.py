@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint_files import checkpoint_shapes, load_state_dict_file
-from ..encodings import _entries, detect_prefix, load_encodings
+from ..encodings import _entries, detect_prefix, load_encodings_layout
 from ..errors import PasdVerifyError
 from ..kinds import get_kind, kind_of, networks_of
 from ..kinds.loading import build_model, choose_model, find_weights, load_config, load_model, parameter_shapes
@@ -120,9 +120,15 @@ class Port:
                 pass
         self.mha_shapes_file = checkpoint_shapes(_file(self.mha_path, "checkpoint")) if self.mha_path else None
         self.sha_shapes_file = checkpoint_shapes(_file(a.sha, "checkpoint")) if a.sha else None
-        self.mha_encodings = load_encodings(_file(a.mha_encodings, "encodings file")) if a.mha_encodings else None
-        self.sha_encodings = load_encodings(_file(a.sha_encodings, "encodings file")) if a.sha_encodings else None
-        self.onnx_encodings = load_encodings(_file(a.onnx_encodings, "encodings file")) if a.onnx_encodings else None
+        # each encodings file read in whatever layout it came (AIMET's 0.6.1 or 1.0.0, or AdaRound's unversioned one);
+        # the layout read is reported with the laws' figures
+        self.encodings_layouts: dict[str, str] = {}
+        for name in ("mha_encodings", "sha_encodings", "onnx_encodings"):
+            path = getattr(a, name)
+            encodings = None
+            if path:
+                encodings, self.encodings_layouts[name] = load_encodings_layout(_file(path, "encodings file"))
+            setattr(self, name, encodings)
         graphs = {path: _load_onnx(path) for path in (a.onnx, a.qdq, a.context) if path is not None}
         self.onnx_graph = graphs.get(a.onnx)
         if a.context is not None:

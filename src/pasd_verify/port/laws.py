@@ -207,6 +207,7 @@ def _encodings_consistent(form: str):
         source = str(port.artifacts.mha_encodings if form == "mha" else port.artifacts.sha_encodings)
         problems = check_encodings(encodings, shapes, source=source)
         return [_problem(p, source) for p in problems], {
+            "layout": port.encodings_layouts[f"{form}_encodings"],
             "param_encodings": len(list(_entries(encodings, "param_encodings", source))),
             "activation_encodings": len(list(_entries(encodings, "activation_encodings", source)))}
     return check
