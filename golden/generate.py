@@ -5,7 +5,7 @@ tiny PASD pipeline's pictures with every network on the HTP (the README shows th
 
 Encodings: for each form (mha, sha), weight config (per_channel, per_tensor) and format (0.6.1, 1.0.0),
 ``unet_tiny_{form}_{weights}_{version}.encodings``, plus ``unet_tiny_name_map.json``.
-Pipeline: the demo's pipeline stage (PASD's super-resolution of scikit-image's astronaut at 64 x 64, 2 steps, the five
+Pipeline: the demo's pipeline stage (PASD's super-resolution of scikit-image's astronaut at 48 x 48, 2 steps, the five
 tiny networks exported and compiled for the HTP by the pipeline itself): ``pipeline_tiny_comparison.png``,
 ``pipeline_tiny_steps.png``, the fp32 and HTP pictures, and ``pipeline_tiny_numbers.json`` (the demo's figures).
 tests/test_golden.py runs this script again and compares by what the files mean.
