@@ -14,15 +14,6 @@ from pasd_verify.pipeline.networks import BackendError, parse_backends
 SMALL = ["--preset", "tiny", "--process-size", "64", "--steps", "2"]
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("photo") / "chelsea.png"
-    Image.fromarray(data.chelsea()).resize((80, 64), Image.BICUBIC).save(path)
-    return path
-
-
 def test_parse_backends_sets_each_network_and_all():
     backends = parse_backends(["all=sha", "unet=fp32"])
     assert backends == {"text_encoder": "sha", "vae_encoder": "sha", "controlnet": "sha", "unet": "fp32",

@@ -21,16 +21,7 @@ from pasd_verify.cli import main
 SMALL = ["--preset", "tiny", "--process-size", "64", "--steps", "1"]
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("photo") / "chelsea.png"
-    Image.fromarray(data.chelsea()).resize((80, 64), Image.BICUBIC).save(path)
-    return path
-
-
-def _refused(capsys, arguments, out, *needles):
+def assert_refused(capsys, arguments, out, *needles):
     """Run the command; it must exit 2 with every needle in its message, a message that is no traceback."""
     code = main(["pipeline", *arguments, "--out", str(out)])
     err = capsys.readouterr().err
@@ -53,7 +44,7 @@ def test_a_users_own_folder_named_like_an_output_is_refused_and_kept(tmp_path, p
     (out / folder).mkdir(parents=True)
     (out / folder / "my_notes.txt").write_text("a user's own file: pipeline never wrote it")
     before = _tree(out)
-    _refused(capsys, [*SMALL, "--image", str(photo)], out, f"{out / folder}: this run would replace it",
+    assert_refused(capsys, [*SMALL, "--image", str(photo)], out, f"{out / folder}: this run would replace it",
              "move it away, or choose another --out")
     assert _tree(out) == before
 
@@ -68,7 +59,7 @@ def test_a_rerun_replaces_its_own_outputs_and_refuses_an_undeletable_one_before_
     capsys.readouterr()
     before = _tree(out)
     with undeletable(out / "steps" / "step_00.npz"):
-        err = _refused(capsys, [*arguments, "--seed", "2"], out, "steps/step_00.npz: this run would replace",
+        err = assert_refused(capsys, [*arguments, "--seed", "2"], out, "steps/step_00.npz: this run would replace",
                        "cannot remove it")
         assert "fp32 reference run" not in err  # refused before the work
         assert _tree(out) == before  # report.json, the pictures and noise.npz too: all or none
@@ -86,7 +77,7 @@ def test_a_rerun_replaces_its_own_outputs_and_refuses_an_undeletable_one_before_
 def test_a_flag_beyond_what_a_run_can_take_is_refused_before_any_work(tmp_path, photo, capsys, flags, needle):
     out = tmp_path / "out"
     started = time.perf_counter()
-    _refused(capsys, [*SMALL, "--image", str(photo), *flags], out, needle)
+    assert_refused(capsys, [*SMALL, "--image", str(photo), *flags], out, needle)
     assert time.perf_counter() - started < 60 and not out.exists()
 
 
@@ -108,7 +99,7 @@ def _png_header(width: int, height: int, mode: int = 2) -> bytes:
 def test_a_photo_too_large_to_run_is_refused_from_its_header(tmp_path, capsys, width, height, needle):
     path = tmp_path / "huge.png"
     path.write_bytes(_png_header(width, height))
-    err = _refused(capsys, [*SMALL, "--image", str(path)], tmp_path / "out", str(path))
+    err = assert_refused(capsys, [*SMALL, "--image", str(path)], tmp_path / "out", str(path))
     assert needle in err.replace("\n", " "), err
 
 
@@ -122,7 +113,7 @@ def test_a_16_bit_greyscale_photo_keeps_its_tones_and_a_nan_tiff_is_refused(tmp_
     assert photo.mode == "RGB" and np.abs(rgb[..., 0] - np.round(ramp / 257)).max() <= 1
     assert (rgb == 255).mean() < 0.01  # not clipped to white
     Image.fromarray(np.full((64, 80), np.nan, np.float32)).save(tmp_path / "nan.tiff")
-    _refused(capsys, [*SMALL, "--image", str(tmp_path / "nan.tiff")], tmp_path / "out", "nan.tiff: a F image with 5120 "
+    assert_refused(capsys, [*SMALL, "--image", str(tmp_path / "nan.tiff")], tmp_path / "out", "nan.tiff: a F image with 5120 "
              "NaN or Inf pixel(s)")
     assert not (tmp_path / "out").exists()
 
@@ -135,7 +126,7 @@ def test_an_image_that_is_a_fifo_with_no_writer_is_refused_without_waiting(tmp_p
     guard.start()
     try:
         started = time.perf_counter()
-        _refused(capsys, [*SMALL, "--image", str(fifo)], tmp_path / "out", f"{fifo}: not a readable image: it is "
+        assert_refused(capsys, [*SMALL, "--image", str(fifo)], tmp_path / "out", f"{fifo}: not a readable image: it is "
                  "a FIFO, not a regular file")
         assert time.perf_counter() - started < 30
     finally:
@@ -145,11 +136,11 @@ def test_an_image_that_is_a_fifo_with_no_writer_is_refused_without_waiting(tmp_p
 def test_a_noise_file_that_is_no_npz_is_named_without_talk_of_pickles(tmp_path, photo, capsys):
     npy = tmp_path / "noise.npy"
     np.save(npy, np.zeros((1, 4, 8, 10), np.float32))
-    _refused(capsys, [*SMALL, "--image", str(photo), "--noise", str(npy)], tmp_path / "out",
+    assert_refused(capsys, [*SMALL, "--image", str(photo), "--noise", str(npy)], tmp_path / "out",
              f"{npy}: not a readable noise file (.npz): not a zip of arrays", "this is a single .npy array")
     junk = tmp_path / "noise.npz"
     junk.write_bytes(os.urandom(4096))
-    err = _refused(capsys, [*SMALL, "--image", str(photo), "--noise", str(junk)], tmp_path / "out",
+    err = assert_refused(capsys, [*SMALL, "--image", str(photo), "--noise", str(junk)], tmp_path / "out",
                    f"{junk}: not a readable noise file (.npz): not a zip of arrays")
     assert "pickle" not in err.lower()
 
@@ -167,13 +158,13 @@ def test_a_noise_member_of_another_shape_is_refused_from_its_header_unread(tmp_p
             f.write(b"\x00" * 64)
         with archive.open("start.npy", "w") as f:
             np.save(f, np.array("noise"))
-    _refused(capsys, [*SMALL, "--image", str(photo), "--noise", str(path)], tmp_path / "out",
+    assert_refused(capsys, [*SMALL, "--image", str(photo), "--noise", str(path)], tmp_path / "out",
              f"{path}: first is float32 (1, 4, 4000, 4000); this run needs float32 (1, 4, 8, 10)")
 
 
 def test_a_conditioning_scale_that_overflows_the_fp32_reference_is_bad_input(tmp_path, photo, capsys):
     out = tmp_path / "out"
-    _refused(capsys, [*SMALL, "--image", str(photo), "--conditioning-scale", "1e38"], out,
+    assert_refused(capsys, [*SMALL, "--image", str(photo), "--conditioning-scale", "1e38"], out,
              "the fp32 reference run's latent is NaN or Inf after step 0", "--conditioning-scale 1e+38")
     assert not out.exists()
 
@@ -238,7 +229,7 @@ def test_a_broken_or_swapped_folder_is_named_before_any_work(tmp_path, folders, 
     sd, pasd = (shutil.copytree(f, tmp_path / f.name) for f in folders)
     edit(sd, pasd)
     out = tmp_path / "out"
-    _refused(capsys, ["--process-size", "64", "--steps", "1", "--image", str(photo), "--sd-dir", str(sd),
+    assert_refused(capsys, ["--process-size", "64", "--steps", "1", "--image", str(photo), "--sd-dir", str(sd),
                       "--pasd-dir", str(pasd)], out, *needles)
     assert not out.exists()
 
@@ -272,11 +263,11 @@ CONTROLNET_INPUTS = {"sample": (1, 4, 8, 10), "timestep": (1,), "encoder_hidden_
 def test_another_networks_graph_in_a_slot_is_named_with_the_inputs_expected_and_found(tmp_path, photo, capsys):
     exports = tmp_path / "exports"
     _graph(exports / "unet" / "model.qdq.onnx", CONTROLNET_INPUTS, {"mid_residual": (1, 4, 8, 10)})
-    _refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(exports), "--backend", "unet=qdq"],
+    assert_refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(exports), "--backend", "unet=qdq"],
              tmp_path / "out", f"{exports / 'unet' / 'model.qdq.onnx'}: not an export of this run's unet: its graph "
              "takes ['control_image', 'encoder_hidden_states', 'sample', 'timestep']", "unet takes [")
     _graph(exports / "text_encoder" / "model.qdq.onnx", {"latent": (1, 4, 8, 10)}, {"image": (1, 3, 64, 80)})
-    _refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(exports), "--backend", "text_encoder=qdq"],
+    assert_refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(exports), "--backend", "text_encoder=qdq"],
              tmp_path / "out", "text_encoder/model.qdq.onnx: not an export of this run's text_encoder",
              "text_encoder takes ['input_ids']")
     assert not (tmp_path / "out").exists()
@@ -290,7 +281,7 @@ def test_a_missing_or_empty_context_binary_is_named_before_any_work(tmp_path, ph
            context="model_ctx_qnn.bin")
     if binary is not None:
         (folder / "model_ctx_qnn.bin").write_bytes(binary)
-    err = _refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(tmp_path / "exports"), "--backend",
+    err = assert_refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(tmp_path / "exports"), "--backend",
                             "vae_decoder=htp"], tmp_path / "out", str(folder / "model_ctx_qnn.bin"), needle)
     assert "fp32 reference run" not in err and not (tmp_path / "out").exists()
 
@@ -305,7 +296,7 @@ def test_a_context_binary_of_random_bytes_is_named_before_any_work(tmp_path, pho
     _graph(folder / "model_ctx.onnx", {"latent": (1, 4, 8, 10)}, {"image": (1, 3, 64, 80)},
            context="model_ctx_qnn.bin")
     (folder / "model_ctx_qnn.bin").write_bytes(np.random.default_rng(0).bytes(49152))
-    err = _refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(tmp_path / "exports"), "--backend",
+    err = assert_refused(capsys, [*SMALL, "--image", str(photo), "--export-dir", str(tmp_path / "exports"), "--backend",
                             "vae_decoder=htp"], tmp_path / "out", f"{folder / 'model_ctx.onnx'} (and the context "
                    "binary it names) cannot be loaded on the HTP backend")
     assert "fp32 reference run" not in err and not (tmp_path / "out").exists()
