@@ -57,3 +57,19 @@ def test_a_graph_the_htp_miscomputes_or_dies_on_fails_naming_it(tmp_path, form):
     else:
         assert [f["key"] for f in law["failures"]] == [str(qdq)]
         assert "crashed" in law["failures"][0]["message"]
+
+
+def test_a_context_binary_of_random_bytes_is_named_before_any_law(tmp_path, capsys):
+    """A broken context binary is the input's fault: exit 2 naming the file, not a failed HTP law (exit 1) that would
+    send a team after an accuracy bug that does not exist."""
+    import os
+
+    model, export = _exported(tmp_path, "text-encoder")
+    binary = next(export.glob("*_qnn.bin"))
+    binary.write_bytes(os.urandom(binary.stat().st_size))
+    out = tmp_path / "report"
+    code = main(["check", "--model", str(model), "--context", str(export / "model_ctx.onnx"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{export / 'model_ctx.onnx'} (and the context binary it names) cannot be loaded on the HTP" in err
+    assert not out.exists()

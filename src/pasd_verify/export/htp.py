@@ -203,3 +203,17 @@ class HtpSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def context_load_error(context_model: str | os.PathLike) -> str | None:
+    """Why the compiled context model (``model_ctx.onnx`` and the binary it names) does not load on the HTP backend,
+    or None where it loads, or where no backend is installed to load it with. Loading is not compiling (a tenth of a
+    second for the tiny networks): a binary of random bytes, or built for another SoC, is found here as the broken
+    file it is, before a command reports it as the network's failure."""
+    if htp_available() is not None:
+        return None
+    try:
+        HtpSession(context_model).close()
+    except HtpSessionError as e:
+        return str(e)
+    return None

@@ -176,19 +176,14 @@ def check_exports(backends: dict[str, str], export_dir: str | os.PathLike | None
 
 
 def _load_on_htp(path: Path, network: str) -> None:
-    """Load the context model on the HTP backend once and let it go: a binary of random bytes or of another SoC
-    fails here, named as the file it is, rather than as the network's death in the middle of the check. Loading a
-    context binary is not compiling it (a tenth of a second for the tiny networks). Where the backend is not
-    installed there is nothing to load it with; the run then reports the backend missing, as any HTP run does."""
-    from ..export.htp import HtpSession, HtpSessionError, htp_available
+    """The context model loads on the HTP backend (:func:`~pasd_verify.export.htp.context_load_error`): a broken one
+    is named as the file it is, not as the network's death in the middle of the check."""
+    from ..export.htp import context_load_error
 
-    if htp_available() is not None:
-        return
-    try:
-        HtpSession(path).close()
-    except HtpSessionError as e:
+    why = context_load_error(path)
+    if why is not None:
         raise BackendError(f"{network} on htp: {path} (and the context binary it names) cannot be loaded on the "
-                           f"HTP backend: {e}; export {network} again") from None
+                           f"HTP backend: {why}; export {network} again")
 
 
 # --- exported graphs ------------------------------------------------------------------------------------------

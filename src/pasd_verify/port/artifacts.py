@@ -19,6 +19,7 @@ from torch import nn
 from ..checkpoint_files import checkpoint_shapes, load_state_dict_file
 from ..encodings import _entries, detect_prefix, load_encodings_layout
 from ..errors import PasdVerifyError
+from ..export.htp import context_load_error
 from ..kinds import get_kind, kind_of, networks_of
 from ..kinds.loading import build_model, choose_model, find_weights, load_config, load_model, parameter_shapes
 from ..sha import convert_to_sha
@@ -133,6 +134,10 @@ class Port:
         self.onnx_graph = graphs.get(a.onnx)
         if a.context is not None:
             _context_binaries(a.context, graphs[a.context])
+            why = context_load_error(a.context)
+            if why is not None:
+                raise PasdVerifyError(f"{a.context} (and the context binary it names) cannot be loaded on the HTP "
+                                      f"backend: {why}; compile the QDQ graph again")
         if a.model is not None:
             load_config(_file(a.model, "model folder or config"))
             self.choice = _choose_model(a.model, self.mha_shapes_file)
