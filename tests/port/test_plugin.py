@@ -116,8 +116,11 @@ def _pytest_without(distributions: tuple[str, ...], project: Path, *args: str) -
     for entry in site.iterdir():
         if not entry.name.lstrip("_").lower().startswith(distributions):
             (packages / entry.name).symlink_to(entry)
-    # -S: no site-packages but those on PYTHONPATH; the source tree first, as in this run
-    path = os.pathsep.join([str(Path(pasd_verify.__file__).parents[1]), str(packages)])
+    # -S: no site-packages but those on PYTHONPATH; the source tree first where this run imports it from one (where
+    # pasd-verify is installed, as under tox, its package is among the links: the site folder itself on the path
+    # would bring back what is left out)
+    source = Path(pasd_verify.__file__).parents[1]
+    path = os.pathsep.join([*([str(source)] if source != site else []), str(packages)])
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_DISABLE_PLUGIN_AUTOLOAD"} | {"PYTHONPATH": path}
     return subprocess.run([sys.executable, "-S", "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=project,
                           env=env, capture_output=True, text=True, timeout=300)
