@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 from hypothesis import given
@@ -98,21 +97,70 @@ def test_a_1_0_0_file_written_in_an_adaround_layout_holds_its_0_6_1_parameter_en
 
 @pytest.mark.parametrize("layout", [ADAROUND, ADAROUND_FLAT])
 def test_activation_encodings_are_not_silently_dropped_in_an_adaround_layout(layout):
-    with pytest.raises(EncodingsError, match=f"the {layout} layout holds parameter encodings only"):
-        dumps_encodings(golden("mha", "per_channel", "0.6.1"), layout)
+    for version in VERSIONS:
+        with pytest.raises(EncodingsError) as info:
+            dumps_encodings(golden("mha", "per_channel", version), layout)
+        assert str(info.value) == (f"the {layout} layout holds parameter encodings only; these encodings have "
+                                   "activation encodings too (write them as 0.6.1 or 1.0.0)")
+
+
+_NOT_ADAROUND = ("version None is not one of ('0.6.1', '1.0.0'), and the file is not AIMET AdaRound's unversioned "
+                 "layout either (an object of parameter name -> list of encodings)")
 
 
 @pytest.mark.parametrize("text, words", [
-    ("{}", "version None is not one of"),
-    ('{"param_encodings": {}, "quantizer_args": {}}', "no 'version', and not AIMET AdaRound's layout either"),
-    ('{"param_encodings": []}', "no 'version', and not AIMET AdaRound's layout either"),
-    ('{"activation_encodings": []}', "version None is not one of"),
-    ('{"w": [{"bitwidth": 8, "scale": 1, "offset": 0}], "x": 5}', "version None is not one of"),
-    ('{"w": [{"bitwidth": 8, "scale": 1}]}', "param_encodings['w']: field 'offset' must be a finite number"),
+    ("{}", _NOT_ADAROUND),
+    ('{"param_encodings": {}, "quantizer_args": {}}',
+     "no 'version', and not AIMET AdaRound's layout either (top-level keys ['param_encodings', 'quantizer_args']; "
+     "AdaRound writes only an object 'param_encodings'); expected a version of ('0.6.1', '1.0.0')"),
+    ('{"param_encodings": []}',
+     "no 'version', and not AIMET AdaRound's layout either (top-level keys ['param_encodings']; "
+     "AdaRound writes only an object 'param_encodings'); expected a version of ('0.6.1', '1.0.0')"),
+    ('{"activation_encodings": []}', _NOT_ADAROUND),
+    ('{"w": [{"bitwidth": 8, "scale": 1, "offset": 0}], "x": 5}', _NOT_ADAROUND),
+    ('{"w": [{"bitwidth": 8, "scale": 1}]}', "param_encodings['w']: field 'offset' must be a finite number, got None"),
 ])
 def test_an_unversioned_file_that_is_not_adarounds_is_refused_naming_it(text, words):
-    with pytest.raises(EncodingsError, match=re.escape(f"u.encodings: {words}")):
+    with pytest.raises(EncodingsError) as info:
         parse_encodings(text, "u.encodings")
+    assert str(info.value) == f"u.encodings: {words}"
+
+
+def _sorted_at_every_level(text: str) -> bool:
+    objects = []
+    json.loads(text, object_pairs_hook=lambda pairs: objects.append([k for k, _ in pairs]) or dict(pairs))
+    return bool(objects) and all(keys == sorted(keys) for keys in objects)
+
+
+def _reversed_keys(value):
+    """The same JSON value with every object's keys in reverse order: what a writer must sort again."""
+    if isinstance(value, dict):
+        return {k: _reversed_keys(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [_reversed_keys(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("layout", ["1.0.0", ADAROUND, ADAROUND_FLAT])
+def test_a_0_6_1_file_written_in_another_layout_is_aimets_own_text_of_it(layout):
+    """Written in another layout, parameter encodings are what AIMET's own file of that layout holds (its 1.0.0 export,
+    or the 0.6.1 entries AdaRound writes), with sorted keys and an indent of 4 as AIMET writes them, whatever the
+    order they came in."""
+    parameters_only = _reversed_keys({**golden("mha", "per_channel", "0.6.1"), "activation_encodings": {}})
+    text = dumps_encodings(parameters_only, layout)
+    assert _sorted_at_every_level(text) and text.startswith("{\n    \"")
+    written = json.loads(text)
+    if layout == "1.0.0":
+        assert params(written) == params(golden("mha", "per_channel", "1.0.0"))
+    else:
+        expected = golden("mha", "per_channel", "0.6.1")["param_encodings"]
+        assert (written["param_encodings"] if layout == ADAROUND else written) == expected
+
+
+def test_an_unknown_layout_is_named():
+    with pytest.raises(EncodingsError) as info:
+        dumps_encodings(golden("mha", "per_channel", "0.6.1"), "2.0")
+    assert str(info.value) == ("layout '2.0' is not one of ('0.6.1', '1.0.0', 'adaround', 'adaround-flat')")
 
 
 @given(case=per_channel_encodings(), version=st.sampled_from(VERSIONS))

@@ -91,7 +91,7 @@ def parse_encodings(text: str, source: str = "encodings") -> dict[str, Any]:
     return parse_encodings_layout(text, source)[0]
 
 
-def parse_encodings_layout(text: str, source: str = "encodings") -> tuple[dict[str, Any], str]:
+def parse_encodings_layout(text: str, source: str) -> tuple[dict[str, Any], str]:
     """:func:`parse_encodings` and the layout the text was in."""
     try:
         raw = json.loads(text, object_pairs_hook=_no_duplicate_keys(source))
@@ -139,7 +139,7 @@ def dumps_encodings(encodings: dict[str, Any], layout: str | None = None) -> str
         return json.dumps(convert_version(encodings, layout), sort_keys=True, indent=4)
     if layout not in LAYOUTS:
         raise EncodingsError(f"layout {layout!r} is not one of {LAYOUTS}")
-    if list(_entries(encodings, "activation_encodings", "encodings")):
+    if encodings["activation_encodings"]:  # {} in 0.6.1, [] in 1.0.0 where there are none
         raise EncodingsError(f"the {layout} layout holds parameter encodings only; these encodings have activation "
                              "encodings too (write them as 0.6.1 or 1.0.0)")
     params = convert_version(encodings, "0.6.1")["param_encodings"]
