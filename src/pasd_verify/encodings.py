@@ -58,7 +58,7 @@ LAYOUTS = (*SUPPORTED_VERSIONS, ADAROUND, ADAROUND_FLAT)
 _ADAROUND_KEYS = {"param_encodings", "activation_encodings"}
 
 
-def encodings_layout(raw: dict[str, Any], source: str = "encodings") -> str:
+def encodings_layout(raw: dict[str, Any], source: str) -> str:
     """Which of :data:`LAYOUTS` a parsed encodings JSON object is in, read from its content."""
     if "version" in raw:
         if raw["version"] not in SUPPORTED_VERSIONS:
