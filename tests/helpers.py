@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Mapping
 
 import torch
@@ -29,3 +30,21 @@ def option_choices(command: str, flag: str) -> list[str]:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     action = next(a for a in commands.choices[command]._actions if flag in a.option_strings)
     return list(action.choices)
+
+
+def write_folders(root):
+    """The tiny preset in the layouts users hold: an SD1.5 folder as diffusers and transformers save one, and a
+    PASD folder with its unet/ and controlnet/."""
+    from pasd_verify.pipeline import preset_components
+    from pasd_verify.presets import write_tokenizer
+
+    components = preset_components("tiny", seed=0)
+    sd, pasd = root / "sd15", root / "pasd"
+    components.text_encoder.save_pretrained(sd / "text_encoder")
+    components.vae.save_pretrained(sd / "vae")
+    write_tokenizer(sd / "tokenizer")
+    (sd / "scheduler").mkdir()
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config))
+    components.unet.save_pretrained(pasd / "unet")
+    components.controlnet.save_pretrained(pasd / "controlnet")
+    return sd, pasd

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pasd_verify.cli import main
+from helpers import write_folders
 from pasd_verify.pipeline.networks import BackendError, parse_backends
 
 SMALL = ["--preset", "tiny", "--process-size", "64", "--steps", "2"]
@@ -110,26 +111,8 @@ def test_an_export_of_another_size_or_not_a_graph_is_refused_before_work(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-def _write_folders(root):
-    """The tiny preset in the layouts users hold: an SD1.5 folder as diffusers and transformers save one, and a
-    PASD folder with its unet/ and controlnet/."""
-    from pasd_verify.pipeline import preset_components
-    from pasd_verify.presets import write_tokenizer
-
-    components = preset_components("tiny", seed=0)
-    sd, pasd = root / "sd15", root / "pasd"
-    components.text_encoder.save_pretrained(sd / "text_encoder")
-    components.vae.save_pretrained(sd / "vae")
-    write_tokenizer(sd / "tokenizer")
-    (sd / "scheduler").mkdir()
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config))
-    components.unet.save_pretrained(pasd / "unet")
-    components.controlnet.save_pretrained(pasd / "controlnet")
-    return sd, pasd
-
-
 def test_local_folders_give_the_presets_picture(tmp_path, photo):
-    sd, pasd = _write_folders(tmp_path)
+    sd, pasd = write_folders(tmp_path)
     common = ["pipeline", "--process-size", "64", "--steps", "2", "--image", str(photo)]
     assert main([*common, "--preset", "tiny", "--out", str(tmp_path / "preset")]) == 0
     assert main([*common, "--sd-dir", str(sd), "--pasd-dir", str(pasd), "--out", str(tmp_path / "folders")]) == 0
@@ -149,7 +132,7 @@ def test_pasds_saved_picture_goes_back_to_the_photos_size(tmp_path, capsys):
 
 
 def test_a_folder_missing_a_part_is_named(tmp_path, photo, capsys):
-    sd, pasd = _write_folders(tmp_path)
+    sd, pasd = write_folders(tmp_path)
     import shutil
 
     shutil.rmtree(pasd / "controlnet")

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pasd_verify.cli import main
+from helpers import write_folders
 
 SMALL = ["--preset", "tiny", "--process-size", "64", "--steps", "1"]
 
@@ -173,21 +174,8 @@ def test_a_conditioning_scale_that_overflows_the_fp32_reference_is_bad_input(tmp
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """The tiny preset in the layouts users hold (as tests/pipeline/test_command.py writes them)."""
-    from pasd_verify.pipeline import preset_components
-    from pasd_verify.presets import write_tokenizer
-
-    root = tmp_path_factory.mktemp("folders")
-    components = preset_components("tiny", seed=0)
-    sd, pasd = root / "sd15", root / "pasd"
-    components.text_encoder.save_pretrained(sd / "text_encoder")
-    components.vae.save_pretrained(sd / "vae")
-    write_tokenizer(sd / "tokenizer")
-    (sd / "scheduler").mkdir()
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config))
-    components.unet.save_pretrained(pasd / "unet")
-    components.controlnet.save_pretrained(pasd / "controlnet")
-    return sd, pasd
+    """The tiny preset in the layouts users hold."""
+    return write_folders(tmp_path_factory.mktemp("folders"))
 
 
 def _scheduler(config):
